@@ -1,0 +1,5 @@
+import sys
+
+from neoxko.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""Hugging Face checkpoints in and out: folders, hub ids, safetensors (single or sharded) and .bin."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict, snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError, safe_open
+
+from neoxko.config import ModelConfig
+from neoxko.errors import CheckpointError
+from neoxko.model import GPTNeoX
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# Buffers that old GPT-NeoX checkpoints carry and that we recompute.
+SKIPPED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", BIN_INDEX,
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> Path:
+    """A local folder as is; anything else is a hub id fetched into (or read from) the hub cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=allow_patterns or HUB_FILES))
+    except HFValidationError:
+        raise CheckpointError(
+            f"{path_or_id!r} is neither an existing folder nor a valid hub id (like 'EleutherAI/polyglot-ko-1.3b')"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no hub repository {path_or_id!r}; check the id, or pass a local folder") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{path_or_id!r} is not a local folder and is not in the hub cache, and the hub cannot be "
+            "reached (offline?); download it once with network access or pass a local folder"
+        ) from None
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> GPTNeoX:
+    """Load a GPT-NeoX checkpoint in Hugging Face layout from a folder or a hub id.
+
+    dtype None keeps the dtype the weights are stored in. Tensors go one at a time from the file
+    into the model, which is built without memory of its own, so the weights are held only once.
+    """
+    folder = resolve(path_or_id)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    config = ModelConfig.from_file(folder / "config.json")
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    expected = {name: p for name, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("embed_out.weight")
+    loaded = {}
+    for name, tensor in _read_tensors(folder):
+        name = "embed_out.weight" if name == "lm_head.weight" else name
+        if name.endswith(SKIPPED_SUFFIXES) or (config.tie_word_embeddings and name == "embed_out.weight"):
+            continue
+        if name not in expected:
+            raise CheckpointError(
+                f"unexpected tensor {name!r} in {folder}: it is not part of a GPT-NeoX model with this "
+                "config.json; is config.json from the same checkpoint?"
+            )
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but the config.json "
+                f"in {folder} expects {tuple(expected[name].shape)}"
+            )
+        loaded[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint in {folder} is missing {len(missing)} tensor(s): {shown}")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    model.setup_rope(device)
+    return model.eval()
+
+
+def _read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from the first weight layout found, safetensors before .bin."""
+    for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
+        if (folder / index_name).is_file():
+            files = _index_files(folder / index_name)
+        elif (folder / single).is_file():
+            files = [folder / single]
+        else:
+            continue
+        read = _read_safetensors if single == SAFETENSORS else _read_bin
+        for file in files:
+            yield from read(file)
+        return
+    raise CheckpointError(
+        f"{folder} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX}"
+    )
+
+
+def _index_files(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index (need a 'weight_map' object): {e}") from None
+    files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise CheckpointError(f"{index} names shard(s) that are not there: {', '.join(absent)}")
+    return files
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            names = list(f.keys())
+        for name in names:
+            # Reopened per tensor: the file's mapping (and the pages read through it) goes away
+            # before the next tensor, so converting dtypes never holds the file and the model at once.
+            with safe_open(file, framework="pt") as f:
+                tensor = f.get_tensor(name)
+            yield name, tensor
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); re-download or re-save it") from None
+
+
+def _read_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        # weights_only: never run pickled code; mmap: tensors stay in the page cache, not copied.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for a bad or unsafe pickle
+        raise CheckpointError(f"{file} could not be read as a weights-only PyTorch checkpoint: {e}") from None
+    yield from state.items()
+
+
+def save_model(model: GPTNeoX, path: str | Path, max_shard_size: int | str = "5GB") -> Path:
+    """Write config.json and safetensors (sharded past max_shard_size) in Hugging Face layout."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["embed_out.weight"]  # transformers ties it back from embed_in
+    dtype = next(iter(state.values())).dtype
+    model.config.save(folder / "config.json", dtype=str(dtype).removeprefix("torch."))
+    save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    return folder

@@ -1,0 +1,93 @@
+"""The `neoxko` command line: one subcommand per stage."""
+
+import argparse
+import json
+import sys
+
+from neoxko.errors import NeoxkoError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except NeoxkoError as e:
+        print(f"neoxko: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neoxko", description="GPT-NeoX-Ko (Polyglot-Ko) toolkit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    gen.add_argument("--model", required=True, help="model folder or hub id")
+    gen.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--top-k", type=int, default=40, help="0 for no limit")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="weights dtype (default: as stored)")
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(run=run_generate)
+
+    info = commands.add_parser("info", help="print a model's config and parameter count")
+    info.add_argument("--model", required=True, help="model folder or hub id")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=run_info)
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import load_model
+    from neoxko.generate import Sampling, stream
+    from neoxko.tokenizer import load_tokenizer
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    for piece in stream(model, tokenizer, prompt, args.max_new_tokens, sampling, args.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import resolve
+    from neoxko.config import PRESETS, ModelConfig
+    from neoxko.errors import CheckpointError
+
+    folder = resolve(args.model, allow_patterns=["config.json"])
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    config = ModelConfig.from_file(folder / "config.json")
+    preset = next((name for name, c in PRESETS.items() if c == config), None)
+    info = {
+        "model": str(args.model), "preset": preset, "parameters": config.num_parameters,
+        "head_size": config.head_size, "rotary_ndims": config.rotary_ndims, "config": config.to_hf(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model       {info['model']}")
+    print(f"preset      {preset or '-'}")
+    print(f"parameters  {config.num_parameters:,}")
+    print(f"head_size   {config.head_size}  (rotary on {config.rotary_ndims} dims)")
+    for key, value in config.to_hf().items():
+        if key not in ("architectures", "model_type"):
+            print(f"{key:<24}{value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

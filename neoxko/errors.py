@@ -1,0 +1,17 @@
+"""Errors that carry a message meant for the user: what is wrong and what to do."""
+
+
+class NeoxkoError(Exception):
+    """Bad input from the user; the command line prints the message without a traceback."""
+
+
+class ConfigError(NeoxkoError, ValueError):
+    """A model config that neoxko cannot build."""
+
+
+class CheckpointError(NeoxkoError):
+    """A checkpoint folder, file or hub id that cannot be loaded."""
+
+
+class GenerationError(NeoxkoError, ValueError):
+    """Invalid generation settings or a prompt that does not fit."""

@@ -1,0 +1,232 @@
+"""Text generation: sampling, prefill, cached decoding, streaming with stop strings."""
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from neoxko.errors import GenerationError
+from neoxko.model import GPTNeoX
+from neoxko.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked. temperature 0 is greedy decoding."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise GenerationError(f"top_k must be >= 1 (or unset for no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """Pick one token per row from logits (B, vocab); returns (B,)."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.size(-1):
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        logits = _top_p(logits, sampling.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    # argmax(p / q) with q ~ Exp(1) draws from p with no host sync (the exponential-race trick).
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1)
+
+
+def _top_p(logits: Tensor, top_p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = mass_before >= top_p  # the most likely token always stays (its mass_before is 0)
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's penalty as transformers applies it: seen tokens' logits divided (or, if < 0, multiplied)."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def prefill(model: GPTNeoX, idx: Tensor, left_pad: Tensor | None) -> Tensor:
+    """Run the prompts (B, T) through the model, filling the cache; logits of the last position (B, vocab)."""
+    input_pos = torch.arange(idx.size(1), device=idx.device)
+    return model.embed_out(model.hidden_states(idx, input_pos, left_pad)[:, -1])
+
+
+def decode_one_token(model: GPTNeoX, token: Tensor, pos: int, left_pad: Tensor | None) -> Tensor:
+    """Feed one token per row (B,) at cache slot pos; logits (B, vocab)."""
+    input_pos = torch.tensor([pos], device=token.device)
+    return model(token[:, None], input_pos, left_pad)[:, -1]
+
+
+@torch.inference_mode()
+def generate_tokens(model: GPTNeoX, prompts: list[list[int]], max_new_tokens: int,
+                    sampling: Sampling = Sampling(), eos_id: int | None = None) -> Iterator[Tensor]:
+    """Yield the next token of every prompt, (B,), step by step.
+
+    Prompts of different lengths are left-padded. Stops after max_new_tokens, when every row has
+    produced eos_id, or when the context window is full (with a warning).
+    """
+    idx, left_pad = _left_pad(model, prompts)
+    B, T = idx.shape
+    budget = _token_budget(model, T, max_new_tokens)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(sampling.seed)
+    seen = _seen_tokens(model, idx, left_pad) if sampling.repetition_penalty != 1 else None
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    model.setup_cache(B, T + budget)
+    try:
+        logits = prefill(model, idx, left_pad)
+        for step in range(budget):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+            token = sample(logits, sampling, generator)
+            yield token
+            if eos_id is not None:
+                done |= token == eos_id
+            if step == budget - 1 or bool(done.all()):
+                return
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            logits = decode_one_token(model, token, T + step, left_pad)
+    finally:
+        model.clear_cache()
+
+
+def _left_pad(model: GPTNeoX, prompts: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("every prompt needs at least one token; got an empty prompt")
+    window, vocab = model.config.max_position_embeddings, model.config.vocab_size
+    lengths = [len(p) for p in prompts]
+    if max(lengths) > window:
+        raise GenerationError(
+            f"the prompt is {max(lengths)} tokens but the model's context window is {window}; shorten it"
+        )
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise GenerationError(f"prompt token ids must be in [0, {vocab}); is the tokenizer the model's own?")
+    T = max(lengths)
+    device = model.embed_out.weight.device
+    idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    if min(lengths) == T:
+        return idx, None
+    return idx, torch.tensor([T - n for n in lengths], device=device)
+
+
+def _token_budget(model: GPTNeoX, prompt_len: int, max_new_tokens: int) -> int:
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    window = model.config.max_position_embeddings
+    room = window - prompt_len
+    if room < 1:
+        raise GenerationError(
+            f"the prompt fills the whole {window}-token context window ({prompt_len} tokens); "
+            "shorten it to leave room for new tokens"
+        )
+    if max_new_tokens > room:
+        warnings.warn(
+            f"the prompt ({prompt_len} tokens) leaves room for {room} new tokens in the {window}-token "
+            f"window; generating {room}, not {max_new_tokens}",
+            stacklevel=3,
+        )
+    return min(max_new_tokens, room)
+
+
+def _seen_tokens(model: GPTNeoX, idx: Tensor, left_pad: Tensor | None) -> Tensor:
+    seen = torch.zeros(idx.size(0), model.config.vocab_size, dtype=torch.bool, device=idx.device)
+    real = torch.ones_like(idx, dtype=torch.bool)
+    if left_pad is not None:
+        real = torch.arange(idx.size(1), device=idx.device)[None, :] >= left_pad[:, None]
+    return seen.scatter_(1, idx, real)
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string, holding back what may be the start of one."""
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = [s for s in (stops or []) if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """Text that is safe to emit now; sets .stopped once a stop string has appeared."""
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        keep = max((_overlap(self.pending, s) for s in self.stops), default=0)
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of text that is a proper start of stop."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
+           sampling: Sampling = Sampling(), stop: list[str] | None = None) -> Iterator[str]:
+    """Yield the continuation of prompt as text pieces, each of whole UTF-8 characters."""
+    pieces, stops = tokenizer.decode_stream(), StopStrings(stop)
+    eos_id = _eos_id(model, tokenizer)
+    for token in generate_tokens(model, [tokenizer.encode(prompt)], max_new_tokens, sampling, eos_id):
+        if int(token[0]) == eos_id:
+            break
+        text = stops.push(pieces.push(int(token[0])))
+        if text:
+            yield text
+        if stops.stopped:
+            return
+    if tail := stops.push(pieces.flush()) + stops.flush():
+        yield tail
+
+
+def generate(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | list[str], max_new_tokens: int = 128,
+             sampling: Sampling = Sampling(), stop: list[str] | None = None) -> str | list[str]:
+    """The continuation of a prompt, or of each prompt in a list (generated as one batch)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    eos_id = _eos_id(model, tokenizer)
+    ids = [tokenizer.encode(p) for p in prompts]
+    steps = list(generate_tokens(model, ids, max_new_tokens, sampling, eos_id))
+    outputs = []
+    for row in torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]:
+        if eos_id in row:
+            row = row[: row.index(eos_id)]
+        text = tokenizer.decode(row)
+        cuts = [i for i in (text.find(s) for s in (stop or []) if s) if i >= 0]
+        outputs.append(text[: min(cuts)] if cuts else text)
+    return outputs[0] if isinstance(prompt, str) else outputs
+
+
+def _eos_id(model: GPTNeoX, tokenizer: Tokenizer) -> int | None:
+    return tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id

@@ -1,0 +1,209 @@
+"""GPT-NeoX in plain PyTorch, with the parameter names of transformers' GPTNeoXForCausalLM."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from neoxko.config import ModelConfig
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, written in place at the given slots."""
+
+    def __init__(self, batch_size: int, n_head: int, max_seq_len: int, head_size: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch_size, n_head, max_seq_len, head_size)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, end: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_head, T, head_size) at slots input_pos; return slots [0, end)."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.n_head = config.num_attention_heads
+        self.head_size = config.head_size
+        self.rotary_ndims = config.rotary_ndims
+        self.query_key_value = nn.Linear(d, 3 * d, bias=config.attention_bias)
+        self.dense = nn.Linear(d, d, bias=config.attention_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                input_pos: Tensor | None, end: int) -> Tensor:
+        B, T, C = x.shape
+        # GPT-NeoX interleaves q, k, v per head: (B, T, n_head, 3 * head_size)
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size)
+        q, k, v = qkv.transpose(1, 2).split(self.head_size, dim=-1)  # 3 x (B, n_head, T, head_size)
+        q, k = apply_rope(q, rope, self.rotary_ndims), apply_rope(k, rope, self.rotary_ndims)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v, end)
+        # No mask: a fresh causal sequence, or one new token that sees every filled slot.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.dense(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config)
+        self.mlp = MLP(config)
+        self.use_parallel_residual = config.use_parallel_residual
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                input_pos: Tensor | None, end: int) -> Tensor:
+        a = self.attention(self.input_layernorm(x), rope, mask, input_pos, end)
+        if self.use_parallel_residual:
+            # x = x + attn(ln1(x)) + mlp(ln2(x))
+            return x + a + self.mlp(self.post_attention_layernorm(x))
+        # x = x + attn(ln1(x)); x = x + mlp(ln2(x))
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPTNeoX(nn.Module):
+    """GPT-NeoX causal LM. model(idx) -> logits (B, T, vocab_size).
+
+    One forward serves training, scoring and cached decoding:
+    - input_pos None: positions 0..T-1, no cache (training, scoring a batch of full sequences);
+    - input_pos (T,): the cache slots the T tokens take; keys and values are written there and the
+      queries attend to every earlier slot (call setup_cache first).
+    left_pad (B,) counts the padding tokens at the start of each row of a left-padded batch: they are
+    masked out, and rotary positions start at 0 on each row's first real token.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gpt_neox = nn.ModuleDict(dict(
+            embed_in=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            final_layer_norm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+        ))
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
+        self.setup_rope()
+
+    def setup_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the rotary tables; they are not in checkpoints."""
+        c = self.config
+        device = device if device is not None else self.embed_out.weight.device
+        # Computed as transformers does, in float32, so positions match bit for bit.
+        dim = c.rotary_ndims
+        inv_freq = 1.0 / (c.rotary_emb_base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        t = torch.arange(c.max_position_embeddings, dtype=torch.float, device=device)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_pos, rotary_ndims)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+        c = self.config
+        max_seq_len = max_seq_len or c.max_position_embeddings
+        weight = self.embed_out.weight
+        for block in self.gpt_neox.layers:
+            block.attention.kv_cache = KVCache(batch_size, c.num_attention_heads, max_seq_len,
+                                               c.head_size, dtype or weight.dtype, weight.device)
+
+    def clear_cache(self) -> None:
+        for block in self.gpt_neox.layers:
+            block.attention.kv_cache = None
+
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None,
+                left_pad: Tensor | None = None) -> Tensor:
+        return self.embed_out(self.hidden_states(idx, input_pos, left_pad))
+
+    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None,
+                      left_pad: Tensor | None = None) -> Tensor:
+        """The final layer-normed hidden states (B, T, hidden_size); embed_out turns them into logits."""
+        B, T = idx.shape
+        if input_pos is None:
+            slots = torch.arange(T, device=idx.device)
+            end = T
+        else:
+            if self.gpt_neox.layers[0].attention.kv_cache is None:
+                raise RuntimeError("call model.setup_cache(batch_size, max_seq_len) before cached decoding")
+            slots = input_pos
+            end = int(input_pos[-1]) + 1
+        rope = self._rope(slots, left_pad)
+        mask = None if left_pad is None and (end == T or T == 1) else self._mask(slots, end, left_pad)
+        x = self.gpt_neox.embed_in(idx)
+        for block in self.gpt_neox.layers:
+            x = block(x, rope, mask, input_pos, end)
+        return self.gpt_neox.final_layer_norm(x)
+
+    def _rope(self, slots: Tensor, left_pad: Tensor | None) -> tuple[Tensor, Tensor]:
+        pos = slots[None, :]  # (1, T)
+        if left_pad is not None:
+            pos = (pos - left_pad[:, None]).clamp(min=0)  # (B, T)
+        return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B|1, 1, T, rotary_ndims)
+
+    @staticmethod
+    def _mask(slots: Tensor, end: int, left_pad: Tensor | None) -> Tensor:
+        """Boolean attention mask (B|1, 1, T, end): causal, and blind to left padding."""
+        keys = torch.arange(end, device=slots.device)
+        mask = keys[None, :] <= slots[:, None]  # (T, end)
+        if left_pad is None:
+            return mask[None, None]
+        real = keys[None, None, :] >= left_pad[:, None, None]  # (B, 1, end)
+        # A padding query sees itself, so its softmax row is never empty (its output is unused).
+        own = keys[None, :] == slots[:, None]  # (T, end)
+        return (mask[None] & (real | own[None]))[:, None]  # (B, 1, T, end)
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor], rotary_ndims: int) -> Tensor:
+    """Rotate the first rotary_ndims dims of each head (GPT-NeoX's rotate-half form)."""
+    cos, sin = rope
+    x_rot, x_pass = x[..., :rotary_ndims], x[..., rotary_ndims:]
+    x1, x2 = x_rot.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    x_rot = (x_rot.float() * cos + rotated * sin).to(x.dtype)
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+def activation(name: str):
+    if name == "gelu":
+        return nn.GELU()
+    if name == "relu":
+        return nn.ReLU()
+    return nn.GELU(approximate="tanh")  # gelu_new, gelu_fast, gelu_pytorch_tanh
+
+
+def init_weights(model: GPTNeoX, std: float | None = None) -> None:
+    """Random weights as transformers initialises GPT-NeoX: normal(0, initializer_range), zero biases."""
+    std = model.config.initializer_range if std is None else std
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+
