@@ -118,6 +118,13 @@ class GPTNeoX(nn.Module):
         self.register_buffer("rope_cos", emb.cos(), persistent=False)
         self.register_buffer("rope_sin", emb.sin(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the rotary tables too; rebuild them in float32 instead.
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self.setup_rope(self.rope_cos.device)
+        return self
+
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None,
                     dtype: torch.dtype | None = None) -> None:
         c = self.config

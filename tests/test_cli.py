@@ -1,0 +1,51 @@
+"""The neoxko command line, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+from neoxko import generate, load_model, load_tokenizer
+from neoxko.generate import Sampling
+
+
+def neoxko(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "neoxko", *args], capture_output=True, text=True, input=stdin)
+
+
+def test_generate_streams_the_same_text_as_the_api(model_dir):
+    out = neoxko("generate", "--model", str(model_dir), "--max-new-tokens", "20", "--temperature", "0.7",
+                 "--top-p", "0.9", "--seed", "5", "대한민국은")
+    assert out.returncode == 0, out.stderr
+    expected = generate(load_model(model_dir), load_tokenizer(model_dir), "대한민국은", 20,
+                        Sampling(temperature=0.7, top_k=40, top_p=0.9, seed=5))
+    assert out.stdout == expected + "\n"
+
+
+def test_generate_reads_the_prompt_from_stdin(model_dir):
+    args = ("generate", "--model", str(model_dir), "--max-new-tokens", "8", "--temperature", "0")
+    assert neoxko(*args, stdin="오늘").stdout == neoxko(*args, "오늘").stdout
+
+
+def test_info_json(model_dir):
+    out = neoxko("info", "--model", str(model_dir), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["parameters"] == sum(p.numel() for p in load_model(model_dir).parameters())
+    assert info["config"]["hidden_size"] == 64 and info["preset"] is None
+
+
+def test_info_recognises_a_preset(tmp_path):
+    from neoxko.config import PRESETS
+
+    PRESETS["polyglot-ko-1.3b"].save(tmp_path / "config.json")
+    out = neoxko("info", "--model", str(tmp_path))
+    assert "polyglot-ko-1.3b" in out.stdout and "1,331,810,304" in out.stdout
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, model_dir):
+    out = neoxko("info", "--model", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.startswith("neoxko: error:") and "has no config.json" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = neoxko("generate", "--model", str(model_dir), "--top-p", "2", "hi")
+    assert out.returncode == 2 and "top_p must be in (0, 1]" in out.stderr and "Traceback" not in out.stderr
