@@ -1,5 +1,6 @@
 """Text generation: sampling, prefill, cached decoding, streaming with stop strings."""
 
+import functools
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -74,19 +75,36 @@ def prefill(model: GPTNeoX, idx: Tensor, left_pad: Tensor | None) -> Tensor:
     return model.embed_out(model.hidden_states(idx, input_pos, left_pad)[:, -1])
 
 
-def decode_one_token(model: GPTNeoX, token: Tensor, pos: int, left_pad: Tensor | None) -> Tensor:
-    """Feed one token per row (B,) at cache slot pos; logits (B, vocab)."""
-    input_pos = torch.tensor([pos], device=token.device)
+def decode_one_token(model: GPTNeoX, token: Tensor, input_pos: Tensor, left_pad: Tensor | None) -> Tensor:
+    """Feed one token per row (B,) at cache slot input_pos (1,); logits (B, vocab)."""
     return model(token[:, None], input_pos, left_pad)[:, -1]
+
+
+@functools.cache
+def compiled_decode_one_token():
+    """decode_one_token through torch.compile, with batch-1 matrix-vector products as fused reductions.
+
+    torch's CPU matrix-vector kernels reach about half the memory bandwidth (fp32 on one core);
+    inductor's decompose_mm_pass turns them into multi-threaded reductions, near 2x faster on CPU.
+    It is read when inductor first loads its passes, so set it before anything is compiled.
+    """
+    import torch._inductor.config
+
+    options = torch._inductor.config.post_grad_fusion_options
+    options.setdefault("decompose_mm_pass", {"cpu_max_other_dimension_decomposition": 1 << 20})
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
 
 
 @torch.inference_mode()
 def generate_tokens(model: GPTNeoX, prompts: list[list[int]], max_new_tokens: int,
-                    sampling: Sampling = Sampling(), eos_id: int | None = None) -> Iterator[Tensor]:
+                    sampling: Sampling = Sampling(), eos_id: int | None = None,
+                    compile: bool = False) -> Iterator[Tensor]:
     """Yield the next token of every prompt, (B,), step by step.
 
     Prompts of different lengths are left-padded. Stops after max_new_tokens, when every row has
-    produced eos_id, or when the context window is full (with a warning).
+    produced eos_id, or when the context window is full (with a warning). compile=True compiles the
+    batch-1 decode step (tens of seconds once per model, then about 1.5-2x faster on CPU); batches
+    decode eagerly, where torch's matrix-matrix kernels are already the faster choice.
     """
     idx, left_pad = _left_pad(model, prompts)
     B, T = idx.shape
@@ -96,7 +114,13 @@ def generate_tokens(model: GPTNeoX, prompts: list[list[int]], max_new_tokens: in
         generator = torch.Generator(device=idx.device).manual_seed(sampling.seed)
     seen = _seen_tokens(model, idx, left_pad) if sampling.repetition_penalty != 1 else None
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    model.setup_cache(B, T + budget)
+    decode = decode_one_token
+    cache_len = T + budget
+    if compile and B == 1:
+        decode = compiled_decode_one_token()
+        # Rounded up so that prompts of other lengths reuse the compiled graph (the mask hides the rest).
+        cache_len = min(-(-cache_len // 256) * 256, model.config.max_position_embeddings)
+    model.setup_cache(B, cache_len)
     try:
         logits = prefill(model, idx, left_pad)
         for step in range(budget):
@@ -110,7 +134,7 @@ def generate_tokens(model: GPTNeoX, prompts: list[list[int]], max_new_tokens: in
                 return
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            logits = decode_one_token(model, token, T + step, left_pad)
+            logits = decode(model, token, torch.tensor([T + step], device=idx.device), left_pad)
     finally:
         model.clear_cache()
 
@@ -195,11 +219,12 @@ def _overlap(text: str, stop: str) -> int:
 
 
 def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
-           sampling: Sampling = Sampling(), stop: list[str] | None = None) -> Iterator[str]:
+           sampling: Sampling = Sampling(), stop: list[str] | None = None, compile: bool = False) -> Iterator[str]:
     """Yield the continuation of prompt as text pieces, each of whole UTF-8 characters."""
     pieces, stops = tokenizer.decode_stream(), StopStrings(stop)
     eos_id = _eos_id(model, tokenizer)
-    for token in generate_tokens(model, [tokenizer.encode(prompt)], max_new_tokens, sampling, eos_id):
+    tokens = generate_tokens(model, [tokenizer.encode(prompt)], max_new_tokens, sampling, eos_id, compile)
+    for token in tokens:
         if int(token[0]) == eos_id:
             break
         text = stops.push(pieces.push(int(token[0])))
@@ -212,12 +237,12 @@ def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str, max_new_tokens: in
 
 
 def generate(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | list[str], max_new_tokens: int = 128,
-             sampling: Sampling = Sampling(), stop: list[str] | None = None) -> str | list[str]:
+             sampling: Sampling = Sampling(), stop: list[str] | None = None, compile: bool = False) -> str | list[str]:
     """The continuation of a prompt, or of each prompt in a list (generated as one batch)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     eos_id = _eos_id(model, tokenizer)
     ids = [tokenizer.encode(p) for p in prompts]
-    steps = list(generate_tokens(model, ids, max_new_tokens, sampling, eos_id))
+    steps = list(generate_tokens(model, ids, max_new_tokens, sampling, eos_id, compile))
     outputs = []
     for row in torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]:
         if eos_id in row:

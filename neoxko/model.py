@@ -17,11 +17,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, end: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_head, T, head_size) at slots input_pos; return slots [0, end)."""
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_head, T, head_size) at slots input_pos; return the whole cache."""
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -36,16 +36,15 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                input_pos: Tensor | None, end: int) -> Tensor:
+                input_pos: Tensor | None) -> Tensor:
         B, T, C = x.shape
         # GPT-NeoX interleaves q, k, v per head: (B, T, n_head, 3 * head_size)
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size)
         q, k, v = qkv.transpose(1, 2).split(self.head_size, dim=-1)  # 3 x (B, n_head, T, head_size)
         q, k = apply_rope(q, rope, self.rotary_ndims), apply_rope(k, rope, self.rotary_ndims)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, end)
-        # No mask: a fresh causal sequence, or one new token that sees every filled slot.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dense(y)
 
@@ -71,8 +70,8 @@ class Block(nn.Module):
         self.use_parallel_residual = config.use_parallel_residual
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                input_pos: Tensor | None, end: int) -> Tensor:
-        a = self.attention(self.input_layernorm(x), rope, mask, input_pos, end)
+                input_pos: Tensor | None) -> Tensor:
+        a = self.attention(self.input_layernorm(x), rope, mask, input_pos)
         if self.use_parallel_residual:
             # x = x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.post_attention_layernorm(x))
@@ -145,20 +144,21 @@ class GPTNeoX(nn.Module):
     def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None,
                       left_pad: Tensor | None = None) -> Tensor:
         """The final layer-normed hidden states (B, T, hidden_size); embed_out turns them into logits."""
-        B, T = idx.shape
         if input_pos is None:
-            slots = torch.arange(T, device=idx.device)
-            end = T
+            slots = torch.arange(idx.size(1), device=idx.device)
+            # None: SDPA's own causal mask, the fast path for training and scoring.
+            mask = None if left_pad is None else self._mask(slots, idx.size(1), left_pad)
         else:
-            if self.gpt_neox.layers[0].attention.kv_cache is None:
+            cache = self.gpt_neox.layers[0].attention.kv_cache
+            if cache is None:
                 raise RuntimeError("call model.setup_cache(batch_size, max_seq_len) before cached decoding")
+            # Queries see the whole preallocated cache through a mask: static shapes, no host sync.
             slots = input_pos
-            end = int(input_pos[-1]) + 1
+            mask = self._mask(slots, cache.k.size(2), left_pad)
         rope = self._rope(slots, left_pad)
-        mask = None if left_pad is None and (end == T or T == 1) else self._mask(slots, end, left_pad)
         x = self.gpt_neox.embed_in(idx)
         for block in self.gpt_neox.layers:
-            x = block(x, rope, mask, input_pos, end)
+            x = block(x, rope, mask, input_pos)
         return self.gpt_neox.final_layer_norm(x)
 
     def _rope(self, slots: Tensor, left_pad: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -168,16 +168,16 @@ class GPTNeoX(nn.Module):
         return self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B|1, 1, T, rotary_ndims)
 
     @staticmethod
-    def _mask(slots: Tensor, end: int, left_pad: Tensor | None) -> Tensor:
-        """Boolean attention mask (B|1, 1, T, end): causal, and blind to left padding."""
-        keys = torch.arange(end, device=slots.device)
-        mask = keys[None, :] <= slots[:, None]  # (T, end)
+    def _mask(slots: Tensor, n_keys: int, left_pad: Tensor | None) -> Tensor:
+        """Boolean attention mask (B|1, 1, T, n_keys): causal, and blind to left padding."""
+        keys = torch.arange(n_keys, device=slots.device)
+        mask = keys[None, :] <= slots[:, None]  # (T, n_keys)
         if left_pad is None:
             return mask[None, None]
-        real = keys[None, None, :] >= left_pad[:, None, None]  # (B, 1, end)
+        real = keys[None, None, :] >= left_pad[:, None, None]  # (B, 1, n_keys)
         # A padding query sees itself, so its softmax row is never empty (its output is unused).
-        own = keys[None, :] == slots[:, None]  # (T, end)
-        return (mask[None] & (real | own[None]))[:, None]  # (B, 1, T, end)
+        own = keys[None, :] == slots[:, None]  # (T, n_keys)
+        return (mask[None] & (real | own[None]))[:, None]  # (B, 1, T, n_keys)
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor], rotary_ndims: int) -> Tensor:

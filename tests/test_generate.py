@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import KOREAN_TEXT, hf_twin, random_model, tiny_config
+from conftest import KOREAN_TEXT, SHARED, hf_twin, random_model, tiny_config
 from neoxko.errors import GenerationError
 from neoxko.generate import (
     Sampling,
@@ -43,6 +43,14 @@ def test_greedy_batch_with_left_padding_equals_transformers_generate():
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
         assert row == theirs[0, len(prompt):].tolist()
+
+
+def test_compiled_decoding_equals_eager():
+    model = random_model(tiny_config())
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    eager = tokens(model, prompts, 12)
+    compiled = torch.stack(list(generate_tokens(model, prompts, 12, Sampling(), compile=True)), dim=1).tolist()
+    assert compiled == eager
 
 
 def test_batch_equals_each_prompt_alone_when_sampling():
@@ -162,3 +170,17 @@ def test_prompt_errors():
         tokens(model, [[1, 999]], 5)
     with pytest.warns(UserWarning, match="leaves room for 2 new tokens"):
         assert len(tokens(model, [[1] * 30], 5)[0]) == 2
+
+
+REFERENCE_TOKENIZER = SHARED / "reference" / "polyglot-ko" / "eleutherai-polyglot-mbbpe-2022-07"
+
+
+@pytest.mark.skipif(not REFERENCE_TOKENIZER.exists(), reason="../shared/reference not present (fresh clone)")
+def test_polyglot_2022_tokenizer_loads_and_streams():
+    tok = load_tokenizer(REFERENCE_TOKENIZER)
+    ids = tok.encode("대한민국은 민주공화국이다.")
+    assert ids == [7635, 296, 1385, 11061, 270, 267, 17]  # the ids its README gives
+    assert tok.eos_id == 1 and tok.decode(ids) == "대한민국은 민주공화국이다."
+    text_stream = tok.decode_stream()
+    ids = tok.encode(KOREAN_TEXT)
+    assert "".join(text_stream.push(i) for i in ids) + text_stream.flush() == KOREAN_TEXT

@@ -1,0 +1,125 @@
+"""Prefill and decode speed of neoxko against transformers on the Polyglot-Ko 1.3B shape, CPU.
+
+Both models share the same random weights. Decode tokens/s is measured as transformers users see it:
+generate(N + 1 tokens) minus generate(1 token), greedy, so prefill is not counted. Two ceilings are
+printed for batch 1: the memory-bandwidth ceiling (bytes of weights read per token over the measured
+read bandwidth) and the matrix-vector ceiling (torch's own F.linear time on the model's shapes).
+
+    python benchmarks/decode.py [--threads 2] [--prompt 64] [--new-tokens 16] [--dtypes float32,bfloat16]
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from neoxko.config import PRESETS
+from neoxko.generate import generate_tokens
+from neoxko.model import GPTNeoX
+
+
+def build_models(dtype: torch.dtype):
+    import transformers
+
+    config = PRESETS["polyglot-ko-1.3b"]
+    hf_config = transformers.GPTNeoXConfig(**config.to_hf())
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours = GPTNeoX(config)
+    ours.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    ours = ours.to(dtype).eval()
+    ours.setup_rope("cpu")
+    hf = transformers.GPTNeoXForCausalLM._from_config(hf_config, dtype=dtype).eval()
+    hf.load_state_dict(ours.state_dict(), strict=False, assign=True)  # the same tensors, no copy
+    hf.lm_head.weight = ours.embed_out.weight
+    return ours, hf
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def time_ours(model, prompts, new_tokens, repeat, compile=False):
+    def run(n):
+        return lambda: list(generate_tokens(model, prompts.tolist(), n, compile=compile))
+    run(2)()  # warm up (and compile) outside the timing
+    return best_of(run(1), repeat), best_of(run(new_tokens + 1), repeat)
+
+
+@torch.inference_mode()
+def time_hf(model, prompts, new_tokens, repeat):
+    def run(n):
+        return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+    run(2)()  # warm up outside the timing
+    return best_of(run(1), repeat), best_of(run(new_tokens + 1), repeat)
+
+
+def read_bandwidth() -> float:
+    """Bytes per second that torch reads from memory (best of 5 sums over 1 GiB)."""
+    x = torch.ones(2**28, dtype=torch.float32)
+    return x.numel() * 4 / best_of(lambda: x.sum(), 5)
+
+
+def matvec_ceiling(model: GPTNeoX) -> float:
+    """Tokens/s at batch 1 if the model's linear layers ran at torch's own F.linear speed, nothing else.
+
+    Every layer's own weights are used in turn, so they come from memory as in decoding (one
+    weight, timed again and again, would sit in the 32 MB L3 cache and look faster).
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {n: torch.randn(1, n, dtype=model.embed_out.weight.dtype) for n in {m.in_features for m in linears}}
+    return 1 / best_of(lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in linears], 5)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per sequence")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth()
+    print(f"threads {args.threads}, read bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, greedy, torch {torch.__version__}\n")
+    print("| dtype | batch | prefill tok/s neoxko | transformers | ratio | decode tok/s neoxko | "
+          "neoxko compiled | transformers | ratio | ratio compiled | bandwidth ceiling | matvec ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        ours, hf = build_models(dtype)
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        weight_bytes -= ours.gpt_neox.embed_in.weight.numel() * ours.gpt_neox.embed_in.weight.element_size()
+        for batch in map(int, args.batches.split(",")):
+            prompts = torch.randint(5, 30000, (batch, args.prompt))
+            o1, on = time_ours(ours, prompts, args.new_tokens, args.repeat)
+            c1, cn = time_ours(ours, prompts, args.new_tokens, args.repeat, compile=True) if batch == 1 else (o1, on)
+            h1, hn = time_hf(hf, prompts, args.new_tokens, args.repeat)
+            tokens = batch * args.new_tokens
+            pre_o, pre_h = batch * args.prompt / o1, batch * args.prompt / h1
+            dec_o, dec_c, dec_h = tokens / (on - o1), tokens / (cn - c1), tokens / (hn - h1)
+            ceilings = "| |"
+            if batch == 1:
+                ceilings = f"{bandwidth / weight_bytes:.1f} | {matvec_ceiling(ours):.1f} |"
+            compiled = f"{dec_c:.2f} | {dec_h:.2f} | {dec_o / dec_h:.2f}x | {dec_c / dec_h:.2f}x"
+            if batch > 1:  # compile=True compiles the batch-1 step only
+                compiled = f"- | {dec_h:.2f} | {dec_o / dec_h:.2f}x | -"
+            print(f"| {dtype_name} | {batch} | {pre_o:.1f} | {pre_h:.1f} | {pre_o / pre_h:.2f}x | {dec_o:.2f} | "
+                  f"{compiled} | {ceilings}", flush=True)
+        del ours, hf
+
+
+if __name__ == "__main__":
+    main()
