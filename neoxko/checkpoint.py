@@ -1,6 +1,7 @@
 """Hugging Face checkpoints in and out: folders, hub ids, safetensors (single or sharded) and .bin."""
 
 import json
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,7 +144,9 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def _read_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         # weights_only: never run pickled code; mmap: tensors stay in the page cache, not copied.
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        # Files from torch < 1.6 (not zip) cannot be memory-mapped and are read whole.
+        zip_format = zipfile.is_zipfile(file)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zip_format)
     except Exception as e:  # torch raises several types for a bad or unsafe pickle
         raise CheckpointError(f"{file} could not be read as a weights-only PyTorch checkpoint: {e}") from None
     yield from state.items()

@@ -70,6 +70,16 @@ def _to_bin(folder: Path) -> None:
         (folder / "model.safetensors").unlink()
 
 
+def test_pre_zip_bin_format_loads(tmp_path):
+    model = random_model(tiny_config())
+    save_model(model, tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    (tmp_path / "model.safetensors").unlink()
+    with torch.no_grad():
+        assert_close(load_model(tmp_path)(IDX), model(IDX))
+
+
 def test_old_checkpoint_buffers_are_skipped(tmp_path):
     model = random_model(tiny_config())
     save_model(model, tmp_path)
