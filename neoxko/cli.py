@@ -44,7 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", required=True, help="model folder or hub id")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=run_info)
+    tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    train = tokenizer_commands.add_parser("train", help="train from .txt (a document a line) and .jsonl files")
+    train.add_argument("inputs", nargs="+", help="text or JSONL files")
+    train.add_argument("--output", required=True, help="folder for tokenizer.json and tokenizer_config.json")
+    train.add_argument("--vocab-size", type=int, default=30000, help="BPE entries; the 3 PII tokens come after")
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--text-key", default="text", help="JSONL field that holds the text")
+    train.set_defaults(run=run_tokenizer_train)
     return parser
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from neoxko.config import pad_vocab_size
+    from neoxko.errors import NeoxkoError
+    from neoxko.tokenizer import read_texts, save_tokenizer, train_tokenizer
+
+    absent = [p for p in args.inputs if not Path(p).is_file()]
+    if absent:
+        raise NeoxkoError(f"input file(s) not found: {', '.join(absent)}")
+    tokenizer = train_tokenizer(read_texts(args.inputs, args.text_key), args.vocab_size, args.min_frequency)
+    save_tokenizer(tokenizer, args.output)
+    print(f"wrote {args.output}: {tokenizer.vocab_size} tokens (embedding rows: {pad_vocab_size(tokenizer.vocab_size)})")
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -1,14 +1,24 @@
-"""The byte-level BPE tokenizer: loading tokenizer.json with the `tokenizers` library."""
+"""The byte-level BPE tokenizer: training and loading tokenizer.json with the `tokenizers` library."""
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from neoxko.checkpoint import resolve
 from neoxko.errors import CheckpointError
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+# The released Polyglot-Ko layout: ids 0-3 inside the 30,000 BPE entries, the PII tokens added after
+# them (30000-30002); the embedding is padded to 30,080 rows.
+EOS, SEP = "<|endoftext|>", "<|sep|>"
+PII_TOKENS = {"acc": "<|acc|>", "tel": "<|tel|>", "rrn": "<|rrn|>"}
+LEADING_SPECIALS = ["<|unused0|>", "<|unused1|>", EOS, SEP]
+# The model card writes the phone token <|tell|>; the release spells it <|tel|>. Both mean the same.
+ALIASES = {"<|tell|>": "<|tel|>"}
 
 
 class Tokenizer:
@@ -18,6 +28,8 @@ class Tokenizer:
         self.tokenizer = tokenizer
         self.eos_token = eos_token
         self.eos_id = tokenizer.token_to_id(eos_token) if eos_token is not None else None
+        self.aliases = {a: t for a, t in ALIASES.items()
+                        if tokenizer.token_to_id(t) is not None and tokenizer.token_to_id(a) is None}
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> "Tokenizer":
@@ -39,7 +51,12 @@ class Tokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(_apply_aliases(text, self.aliases)).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once, in parallel threads (the `tokenizers` Rust pool)."""
+        texts = [_apply_aliases(t, self.aliases) for t in texts]
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -103,3 +120,70 @@ def _eos_token(folder: Path, tokenizer: HFTokenizer) -> str | None:
                 raise CheckpointError(f"{file} names eos_token {eos!r}, which tokenizer.json does not have")
             return eos
     return "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else None
+
+
+def _apply_aliases(text: str, aliases: dict[str, str]) -> str:
+    for alias, token in aliases.items():
+        text = text.replace(alias, token)
+    return text
+
+
+def require_special_tokens(tokenizer: Tokenizer, tokens: Iterable[str] = (EOS, *PII_TOKENS.values())) -> None:
+    """Refuse a tokenizer that lacks the tokens the data pipeline writes (eos and the PII tokens)."""
+    missing = [t for t in tokens if tokenizer.token_to_id(t) is None]
+    if missing:
+        raise CheckpointError(
+            f"the tokenizer has no {', '.join(missing)}; neoxko's pipeline needs them as single tokens. "
+            "Train one with `neoxko tokenizer train` or use the Polyglot-Ko tokenizer"
+        )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 30000, min_frequency: int = 2,
+                    length: int | None = None) -> Tokenizer:
+    """Train a byte-level BPE in the released Polyglot-Ko layout.
+
+    vocab_size counts the BPE entries with ids 0-3 (<|unused0|>, <|unused1|>, <|endoftext|>,
+    <|sep|>); <|acc|>, <|tel|>, <|rrn|> follow at vocab_size, vocab_size + 1, vocab_size + 2. No
+    normaliser: every Unicode string (jamo, Hanja, emoji, control characters) decodes back exactly.
+    """
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=LEADING_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True,
+    )
+    tok.train_from_iterator(texts, trainer, length=length)
+    tok.add_special_tokens(list(PII_TOKENS.values()))
+    return Tokenizer(tok, EOS)
+
+
+def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, model_max_length: int = 2048) -> Path:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.tokenizer.save(str(folder / "tokenizer.json"))
+    specials = [t for t in (EOS, SEP, *PII_TOKENS.values()) if tokenizer.token_to_id(t) is not None]
+    special_map = {"eos_token": tokenizer.eos_token, "additional_special_tokens": specials}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "clean_up_tokenization_spaces": False, **special_map}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_map, ensure_ascii=False, indent=2) + "\n")
+    return folder
+
+
+def read_texts(paths: Iterable[str | Path], text_key: str = "text") -> Iterator[str]:
+    """Documents from .txt (one per line) and .jsonl (the text_key field) files."""
+    for path in map(Path, paths):
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if path.suffix == ".jsonl":
+                    try:
+                        text = json.loads(line)[text_key]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise CheckpointError(f"{path}:{n}: not a JSON object with a {text_key!r} field") from None
+                else:
+                    text = line.rstrip("\n")
+                if text:
+                    yield text
