@@ -68,7 +68,8 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
         raise NeoxkoError(f"input file(s) not found: {', '.join(absent)}")
     tokenizer = train_tokenizer(read_texts(args.inputs, args.text_key), args.vocab_size, args.min_frequency)
     save_tokenizer(tokenizer, args.output)
-    print(f"wrote {args.output}: {tokenizer.vocab_size} tokens (embedding rows: {pad_vocab_size(tokenizer.vocab_size)})")
+    rows = pad_vocab_size(tokenizer.vocab_size)
+    print(f"wrote {args.output}: {tokenizer.vocab_size} tokens (embedding rows: {rows})")
     return 0
 
 
