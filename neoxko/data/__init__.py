@@ -1,0 +1,1 @@
+"""The Korean data pipeline: PII replacement, cleaning, filtering, deduplication, packing."""

@@ -1,0 +1,209 @@
+"""Korean PII replacement: resident registration, phone and bank account numbers -> <|rrn|>, <|tel|>, <|acc|>.
+
+Shapes narrow the candidates, context decides (../shared/pii/FORMATS.md and POLICY.md):
+- rrn: YYMMDD + [1-8] + 6 digits with a real birth date, in any separator; checksums are not
+  required (numbers issued since 2020-10-05 have none); barcode, order and corporate contexts veto.
+- tel: Korean dialable numbers (mobile, 02, regional, 070, 050X, 080, 060, +82 forms, bracketed
+  area codes), representative 15XX/16XX/18XX numbers only next to a phone word.
+- acc: 10-16 digits in any grouping, only with an account word or a bank name before (or a bank
+  name just after); a phone-shaped number right after an account cue is an account (평생계좌).
+Digits are matched with explicit look-arounds, never \\b, which fails next to Hangul.
+"""
+
+import datetime
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+TOKENS = {"rrn": "<|rrn|>", "tel": "<|tel|>", "acc": "<|acc|>"}
+
+# One-to-one character map (offsets are kept): full-width digits and look-alike dashes to ASCII.
+_FOLD = str.maketrans({
+    **{chr(0xFF10 + i): str(i) for i in range(10)},
+    "\uff0d": "-", "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-",
+    "\u3161": "-", "\u1173": "-",  # ㅡ typed as a dash (and its NFKC form)
+    "\uff0e": ".", "\uff08": "(", "\uff09": ")", "\uff0b": "+", "\u3000": " ", "\xa0": " ",
+})
+_NEEDS_FOLD = re.compile("[\uff10-\uff19\uff0d\u2010-\u2014\u2212\u3161\u1173\uff0e\uff08\uff09\uff0b\u3000\xa0]")
+
+_SEP = r"(?:[ ]?[-.][ ]?|[ ])"  # one separator: dash or dot (spaces around allowed), or one space
+_OPT = rf"{_SEP}?"
+# Not inside a number, a code like DWG-02-..., a URL or an e-mail address.
+_START = r"(?<![0-9])(?<![A-Za-z]-)(?<![0-9][-.])(?<![/=#?&_@])"
+_END = r"(?![0-9])(?!-[A-Za-z0-9])(?![.,][0-9])(?![/_@])(?!\.[A-Za-z])"
+
+_RRN = re.compile(rf"{_START}([0-9]{{2}})(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01]){_OPT}([1-8])[0-9]{{6}}{_END}")
+_AREA = r"(?:2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|50[2-8]|80|60|1[016789])"
+_PHONE = re.compile(
+    _START
+    + r"(?:(?:\+[ ]?|00|(?=82-1))82" + _OPT + r"(?:\(0\)[ ]?)?" + r"(?P<intl>" + _AREA + r")" + _OPT
+    + r"|\(0" + _AREA + r"\)[ ]?"
+    + r"|0" + _AREA + r"\)[ ]?"
+    + r"|(?P<plain>0" + _AREA + r")" + r"(?P<sep1>" + _OPT + r"))"
+    + r"(?P<mid>[0-9]{3,4})(?P<sep2>" + _OPT + r")[0-9]{4}" + _END
+)
+_REPRESENTATIVE = re.compile(_START + r"1(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})" + r"[ ]?-[ ]?[0-9]{4}" + _END)
+_DIGIT_GROUPS = re.compile(_START + r"[0-9]{2,16}(?:" + _SEP + r"[0-9]{1,8}){0,4}" + _END)
+
+_BANKS = (
+    r"KEB하나|하나|국민|KB|신한|우리|NH|농협|단위농협|지역농협|기업|IBK|SC제일|제일|씨티|시티|카카오뱅크|카뱅|카카오|"
+    r"토스뱅크|토스|케이뱅크|K뱅크|우체국|새마을금고|새마을|MG|신협|수협|Sh|부산|BNK|대구|DGB|iM뱅크|경남|광주|전북|"
+    r"제주|산업|KDB|외환|[가-힣A-Za-z]{1,6}은행|[가-힣]{1,4}銀"
+)
+# A bank name must end its word: 국민 in 국민신문고 or 하나 in 하나의 is not a bank.
+_BANK = rf"(?:{_BANKS})+(?:은행|銀)?(?![가-힣])"
+_ACCOUNT_WORDS = (
+    r"계좌|입금|송금|이체|예금주|통장|환불|보내실\s?곳|받는\s?계좌|마음\s?전하실\s?곳|축의금|조의금|부조금|회비|후원|"
+    r"가상계좌|모임통장|평생계좌|무통장"
+)
+_ACC_BEFORE = re.compile(rf"(?:{_ACCOUNT_WORDS}|{_BANK})")
+_BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{_BANK}")
+_DATE_LIKE = re.compile(
+    r"(?:19|20)[0-9]{2}[ ]?[-.][ ]?(?:0?[1-9]|1[0-2])[ ]?[-.][ ]?(?:0?[1-9]|[12][0-9]|3[01])(?![0-9])")
+_PHONE_WORDS = re.compile(
+    r"전화|연락|휴대|핸드폰|폰|HP|H\.P|[Tt][Ee][Ll]|Mobile|Phone|Fax|FAX|팩스|☎|☏|📞|문의|상담|대표번호|고객센터|콜센터|"
+    r"직통|안심번호|문자|카톡|기사님"
+)
+_RRN_WORDS = re.compile(r"주민|외국인|(?<!법인)(?<!사업자)(?<!차량)등록번호|RRN")
+# Numbers of these kinds share the shapes above and are not PII (POLICY.md).
+_NOT_PII = re.compile(
+    r"사업자|법인|주문|송장|운송장|택배|승인|바코드|회원|고객번호|ISBN|ISSN|DOI|특허|고유번호|예약|카드|학번|수험|"
+    r"지로|납부|모델|시리얼|일련|내선|국번"
+)
+_ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    label: str  # "rrn", "tel" or "acc"
+
+
+def find_pii(text: str) -> list[Span]:
+    """The PII spans of text, sorted and non-overlapping."""
+    if not any(c.isdigit() for c in text):
+        return []
+    folded = text.translate(_FOLD) if _NEEDS_FOLD.search(text) else text
+    candidates = _accounts(folded) + _rrns(folded) + _phones(folded)
+    return _resolve(candidates)
+
+
+def replace_pii(text: str) -> str:
+    """text with each resident registration, phone and account number replaced by its token."""
+    return replace_pii_counted(text)[0]
+
+
+def replace_pii_counted(text: str) -> tuple[str, Counter]:
+    """replace_pii, and how many values of each label were replaced."""
+    spans = find_pii(text)
+    if not spans:
+        return text, Counter()
+    parts, last = [], 0
+    for span in spans:
+        parts += [text[last:span.start], TOKENS[span.label]]
+        last = span.end
+    parts.append(text[last:])
+    return "".join(parts), Counter(s.label for s in spans)
+
+
+def _last_match_end(pattern: re.Pattern, text: str, start: int, end: int) -> int | None:
+    """End of the last match of pattern in text[start:end], or None."""
+    last = None
+    for m in pattern.finditer(text, max(start, 0), end):
+        last = m.end()
+    return last
+
+
+def _near(pattern: re.Pattern, text: str, pos: int, window: int) -> int | None:
+    """Distance from the last match before pos (within window) to pos, or None."""
+    end = _last_match_end(pattern, text, pos - window, pos)
+    return None if end is None else pos - end
+
+
+def _vetoed(text: str, start: int, cue: int | None = None) -> bool:
+    """A not-PII word (order number, barcode...) closer to the number than its cue word."""
+    veto = _near(_NOT_PII, text, start, _VETO_WINDOW)
+    return veto is not None and (cue is None or veto < cue)
+
+
+def _account_cue(text: str, start: int, end: int) -> int | None:
+    """Distance to the account word or bank name before the number, 0 for a bank name just after it."""
+    before = _near(_ACC_BEFORE, text, start, _ACC_WINDOW)
+    if before is not None:
+        return before
+    return 0 if _BANK_AFTER.match(text[end:end + 12]) else None
+
+
+def _accounts(text: str) -> list[tuple[Span, int]]:
+    found = []
+    for m in _DIGIT_GROUPS.finditer(text):
+        digits = re.sub(r"[^0-9]", "", m.group())
+        groups = [len(g) for g in re.split(r"[^0-9]+", m.group())]
+        if not 10 <= len(digits) <= 16 or groups == [3, 2, 5]:  # 3-2-5 is a business registration number
+            continue
+        if ". " in m.group() or _DATE_LIKE.match(m.group()):  # "2016. 7. 23. 2013" is dates, not an account
+            continue
+        cue = _account_cue(text, m.start(), m.end())
+        if cue is None or _vetoed(text, m.start(), cue):
+            continue
+        found.append((Span(m.start(), m.end(), "acc"), 3 if cue <= _NEAR_WINDOW else 1))
+    return found
+
+
+def _rrns(text: str) -> list[tuple[Span, int]]:
+    found = []
+    for m in _RRN.finditer(text):
+        yy, mm, dd, s = (int(g) for g in m.groups())
+        century = 1900 if s in (1, 2, 5, 6) else 2000
+        try:
+            born = datetime.date(century + yy, mm, dd)
+        except ValueError:
+            continue
+        if born > datetime.date.today():
+            continue
+        cue = _near(_RRN_WORDS, text, m.start(), 20)
+        digits = re.sub(r"[^0-9]", "", m.group())
+        junk = len(set(digits)) <= 3  # 1010101010110 is a pattern, not a person's number
+        if _vetoed(text, m.start(), cue) or cue is None and (junk or _is_korean_ean13(digits, m.group())):
+            continue
+        context = cue is not None
+        found.append((Span(m.start(), m.end(), "rrn"), 4 if context else 2))
+    return found
+
+
+def _is_korean_ean13(digits: str, raw: str) -> bool:
+    """A GS1 Korea barcode (880...) with a valid EAN-13 check digit, written without separators."""
+    if raw != digits or not digits.startswith("880"):
+        return False
+    total = sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(digits[:12]))
+    return (10 - total % 10) % 10 == int(digits[12])
+
+
+def _phones(text: str) -> list[tuple[Span, int]]:
+    found = []
+    for m in _PHONE.finditer(text):
+        contiguous = m.group("plain") and not m.group("sep1") and not m.group("sep2")
+        mobile = (m.group("plain") or m.group("intl") or "").lstrip("0").startswith("1")
+        cue = _near(_PHONE_WORDS, text, m.start(), 20)
+        phone_word = cue is not None
+        if contiguous and not mobile and not phone_word:
+            continue  # 10-digit customer numbers starting with 0 look like landlines
+        if _vetoed(text, m.start(), cue):
+            continue
+        found.append((Span(m.start(), m.end(), "tel"), 2 + phone_word))
+    for m in _REPRESENTATIVE.finditer(text):
+        # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
+        cue = _near(_PHONE_WORDS, text, m.start(), 12)
+        if cue is not None and not _vetoed(text, m.start(), cue) and not text.startswith("년", m.end()):
+            found.append((Span(m.start(), m.end(), "tel"), 2))
+    return found
+
+
+def _resolve(candidates: list[tuple[Span, int]]) -> list[Span]:
+    """Keep the most confident of overlapping candidates (ties: the longer span, then the earlier one)."""
+    chosen: list[Span] = []
+    for span, _ in sorted(candidates, key=lambda c: (-c[1], -(c[0].end - c[0].start), c[0].start)):
+        if all(span.end <= s.start or span.start >= s.end for s in chosen):
+            chosen.append(span)
+    return sorted(chosen, key=lambda s: s.start)
