@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from neoxko.errors import NeoxkoError
 
@@ -64,7 +65,35 @@ def build_parser() -> argparse.ArgumentParser:
     pii_eval.add_argument("labelled", help='JSONL of {"text": ..., "spans": [{"start", "end", "label"}]}')
     pii_eval.add_argument("--errors", action="store_true", help="print every line the replacer gets wrong")
     pii_eval.set_defaults(run=run_pii_eval)
+    prep = data_commands.add_parser("prepare", help="clean, filter, PII, dedup and tokenise text into token shards")
+    prep.add_argument("inputs", nargs="+", help=".txt (a document a line), .jsonl(.gz), .parquet files or folders")
+    prep.add_argument("--output", required=True, help="run folder (an interrupted run resumes in place)")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json or hub id")
+    prep.add_argument("--workers", type=int, default=1, help="parallel processes")
+    prep.add_argument("--tasks", type=int, default=None, help="shards of the work (default: --workers)")
+    prep.add_argument("--text-key", default="text", help="JSONL/Parquet field with the text")
+    prep.add_argument("--kobest-dir", default=None, help="skt/kobest_v1 folder: drop documents overlapping its tests")
+    prep.add_argument("--minhash-buckets", type=int, default=14, help="MinHash bands (8 hashes each)")
+    prep.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    prep.add_argument("--slurm-partition", default=None)
+    prep.add_argument("--slurm-time", default="24:00:00")
+    prep.set_defaults(run=run_prepare)
     return parser
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from neoxko.data.prepare import PrepareConfig, prepare
+
+    config = PrepareConfig(
+        inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, tasks=args.tasks or args.workers,
+        workers=args.workers, text_key=args.text_key, kobest_dir=args.kobest_dir, executor=args.executor,
+        slurm_partition=args.slurm_partition, slurm_time=args.slurm_time, minhash_buckets=args.minhash_buckets,
+    )
+    prepare(config)
+    report = Path(args.output) / "report.md"
+    if report.exists():
+        print(report.read_text(encoding="utf-8"))
+    return 0
 
 
 def run_pii(args: argparse.Namespace) -> int:

@@ -1,0 +1,300 @@
+"""`neoxko data prepare`: text files -> clean, PII-free, deduplicated documents -> packed token shards.
+
+Seven datatrove stages, each resumable (datatrove skips the tasks it finished; a killed task
+restarts and overwrites its own outputs, so no document is lost or written twice):
+
+  1 clean         read -> NFC/clean -> Korean quality filter -> PII -> KoBEST decontamination -> clean/
+  2 exact-sigs    clean/ -> content hashes
+  3 exact-find    hashes -> duplicate ids (one task)
+  4 minhash-sigs  clean/ -> drop exact duplicates -> MinHash signatures
+  5 minhash-bkts  signatures -> bucket matches (one task per bucket)
+  6 minhash-clst  matches -> near-duplicate ids (one task)
+  7 tokenize      clean/ -> drop exact and near duplicates -> documents/ and tokens/ (uint16 .ds + .index)
+
+Stages 2-7 read clean/ with the same task count, so document order (and MinHash's per-task ids)
+is the same in every stage.
+"""
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from neoxko.errors import NeoxkoError
+
+STAGES = ["clean", "exact-sigs", "exact-find", "minhash-sigs", "minhash-bkts", "minhash-clst", "tokenize"]
+INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
+# Settings that change the output; workers and the executor do not, so a resumed run may change them.
+RUN_SETTINGS = ("inputs", "tokenizer", "text_key", "kobest_dir", "quality", "minhash_buckets",
+                "minhash_hashes_per_bucket", "minhash_ngrams", "tasks")
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Korean quality thresholds (see KoreanQualityFilter)."""
+
+    min_chars: int = 10
+    min_hangul_share: float = 0.5
+    max_dup_line_share: float = 0.3
+    max_char_run_share: float = 0.3
+    max_symbol_share: float = 0.2
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    inputs: list[str]
+    output: str
+    tokenizer: str
+    tasks: int = 1
+    workers: int = 1
+    text_key: str = "text"
+    kobest_dir: str | None = None
+    quality: Quality = field(default_factory=Quality)
+    minhash_buckets: int = 14
+    minhash_hashes_per_bucket: int = 8
+    minhash_ngrams: int = 5
+    executor: str = "local"  # local, slurm or ray
+    slurm_partition: str | None = None
+    slurm_time: str = "24:00:00"
+
+    def run_settings(self) -> dict:
+        settings = asdict(self)
+        return {k: settings[k] for k in RUN_SETTINGS}
+
+
+def input_files(inputs: list[str]) -> tuple[Path, list[str]]:
+    """A common root folder and the input files under it (folders are searched recursively)."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file() and p.name.endswith(INPUT_SUFFIXES))
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise NeoxkoError(f"input {item} does not exist")
+    if not files:
+        raise NeoxkoError(f"no input files ({', '.join(INPUT_SUFFIXES)}) in {', '.join(inputs)}")
+    files = [f.resolve() for f in files]
+    root = Path(*_common_parts([f.parent.parts for f in files]))
+    return root, [str(f.relative_to(root)) for f in files]
+
+
+def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    common = parts[0]
+    for p in parts[1:]:
+        n = 0
+        while n < min(len(common), len(p)) and common[n] == p[n]:
+            n += 1
+        common = common[:n]
+    return common
+
+
+def tokenizer_file(path_or_id: str) -> Path:
+    """tokenizer.json of a folder, a file or a hub id, checked for the tokens the pipeline writes."""
+    from neoxko.tokenizer import Tokenizer, load_tokenizer, require_special_tokens
+
+    path = Path(path_or_id)
+    if path.is_file():
+        tokenizer, file = Tokenizer.from_dir(path.parent), path
+    else:
+        tokenizer = load_tokenizer(path_or_id)
+        from neoxko.checkpoint import resolve
+
+        file = resolve(path_or_id) / "tokenizer.json"
+    require_special_tokens(tokenizer)
+    if tokenizer.vocab_size > 65535:
+        raise NeoxkoError(f"the tokenizer has {tokenizer.vocab_size} tokens; packed shards hold uint16 ids (< 65536)")
+    return file
+
+
+def claim_output(config: PrepareConfig) -> None:
+    """Refuse an output folder that holds a run with other settings; remember ours for resuming."""
+    out = Path(config.output)
+    marker = out / "prepare.json"
+    settings = config.run_settings()
+    if marker.exists():
+        previous = json.loads(marker.read_text(encoding="utf-8"))
+        if previous != json.loads(json.dumps(settings)):
+            changed = sorted(k for k in settings if previous.get(k) != json.loads(json.dumps(settings))[k])
+            raise NeoxkoError(
+                f"{out} already holds a run with other settings ({', '.join(changed)} differ); "
+                "use a new --output folder, or the same settings to resume that run"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise NeoxkoError(f"{out} is not empty and holds no neoxko run; use a new --output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def exact_content(doc) -> str:
+    return doc.text
+
+
+def build_executors(config: PrepareConfig) -> list:
+    """The seven stages as datatrove executors, each depending on the one before."""
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.text import TextNormConfig
+
+    from neoxko.data.steps import (
+        CleanKorean,
+        KobestDecontamination,
+        KoreanQualityFilter,
+        KoreanTextReader,
+        KoreanWordTokenizer,
+        ReplacePII,
+        kobest_test_texts,
+    )
+
+    out = Path(config.output).resolve()
+    root, files = input_files(config.inputs)
+    (out / "inputs.txt").write_text("\n".join(files) + "\n", encoding="utf-8")
+    tokenizer = tokenizer_file(config.tokenizer)
+    exact = ExactDedupConfig(content_getter=exact_content)
+    # datatrove's default text normalisation ends in NFD, which splits every Hangul syllable into
+    # conjoining jamo; keep syllables whole so Korean words stay words.
+    minhash = MinhashConfig(n_grams=config.minhash_ngrams, num_buckets=config.minhash_buckets,
+                            hashes_per_bucket=config.minhash_hashes_per_bucket,
+                            norm_config=TextNormConfig(norm_unicode_diacritics=False))
+
+    def clean_reader():
+        return JsonlReader(str(out / "clean"))
+
+    clean = [
+        KoreanTextReader(str(root), paths_file=str(out / "inputs.txt"), text_key=config.text_key),
+        CleanKorean(),
+        KoreanQualityFilter(**asdict(config.quality)),
+        ReplacePII(),
+    ]
+    if config.kobest_dir:
+        clean.append(KobestDecontamination(kobest_test_texts(config.kobest_dir), str(out / "decontamination")))
+    clean.append(JsonlWriter(str(out / "clean")))
+    stages = [
+        (clean, config.tasks),
+        ([clean_reader(), ExactDedupSignature(str(out / "exact" / "sigs"), exact)], config.tasks),
+        ([ExactFindDedups(str(out / "exact" / "sigs"), str(out / "exact" / "dups"), exact)], 1),
+        ([clean_reader(), ExactDedupFilter(str(out / "exact" / "dups"), exact),
+          MinhashDedupSignature(str(out / "minhash" / "sigs"), minhash, language=KoreanWordTokenizer())],
+         config.tasks),
+        ([MinhashDedupBuckets(str(out / "minhash" / "sigs"), str(out / "minhash" / "buckets"), config=minhash)],
+         config.minhash_buckets),
+        ([MinhashDedupCluster(str(out / "minhash" / "buckets"), str(out / "minhash" / "remove"), config=minhash)], 1),
+        ([clean_reader(), ExactDedupFilter(str(out / "exact" / "dups"), exact),
+          MinhashDedupFilter(str(out / "minhash" / "remove")),
+          JsonlWriter(str(out / "documents")),
+          DocumentTokenizer(str(out / "tokens"), str(tokenizer), eos_token="<|endoftext|>",
+                            shuffle_documents=False, save_final_metadata=True)], config.tasks),
+    ]
+    executors = []
+    for n, (pipeline, tasks) in enumerate(stages):
+        executors.append(_executor(config, pipeline, tasks, out / "logs" / f"{n + 1}-{STAGES[n]}",
+                                   executors[-1] if executors else None, STAGES[n]))
+    return executors
+
+
+def _executor(config: PrepareConfig, pipeline: list, tasks: int, logs: Path, depends, name: str):
+    if config.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(config.workers, tasks),
+                                     logging_dir=str(logs), depends=depends)
+    if config.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        if not config.slurm_partition:
+            raise NeoxkoError("--executor slurm needs --slurm-partition")
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, time=config.slurm_time, partition=config.slurm_partition,
+                                     logging_dir=str(logs), depends=depends, job_name=f"neoxko-{name}",
+                                     workers=config.workers)
+    if config.executor == "ray":
+        from datatrove.executor import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=config.workers, logging_dir=str(logs),
+                                   depends=depends)
+    raise NeoxkoError(f"unknown executor {config.executor!r}; use local, slurm or ray")
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Run (or resume) the whole pipeline and write report.json and report.md into the output folder."""
+    if config.tasks < 1 or config.workers < 1:
+        raise NeoxkoError("--tasks and --workers must be at least 1")
+    tokenizer_file(config.tokenizer)  # fail before touching the output folder
+    input_files(config.inputs)
+    claim_output(config)
+    executors = build_executors(config)
+    executors[-1].run()  # runs the stages it depends on first, skipping finished tasks
+    if config.executor != "local":
+        return {}
+    report = collect_report(Path(config.output))
+    write_report(Path(config.output), report)
+    return report
+
+
+def _stats(stage_logs: Path) -> list[dict]:
+    """Per-step stats of a stage, summed over its tasks."""
+    merged: dict[str, dict[str, float]] = {}
+    order: list[str] = []
+    for file in sorted((stage_logs / "stats").glob("*.json")):
+        for step in json.loads(file.read_text(encoding="utf-8")):
+            name = step["name"]
+            if name not in merged:
+                merged[name], _ = {}, order.append(name)
+            for key, value in step.get("stats", {}).items():
+                total = value.get("total", value) if isinstance(value, dict) else value
+                if isinstance(total, int | float):
+                    merged[name][key] = merged[name].get(key, 0) + total
+    return [{"name": n, "stats": merged[n]} for n in order]
+
+
+def collect_report(out: Path) -> dict:
+    stages = {name: _stats(out / "logs" / f"{n + 1}-{name}") for n, name in enumerate(STAGES)}
+
+    def step(stage: str, pattern: str) -> dict:
+        return next((s["stats"] for s in stages[stage] if re.search(pattern, s["name"])), {})
+
+    reader, clean, quality = step("clean", "READER"), step("clean", "Korean clean"), step("clean", "Korean quality")
+    pii, decont = step("clean", "PII"), step("clean", "KoBEST")
+    exact, near = step("tokenize", "exact-deduplication"), step("tokenize", "MinHash")
+    tokens, writer = step("tokenize", "TOKENIZER"), step("tokenize", "WRITER")
+    return {
+        "read": {"documents": reader.get("documents", 0), "bytes": reader.get("bytes_read", 0),
+                 "invalid_utf8_lines": reader.get("invalid_utf8", 0), "bad_json_lines": reader.get("bad_json", 0),
+                 "unreadable_files": reader.get("unreadable_files", 0)},
+        "clean": {"documents_in": clean.get("total", 0), "documents_out": clean.get("forwarded", 0),
+                  "dropped_empty": clean.get("dropped_empty", 0), "bytes_in": clean.get("bytes_in", 0),
+                  "bytes_out": clean.get("bytes_out", 0)},
+        "quality": {"documents_in": quality.get("total", 0), "documents_out": quality.get("forwarded", 0),
+                    **{k: v for k, v in quality.items() if k.startswith("dropped_")}},
+        "pii": {k.removeprefix("pii_"): pii.get(k, 0) for k in ("pii_rrn", "pii_tel", "pii_acc")}
+        | {"documents_with_pii": pii.get("documents_with_pii", 0)},
+        "decontamination": {"documents_in": decont.get("total", 0), "documents_out": decont.get("forwarded", 0),
+                            **{k: v for k, v in decont.items() if k.startswith("matched_")}},
+        "exact_dedup": {"documents_in": exact.get("total", 0), "documents_out": exact.get("forwarded", 0),
+                        "duplicates_removed": exact.get("dropped", 0)},
+        "minhash_dedup": {"documents_in": near.get("total", 0), "documents_out": near.get("forwarded", 0),
+                          "near_duplicates_removed": near.get("dropped", 0)},
+        "output": {"documents": writer.get("total", 0), "tokens": tokens.get("tokens", 0)},
+    }
+
+
+def write_report(out: Path, report: dict) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    lines = ["| step | measure | value |", "|---|---|---:|"]
+    for section, values in report.items():
+        for key, value in values.items():
+            lines.append(f"| {section} | {key} | {value:,} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

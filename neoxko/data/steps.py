@@ -1,0 +1,301 @@
+"""neoxko's own datatrove steps: the Korean-specific reading, cleaning, filtering, PII and decontamination."""
+
+import gzip
+import html
+import json
+import re
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers.base import BaseDiskReader
+from datatrove.utils.logging import logger
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from neoxko.data.pii import replace_pii_counted
+
+
+class KoreanTextReader(BaseDiskReader):
+    """Reads .txt (a document a line), .jsonl and .jsonl.gz (a text field), and .parquet files.
+
+    Lines that are not valid UTF-8 or not valid JSON are counted (invalid_utf8, bad_json) and
+    logged with file and line, never crash the run; files that cannot be opened are counted too.
+    """
+
+    name = "📖 Korean text"
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        try:
+            if filepath.endswith(".parquet"):
+                yield from self._read_parquet(filepath)
+                return
+            with self.data_folder.open(filepath, "rb") as f:
+                raw = gzip.open(f) if filepath.endswith(".gz") else f
+                yield from self._read_lines(filepath, raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            self.stat_update("unreadable_files")
+            logger.warning(f"skipping unreadable file {filepath}: {e}")
+
+    def _read_lines(self, filepath: str, raw: Iterable[bytes]) -> DocumentsPipeline:
+        is_json = ".jsonl" in filepath or ".json" in filepath
+        for n, line in enumerate(raw, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self.stat_update("invalid_utf8")
+                logger.warning(f"{filepath}:{n}: not UTF-8 ({e.reason} at byte {e.start}); line skipped")
+                continue
+            if is_json:
+                try:
+                    data = json.loads(text)
+                    data[self.text_key]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.stat_update("bad_json")
+                    logger.warning(f"{filepath}:{n}: not a JSON object with a {self.text_key!r} field; skipped")
+                    continue
+            else:
+                data = {self.text_key: text.rstrip("\r\n")}
+            document = self.get_document_from_dict(data, filepath, n - 1)
+            if document:
+                self.stat_update("bytes_read", value=len(line))
+                yield document
+
+    def _read_parquet(self, filepath: str) -> DocumentsPipeline:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError("reading .parquet needs pyarrow: pip install pyarrow") from None
+        with self.data_folder.open(filepath, "rb") as f:
+            n = 0
+            for batch in pq.ParquetFile(f).iter_batches(columns=None):
+                for row in batch.to_pylist():
+                    document = self.get_document_from_dict(row, filepath, n)
+                    n += 1
+                    if document:
+                        self.stat_update("bytes_read", value=len(document.text.encode()))
+                        yield document
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff\ufffe]")
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]{0,300})?/?>")
+_ENTITY = re.compile(r"&(?:[A-Za-z]{2,8}|#[0-9]{1,6}|#x[0-9A-Fa-f]{1,6});")
+_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+_BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
+
+
+def clean_text(text: str) -> str:
+    """NFC, no control characters, no HTML tags or entities, single spaces, at most one blank line."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    if "<" in text:
+        text = _TAG.sub("", text)
+    if "&" in text:
+        text = _ENTITY.sub(lambda m: html.unescape(m.group()), text)
+    text = _CONTROL.sub("", text)
+    text = _SPACES.sub(" ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+class CleanKorean(PipelineStep):
+    """Unicode NFC, control characters, broken markup and whitespace; empty results are dropped."""
+
+    name = "🧽 Korean clean"
+    type = "✂️ - FORMAT"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update("total")
+            before = len(doc.text.encode())
+            with self.track_time():
+                doc.text = clean_text(doc.text)
+            self.stat_update("bytes_in", value=before)
+            if not doc.text:
+                self.stat_update("dropped_empty")
+                continue
+            self.stat_update("bytes_out", value=len(doc.text.encode()))
+            self.stat_update("forwarded")
+            yield doc
+
+
+def is_hangul(c: str) -> bool:
+    return "\uac00" <= c <= "\ud7a3" or "\u3131" <= c <= "\u318e" or "\u1100" <= c <= "\u11ff"
+
+
+class KoreanQualityFilter(BaseFilter):
+    """Drops documents that are too short, not mostly Korean, repetitive or mostly symbols.
+
+    Thresholds (defaults, each with its drop reason in the stats):
+    - too_short: fewer than min_chars non-space characters (10: a short review still passes);
+    - low_hangul: Hangul is under min_hangul_share of the letters (0.5; Latin and Hanja count as letters);
+    - repetitive: over max_dup_line_share of the characters sit in lines that occur more than once
+      (0.3, Gopher's value), or over max_char_run_share in runs of 5+ equal characters (0.3: ㅋㅋㅋㅋㅋ);
+    - symbols: symbol characters (Unicode S*, and punctuation other than .,!?'"()~-·…) exceed
+      max_symbol_share of the non-space characters (0.2).
+    """
+
+    name = "🇰🇷 Korean quality"
+
+    def __init__(self, min_chars: int = 10, min_hangul_share: float = 0.5, max_dup_line_share: float = 0.3,
+                 max_char_run_share: float = 0.3, max_symbol_share: float = 0.2, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.min_chars = min_chars
+        self.min_hangul_share = min_hangul_share
+        self.max_dup_line_share = max_dup_line_share
+        self.max_char_run_share = max_char_run_share
+        self.max_symbol_share = max_symbol_share
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        text = doc.text
+        chars = [c for c in text if not c.isspace()]
+        if len(chars) < self.min_chars:
+            return False, "too_short"
+        letters = [c for c in chars if c.isalpha()]
+        if not letters or sum(map(is_hangul, letters)) < self.min_hangul_share * len(letters):
+            return False, "low_hangul"
+        if duplicate_line_share(text) > self.max_dup_line_share or char_run_share(text) > self.max_char_run_share:
+            return False, "repetitive"
+        if sum(map(_is_symbol, chars)) > self.max_symbol_share * len(chars):
+            return False, "symbols"
+        return True
+
+
+def duplicate_line_share(text: str) -> float:
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) < 2:
+        return 0.0
+    counts: dict[str, int] = {}
+    for line in lines:
+        counts[line] = counts.get(line, 0) + 1
+    duplicated = sum(len(line) * n for line, n in counts.items() if n > 1)
+    return duplicated / max(sum(map(len, lines)), 1)
+
+
+_CHAR_RUN = re.compile(r"(\S)\1{4,}")
+
+
+def char_run_share(text: str) -> float:
+    return sum(len(m.group()) for m in _CHAR_RUN.finditer(text)) / max(len(text), 1)
+
+
+_PLAIN_PUNCTUATION = set(".,!?'\"()~-·…%:;/[]")
+
+
+def _is_symbol(c: str) -> bool:
+    category = unicodedata.category(c)
+    return category[0] == "S" or (category[0] == "P" and c not in _PLAIN_PUNCTUATION)
+
+
+class ReplacePII(PipelineStep):
+    """Replaces resident registration, phone and bank account numbers with <|rrn|>, <|tel|>, <|acc|>."""
+
+    name = "🔒 PII"
+    type = "✂️ - FORMAT"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update("total")
+            with self.track_time():
+                doc.text, counts = replace_pii_counted(doc.text)
+            for label, n in counts.items():
+                self.stat_update(f"pii_{label}", value=n)
+            self.stat_update("documents_with_pii", value=int(bool(counts)))
+            yield doc
+
+
+_NORMALISE = re.compile(r"[\W_]+")
+
+
+def normalise_for_overlap(text: str) -> str:
+    """Lowercase letters and digits only: spacing and punctuation changes do not hide an overlap."""
+    return _NORMALISE.sub("", text.lower())
+
+
+class KobestDecontamination(BaseFilter):
+    """Drops documents that share a long span with a KoBEST test example, and reports each match.
+
+    Texts are compared after normalise_for_overlap, as character n-grams (n = 25 characters, about
+    seven Korean words). Every n-gram of the test texts is indexed; documents are probed every
+    `stride` characters, which finds every shared span of n + stride - 1 characters or more. Test
+    texts shorter than n (one-line SentiNeg sentences, COPA premises) are not indexed: an exact
+    match of so short a phrase is no evidence of contamination. Matches go to report_folder as JSONL.
+    """
+
+    name = "🧪 KoBEST decontamination"
+
+    def __init__(self, test_texts: dict[str, list[str]], report_folder: str, n: int = 25, stride: int = 8):
+        super().__init__()
+        self.n, self.stride = n, stride
+        self.report_folder = report_folder
+        self.index: dict[str, str] = {}
+        for task, texts in test_texts.items():
+            for text in texts:
+                norm = normalise_for_overlap(text)
+                for i in range(len(norm) - n + 1):
+                    self.index.setdefault(norm[i:i + n], task)
+        self._report = None
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        norm = normalise_for_overlap(doc.text)
+        for i in range(0, len(norm) - self.n + 1, self.stride):
+            task = self.index.get(norm[i:i + self.n])
+            if task is not None:
+                self.stat_update(f"matched_{task}")
+                if self._report is not None:  # open while run() runs
+                    self._report.write(json.dumps({"id": doc.id, "task": task, "ngram": norm[i:i + self.n],
+                                               "source": doc.metadata.get("file_path")}, ensure_ascii=False) + "\n")
+                return False, "kobest_overlap"
+        return True
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        folder = Path(self.report_folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{rank:05d}.jsonl", "w", encoding="utf-8") as self._report:
+            yield from super().run(data, rank, world_size)
+        self._report = None
+
+
+def kobest_test_texts(data_dir: str | Path) -> dict[str, list[str]]:
+    """The texts of the KoBEST test splits (skt/kobest_v1 layout) that a model is asked about."""
+    fields = {"boolq": ["paragraph", "question"], "copa": ["premise", "alternative_1", "alternative_2"],
+              "wic": ["context_1", "context_2"], "hellaswag": ["context", "ending_1", "ending_2", "ending_3",
+                                                                "ending_4"], "sentineg": ["sentence"]}
+    texts: dict[str, list[str]] = {}
+    for task, keys in fields.items():
+        path = Path(data_dir) / task / "test.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: --kobest-dir needs the skt/kobest_v1 layout")
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        texts[f"kobest_{task}"] = [str(row[k]) for row in rows for k in keys if row.get(k)]
+    return texts
+
+
+_WORDS = re.compile(r"[가-힣ㄱ-ㅎㅏ-ㅣ\u1100-\u11ff]+|[A-Za-z]+|[0-9]+|[^\s\w]")
+_SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
+
+
+class KoreanWordTokenizer(WordTokenizer):
+    """Eojeol-level words for MinHash shingles: Hangul, Latin and digit runs, and single symbols.
+
+    datatrove's Korean tokenizer needs kiwipiepy and a morphological model; near-duplicate detection
+    needs only stable word boundaries, which whitespace and script changes give.
+    """
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return _WORDS.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return [s for s in _SENTENCE_END.split(text) if s.strip()]
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        spans, start = [], 0
+        for m in _SENTENCE_END.finditer(text):
+            if text[start:m.start()].strip():
+                spans.append((start, m.start()))
+            start = m.end()
+        if text[start:].strip():
+            spans.append((start, len(text)))
+        return spans

@@ -1,0 +1,196 @@
+"""`neoxko data prepare` on a small corpus made here: every step, the report, resume, bad input."""
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import KOREAN_TEXT
+from neoxko.data.prepare import PrepareConfig, Quality, prepare
+from neoxko.data.shards import read_documents, token_shards
+from neoxko.data.steps import (
+    KobestDecontamination,
+    KoreanQualityFilter,
+    KoreanWordTokenizer,
+    char_run_share,
+    clean_text,
+    duplicate_line_share,
+)
+from neoxko.errors import NeoxkoError
+from neoxko.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+pytest.importorskip("datatrove")
+
+LEAKED = "양반전은 박지원이 지은 한문 단편 소설로 양반의 무능과 허위를 풍자한 작품이다"
+
+
+def documents() -> list[str]:
+    """60 unique documents of 40 random words each (seeded), so no two are near duplicates."""
+    rng = random.Random(0)
+    words = [w for w in KOREAN_TEXT.split() if any("가" <= c <= "힣" for c in w)]
+    return [" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    docs = documents()
+    lines = docs[:30] + [
+        docs[0],  # exact duplicate
+        docs[1].rsplit(" ", 1)[0] + " 끝났다",  # near duplicate: the last word differs
+        "짧다",  # too short
+        "This line is written in English only, with no Korean at all in it.",  # low Hangul
+        "ㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋ 재밌다",  # repetitive
+        "★☆★☆★☆★☆ 대박 ★☆★☆★☆★☆ 이벤트 ★☆★☆★☆",  # symbols
+        "문의는 010-1234-5678 로 주시고 입금은 국민 123456-78-901234 부탁드립니다. "
+        "주민번호 850315-1234567 확인했습니다.",
+        f"독후감: {LEAKED}. 재미있게 읽었다.",  # overlaps the KoBEST fixture below
+    ]
+    raw = "\n".join(lines).encode() + b"\n\xff\xfe broken bytes line\n"
+    (folder / "a.txt").write_bytes(raw)
+    jsonl = [json.dumps({"text": "<p>" + d + "&amp;</p>"}, ensure_ascii=False) for d in docs[30:]] + ["{not json"]
+    (folder / "b.jsonl").write_text("\n".join(jsonl) + "\n", encoding="utf-8")
+    (folder / "c.jsonl.gz").write_bytes(b"this is not gzip")
+    kobest = folder.parent / (folder.name + "-kobest")
+    for task, row in {"boolq": {"paragraph": LEAKED, "question": "양반전은 소설인가?"},
+                      "copa": {"premise": "비가 왔다.", "alternative_1": "우산을 썼다.", "alternative_2": "해가 떴다."},
+                      "wic": {"context_1": "[배]를 먹었다.", "context_2": "[배]를 탔다."},
+                      "hellaswag": {"context": "아침을 먹었다.", "ending_1": "a", "ending_2": "b", "ending_3": "c",
+                                    "ending_4": "d"},
+                      "sentineg": {"sentence": "좋아요"}}.items():
+        (kobest / task).mkdir(parents=True)
+        (kobest / task / "test.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tok")
+    return save_tokenizer(train_tokenizer(documents() + KOREAN_TEXT.splitlines(), vocab_size=500), folder)
+
+
+def config(corpus: Path, tokenizer: Path, out: Path, **changes) -> PrepareConfig:
+    base = dict(inputs=[str(corpus)], output=str(out), tokenizer=str(tokenizer), tasks=2, workers=2,
+                kobest_dir=str(corpus.parent / (corpus.name + "-kobest")), minhash_buckets=4)
+    return PrepareConfig(**(base | changes))
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tokenizer, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    prepare(config(corpus, tokenizer, out))
+    return out
+
+
+def test_report_counts_every_step(finished):
+    report = json.loads((finished / "report.json").read_text())
+    assert report["read"]["invalid_utf8_lines"] == 1 and report["read"]["bad_json_lines"] == 1
+    assert report["read"]["unreadable_files"] == 1
+    assert report["read"]["documents"] == 38 + 30
+    q = report["quality"]
+    reasons = ("dropped_too_short", "dropped_low_hangul", "dropped_repetitive", "dropped_symbols")
+    assert [q[r] for r in reasons] == [1, 1, 1, 1]
+    assert report["pii"] == {"rrn": 1, "tel": 1, "acc": 1, "documents_with_pii": 1}
+    assert report["decontamination"]["matched_kobest_boolq"] == 1
+    assert report["exact_dedup"]["duplicates_removed"] == 1
+    assert report["minhash_dedup"]["near_duplicates_removed"] == 1
+    assert report["output"]["documents"] == 60 + 1  # the unique documents and the PII one
+    assert "| pii | tel | 1 |" in (finished / "report.md").read_text()
+    matches = [json.loads(line) for f in (finished / "decontamination").glob("*.jsonl") for line in f.open()]
+    assert [m["task"] for m in matches] == ["kobest_boolq"]
+
+
+def test_shards_decode_back_to_the_cleaned_documents(finished, tokenizer):
+    tok = load_tokenizer(tokenizer)
+    texts = []
+    for f in sorted((finished / "documents").glob("*.jsonl.gz")):
+        texts += [json.loads(line)["text"] for line in gzip.open(f, "rt", encoding="utf-8")]
+    decoded = [tok.decode(d.tolist()) for shard in token_shards(finished / "tokens") for d in read_documents(shard)]
+    assert decoded == [t + "<|endoftext|>" for t in texts]
+    assert any("<|tel|>" in t and "<|acc|>" in t and "<|rrn|>" in t for t in texts)
+    assert all("<p>" not in t and "&amp;" not in t for t in texts)
+    assert all(d.dtype.itemsize == 2 for shard in token_shards(finished / "tokens") for d in read_documents(shard))
+
+
+def _tokens(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "tokens").glob("*.ds*")) if not p.name.endswith("metadata")}
+
+
+def test_killed_run_resumes_to_the_same_shards(corpus, tokenizer, finished, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "neoxko", "data", "prepare", str(corpus), "--output", str(out), "--tokenizer",
+            str(tokenizer), "--workers", "2", "--kobest-dir", str(corpus.parent / (corpus.name + "-kobest"))]
+    proc = subprocess.Popen(args + ["--minhash-buckets", "4"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    stage = out / "logs" / "4-minhash-sigs" / "completions"
+    deadline = time.time() + 120
+    while not (stage.exists() and any(stage.iterdir())) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists()
+    done = subprocess.run(args + ["--minhash-buckets", "4"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _tokens(out) == _tokens(finished)
+    assert json.loads((out / "report.json").read_text())["output"] == \
+        json.loads((finished / "report.json").read_text())["output"]
+
+
+def test_output_folder_with_another_run_is_refused(corpus, tokenizer, finished):
+    with pytest.raises(NeoxkoError, match=r"already holds a run with other settings \(quality differ\)"):
+        prepare(config(corpus, tokenizer, finished, quality=Quality(min_chars=3)))
+
+
+def test_non_empty_foreign_folder_is_refused(corpus, tokenizer, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(NeoxkoError, match="is not empty and holds no neoxko run"):
+        prepare(config(corpus, tokenizer, tmp_path))
+
+
+def test_tokenizer_without_special_tokens_is_refused_before_any_output(corpus, tokenizer_dir, tmp_path):
+    with pytest.raises(NeoxkoError, match=r"the tokenizer has no <\|acc\|>"):
+        prepare(config(corpus, tokenizer_dir, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_inputs(tokenizer, tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(NeoxkoError, match="no input files"):
+        prepare(config(tmp_path / "in", tokenizer, tmp_path / "out", kobest_dir=None))
+    with pytest.raises(NeoxkoError, match="does not exist"):
+        prepare(config(tmp_path / "nope", tokenizer, tmp_path / "out", kobest_dir=None))
+
+
+def test_clean_text():
+    assert clean_text("<b>굵게</b> &lt;태그&gt;\x00\x07 여러   칸\u200b\r\n\n\n\n끝") == "굵게 <태그> 여러 칸\n\n끝"
+    assert clean_text("\u1100\u1161\u11a8") == "각"  # NFC joins conjoining jamo
+    assert clean_text("<|acc|> 그대로") == "<|acc|> 그대로"  # our tokens are not markup
+
+
+def test_quality_filter_reasons():
+    from datatrove.data import Document
+
+    f = KoreanQualityFilter()
+    assert f.filter(Document("이 문장은 충분히 긴 한국어 문장입니다.", "1")) is True
+    assert f.filter(Document("짧음", "2")) == (False, "too_short")
+    assert f.filter(Document("mostly english words with 한글", "3")) == (False, "low_hangul")
+    assert duplicate_line_share("같은 줄\n같은 줄\n다른 줄") == pytest.approx(8 / 12)
+    assert char_run_share("ㅋㅋㅋㅋㅋ") == 1.0
+
+
+def test_decontamination_finds_spans_despite_spacing():
+    from datatrove.data import Document
+
+    step = KobestDecontamination({"kobest_boolq": [LEAKED]}, report_folder="unused")
+    spaced = "앞부분 " + LEAKED.replace(" ", "  ").replace("이다", "이다!") + " 뒷부분"
+    assert step.filter(Document(spaced, "1")) == (False, "kobest_overlap")
+    assert step.filter(Document("양반전은 박지원이 지은 소설이다. 전혀 다른 이야기가 이어진다.", "2")) is True
+    assert KoreanWordTokenizer().word_tokenize("한국어 문장, test 123") == ["한국어", "문장", ",", "test", "123"]
