@@ -56,6 +56,7 @@ _ACCOUNT_WORDS = (
     r"계좌|입금|송금|이체|예금주|통장|환불|보내실\s?곳|받는\s?계좌|마음\s?전하실\s?곳|축의금|조의금|부조금|회비|후원|"
     r"가상계좌|모임통장|평생계좌|무통장"
 )
+_CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
 _ACC_BEFORE = re.compile(rf"(?:{_ACCOUNT_WORDS}|{_BANK})")
 _BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{_BANK}")
 _DATE_LIKE = re.compile(
@@ -107,18 +108,16 @@ def replace_pii_counted(text: str) -> tuple[str, Counter]:
     return "".join(parts), Counter(s.label for s in spans)
 
 
-def _last_match_end(pattern: re.Pattern, text: str, start: int, end: int) -> int | None:
-    """End of the last match of pattern in text[start:end], or None."""
-    last = None
-    for m in pattern.finditer(text, max(start, 0), end):
-        last = m.end()
-    return last
+def _last_match(pattern: re.Pattern, text: str, pos: int, window: int) -> re.Match | None:
+    """The last match of pattern in the window characters before pos."""
+    matches = list(pattern.finditer(text, max(pos - window, 0), pos))
+    return matches[-1] if matches else None
 
 
 def _near(pattern: re.Pattern, text: str, pos: int, window: int) -> int | None:
     """Distance from the last match before pos (within window) to pos, or None."""
-    end = _last_match_end(pattern, text, pos - window, pos)
-    return None if end is None else pos - end
+    m = _last_match(pattern, text, pos, window)
+    return None if m is None else pos - m.end()
 
 
 def _vetoed(text: str, start: int, cue: int | None = None) -> bool:
@@ -127,12 +126,19 @@ def _vetoed(text: str, start: int, cue: int | None = None) -> bool:
     return veto is not None and (cue is None or veto < cue)
 
 
-def _account_cue(text: str, start: int, end: int) -> int | None:
-    """Distance to the account word or bank name before the number, 0 for a bank name just after it."""
-    before = _near(_ACC_BEFORE, text, start, _ACC_WINDOW)
-    if before is not None:
-        return before
-    return 0 if _BANK_AFTER.match(text[end:end + 12]) else None
+def _account_cue(text: str, start: int, end: int, phone_shaped: bool) -> int | None:
+    """Distance to the account word or bank name before the number, 0 for a bank name just after it.
+
+    A phone-shaped number (평생계좌) needs more than a bank that is also a city name: 부산 051-...
+    is a phone number in Busan.
+    """
+    before = _last_match(_ACC_BEFORE, text, start, _ACC_WINDOW)
+    if before is not None and not (phone_shaped and _CITY.fullmatch(before.group())):
+        return start - before.end()
+    after = _BANK_AFTER.match(text[end:end + 12])
+    if after is not None and not (phone_shaped and _CITY.search(after.group())):
+        return 0
+    return None
 
 
 def _accounts(text: str) -> list[tuple[Span, int]]:
@@ -144,7 +150,7 @@ def _accounts(text: str) -> list[tuple[Span, int]]:
             continue
         if ". " in m.group() or _DATE_LIKE.match(m.group()):  # "2016. 7. 23. 2013" is dates, not an account
             continue
-        cue = _account_cue(text, m.start(), m.end())
+        cue = _account_cue(text, m.start(), m.end(), _PHONE.fullmatch(m.group()) is not None)
         if cue is None or _vetoed(text, m.start(), cue):
             continue
         found.append((Span(m.start(), m.end(), "acc"), 3 if cue <= _NEAR_WINDOW else 1))
