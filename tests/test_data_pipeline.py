@@ -1,6 +1,5 @@
 """`neoxko data prepare` on a small corpus made here: every step, the report, resume, bad input."""
 
-import gzip
 import json
 import os
 import random
@@ -110,8 +109,8 @@ def test_report_counts_every_step(finished):
 def test_shards_decode_back_to_the_cleaned_documents(finished, tokenizer):
     tok = load_tokenizer(tokenizer)
     texts = []
-    for f in sorted((finished / "documents").glob("*.jsonl.gz")):
-        texts += [json.loads(line)["text"] for line in gzip.open(f, "rt", encoding="utf-8")]
+    for f in sorted((finished / "documents").glob("*.jsonl")):
+        texts += [json.loads(line)["text"] for line in f.open(encoding="utf-8")]
     decoded = [tok.decode(d.tolist()) for shard in token_shards(finished / "tokens") for d in read_documents(shard)]
     assert decoded == [t + "<|endoftext|>" for t in texts]
     assert any("<|tel|>" in t and "<|acc|>" in t and "<|rrn|>" in t for t in texts)

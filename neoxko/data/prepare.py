@@ -182,7 +182,7 @@ def build_executors(config: PrepareConfig) -> list:
     ]
     if config.kobest_dir:
         clean.append(KobestDecontamination(kobest_test_texts(config.kobest_dir), str(out / "decontamination")))
-    clean.append(JsonlWriter(str(out / "clean")))
+    clean.append(JsonlWriter(str(out / "clean"), compression=None))  # gzip would cost a third of the stage
     stages = [
         (clean, config.tasks),
         ([clean_reader(), ExactDedupSignature(str(out / "exact" / "sigs"), exact)], config.tasks),
@@ -195,7 +195,7 @@ def build_executors(config: PrepareConfig) -> list:
         ([MinhashDedupCluster(str(out / "minhash" / "buckets"), str(out / "minhash" / "remove"), config=minhash)], 1),
         ([clean_reader(), ExactDedupFilter(str(out / "exact" / "dups"), exact),
           MinhashDedupFilter(str(out / "minhash" / "remove")),
-          JsonlWriter(str(out / "documents")),
+          JsonlWriter(str(out / "documents"), compression=None),
           DocumentTokenizer(str(out / "tokens"), str(tokenizer), eos_token="<|endoftext|>",
                             shuffle_documents=False, save_final_metadata=True)], config.tasks),
     ]
