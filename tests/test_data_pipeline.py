@@ -168,6 +168,17 @@ def test_empty_inputs(tokenizer, tmp_path):
         prepare(config(tmp_path / "nope", tokenizer, tmp_path / "out", kobest_dir=None))
 
 
+def test_parquet_input(tokenizer, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    (tmp_path / "in").mkdir()
+    docs = documents()[:10]
+    pq.write_table(pa.table({"body": docs, "n": list(range(10))}), tmp_path / "in" / "part.parquet")
+    report = prepare(config(tmp_path / "in", tokenizer, tmp_path / "out", kobest_dir=None, text_key="body"))
+    assert report["read"]["documents"] == 10 and report["output"]["documents"] == 10
+
+
 def test_clean_text():
     assert clean_text("<b>굵게</b> &lt;태그&gt;\x00\x07 여러   칸\u200b\r\n\n\n\n끝") == "굵게 <태그> 여러 칸\n\n끝"
     assert clean_text("\u1100\u1161\u11a8") == "각"  # NFC joins conjoining jamo
