@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     pii_eval.add_argument("--errors", action="store_true", help="print every line the replacer gets wrong")
     pii_eval.set_defaults(run=run_pii_eval)
     prep = data_commands.add_parser("prepare", help="clean, filter, PII, dedup and tokenise text into token shards")
-    prep.add_argument("inputs", nargs="+", help=".txt (a document a line), .jsonl(.gz), .parquet files or folders")
+    prep.add_argument("inputs", nargs="*", help=".txt (a document a line), .jsonl(.gz), .parquet files or folders")
+    prep.add_argument("--hf-dataset", default=None, help="read a Hugging Face dataset instead of files")
+    prep.add_argument("--hf-split", default="train")
+    prep.add_argument("--hf-config", default=None, help="the dataset's configuration name")
     prep.add_argument("--output", required=True, help="run folder (an interrupted run resumes in place)")
     prep.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json or hub id")
     prep.add_argument("--workers", type=int, default=1, help="parallel processes")
@@ -88,6 +91,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, tasks=args.tasks or args.workers,
         workers=args.workers, text_key=args.text_key, kobest_dir=args.kobest_dir, executor=args.executor,
         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time, minhash_buckets=args.minhash_buckets,
+        hf_dataset=args.hf_dataset,
+        hf_options={"split": args.hf_split} | ({"name": args.hf_config} if args.hf_config else {}),
     )
     prepare(config)
     report = Path(args.output) / "report.md"

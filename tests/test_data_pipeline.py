@@ -179,6 +179,33 @@ def test_parquet_input(tokenizer, tmp_path):
     assert report["read"]["documents"] == 10 and report["output"]["documents"] == 10
 
 
+def test_hugging_face_dataset_input(tokenizer, tmp_path):
+    """The datasets path (the hub when online) on a local JSON file: load_dataset("json", ...)."""
+    pytest.importorskip("datasets")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents()[:12]))
+    cfg = config(tmp_path, tokenizer, tmp_path / "out", inputs=[], kobest_dir=None, tasks=1, workers=1,
+                 hf_dataset="json", hf_options={"data_files": str(rows), "split": "train"})
+    report = prepare(cfg)
+    assert report["output"]["documents"] == 12
+    with pytest.raises(NeoxkoError, match="not both"):
+        prepare(cfg.__class__(**{**cfg.__dict__, "inputs": [str(rows)], "output": str(tmp_path / "o2")}))
+
+
+def test_slurm_executor_is_built_with_stage_dependencies(corpus, tokenizer, tmp_path):
+    from datatrove.executor import SlurmPipelineExecutor
+
+    from neoxko.data.prepare import build_executors
+
+    cfg = config(corpus, tokenizer, tmp_path, executor="slurm", slurm_partition="gpu")
+    (tmp_path).mkdir(exist_ok=True)
+    executors = build_executors(cfg)
+    assert len(executors) == 7 and all(isinstance(e, SlurmPipelineExecutor) for e in executors)
+    assert executors[-1].depends is executors[-2]
+    with pytest.raises(NeoxkoError, match="needs --slurm-partition"):
+        build_executors(config(corpus, tokenizer, tmp_path, executor="slurm"))
+
+
 def test_clean_text():
     assert clean_text("<b>굵게</b> &lt;태그&gt;\x00\x07 여러   칸\u200b\r\n\n\n\n끝") == "굵게 <태그> 여러 칸\n\n끝"
     assert clean_text("\u1100\u1161\u11a8") == "각"  # NFC joins conjoining jamo

@@ -25,8 +25,8 @@ from neoxko.errors import NeoxkoError
 STAGES = ["clean", "exact-sigs", "exact-find", "minhash-sigs", "minhash-bkts", "minhash-clst", "tokenize"]
 INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 # Settings that change the output; workers and the executor do not, so a resumed run may change them.
-RUN_SETTINGS = ("inputs", "tokenizer", "text_key", "kobest_dir", "quality", "minhash_buckets",
-                "minhash_hashes_per_bucket", "minhash_ngrams", "tasks")
+RUN_SETTINGS = ("inputs", "hf_dataset", "hf_options", "tokenizer", "text_key", "kobest_dir", "quality",
+                "minhash_buckets", "minhash_hashes_per_bucket", "minhash_ngrams", "tasks")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,10 @@ class PrepareConfig:
     minhash_buckets: int = 14
     minhash_hashes_per_bucket: int = 8
     minhash_ngrams: int = 5
+    # A Hugging Face dataset instead of files: its name (or a builder such as "json"), and the
+    # options of datasets.load_dataset (split, name, data_files, ...).
+    hf_dataset: str | None = None
+    hf_options: dict = field(default_factory=lambda: {"split": "train"})
     executor: str = "local"  # local, slurm or ray
     slurm_partition: str | None = None
     slurm_time: str = "24:00:00"
@@ -154,15 +158,12 @@ def build_executors(config: PrepareConfig) -> list:
         CleanKorean,
         KobestDecontamination,
         KoreanQualityFilter,
-        KoreanTextReader,
         KoreanWordTokenizer,
         ReplacePII,
         kobest_test_texts,
     )
 
     out = Path(config.output).resolve()
-    root, files = input_files(config.inputs)
-    (out / "inputs.txt").write_text("\n".join(files) + "\n", encoding="utf-8")
     tokenizer = tokenizer_file(config.tokenizer)
     exact = ExactDedupConfig(content_getter=exact_content)
     # datatrove's default text normalisation ends in NFD, which splits every Hangul syllable into
@@ -175,7 +176,7 @@ def build_executors(config: PrepareConfig) -> list:
         return JsonlReader(str(out / "clean"))
 
     clean = [
-        KoreanTextReader(str(root), paths_file=str(out / "inputs.txt"), text_key=config.text_key),
+        _reader(config, out),
         CleanKorean(),
         KoreanQualityFilter(**asdict(config.quality)),
         ReplacePII(),
@@ -206,6 +207,18 @@ def build_executors(config: PrepareConfig) -> list:
     return executors
 
 
+def _reader(config: PrepareConfig, out: Path):
+    if config.hf_dataset:
+        from datatrove.pipeline.readers import HuggingFaceDatasetReader
+
+        return HuggingFaceDatasetReader(config.hf_dataset, dict(config.hf_options), text_key=config.text_key)
+    from neoxko.data.steps import KoreanTextReader
+
+    root, files = input_files(config.inputs)
+    (out / "inputs.txt").write_text("\n".join(files) + "\n", encoding="utf-8")
+    return KoreanTextReader(str(root), paths_file=str(out / "inputs.txt"), text_key=config.text_key)
+
+
 def _executor(config: PrepareConfig, pipeline: list, tasks: int, logs: Path, depends, name: str):
     if config.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
@@ -221,6 +234,10 @@ def _executor(config: PrepareConfig, pipeline: list, tasks: int, logs: Path, dep
                                      logging_dir=str(logs), depends=depends, job_name=f"neoxko-{name}",
                                      workers=config.workers)
     if config.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise NeoxkoError("--executor ray needs Ray: pip install ray") from None
         from datatrove.executor import RayPipelineExecutor
 
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=config.workers, logging_dir=str(logs),
@@ -233,7 +250,12 @@ def prepare(config: PrepareConfig) -> dict:
     if config.tasks < 1 or config.workers < 1:
         raise NeoxkoError("--tasks and --workers must be at least 1")
     tokenizer_file(config.tokenizer)  # fail before touching the output folder
-    input_files(config.inputs)
+    if config.hf_dataset and config.inputs:
+        raise NeoxkoError("give input files or --hf-dataset, not both")
+    if config.hf_dataset:
+        _check_datasets()
+    else:
+        input_files(config.inputs)
     claim_output(config)
     executors = build_executors(config)
     executors[-1].run()  # runs the stages it depends on first, skipping finished tasks
@@ -242,6 +264,13 @@ def prepare(config: PrepareConfig) -> dict:
     report = collect_report(Path(config.output))
     write_report(Path(config.output), report)
     return report
+
+
+def _check_datasets() -> None:
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise NeoxkoError("--hf-dataset needs the datasets library: pip install 'neoxko[hf]'") from None
 
 
 def _stats(stage_logs: Path) -> list[dict]:
