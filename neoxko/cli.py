@@ -45,6 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", required=True, help="model folder or hub id")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=run_info)
+    ev = commands.add_parser("eval", help="KoBEST few-shot evaluation (lm-evaluation-harness prompts and metrics)")
+    ev.add_argument("--model", required=True, help="model folder or hub id")
+    ev.add_argument("--tasks", default="kobest", help="comma-separated: kobest or kobest_boolq,kobest_copa,...")
+    ev.add_argument("--shots", default="0,5", help="comma-separated shot counts, e.g. 0,5,10,50")
+    ev.add_argument("--limit", type=int, default=None, help="first N test documents per task")
+    ev.add_argument("--data-dir", default=None, help="local skt/kobest_v1 folder (default: the hub dataset)")
+    ev.add_argument("--prompt-style", choices=["harness", "polyglot"], default="harness")
+    ev.add_argument("--backend", choices=["neoxko", "hf"], default="neoxko",
+                    help="hf scores any transformers causal LM")
+    ev.add_argument("--output", default=None, help="folder for results.json, samples.jsonl, results.md, scores.png")
+    ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(run=run_eval)
+
     tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     train = tokenizer_commands.add_parser("train", help="train from .txt (a document a line) and .jsonl files")
@@ -150,6 +165,28 @@ def run_pii_eval(args: argparse.Namespace) -> int:
     print(score(items).table())
     if args.errors:
         print("\n".join(errors(items)))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from neoxko.errors import NeoxkoError
+    from neoxko.evaluate.kobest import EvalSettings, evaluate, load_scorer, markdown_table, write_outputs
+    from neoxko.evaluate.tasks import resolve_tasks
+
+    try:
+        shots = [int(s) for s in args.shots.split(",")]
+    except ValueError:
+        raise NeoxkoError(f"--shots must be comma-separated integers, got {args.shots!r}") from None
+    if any(s < 0 for s in shots):
+        raise NeoxkoError("--shots must be >= 0")
+    settings = EvalSettings(tasks=resolve_tasks(args.tasks.split(",")), shots=shots, data_dir=args.data_dir,
+                            prompt_style=args.prompt_style, limit=args.limit, batch_tokens=args.batch_tokens,
+                            extra={"backend": args.backend, "dtype": args.dtype})
+    scorer = load_scorer(args.model, args.backend, args.dtype, args.device, args.batch_tokens)
+    results, samples = evaluate(scorer, settings)
+    if args.output:
+        write_outputs(args.output, args.model, settings, results, samples)
+    print(markdown_table(args.model, settings, results))
     return 0
 
 

@@ -155,7 +155,16 @@ class GPTNeoX(nn.Module):
             # Queries see the whole preallocated cache through a mask: static shapes, no host sync.
             slots = input_pos
             mask = self._mask(slots, cache.k.size(2), left_pad)
-        rope = self._rope(slots, left_pad)
+        return self._blocks(idx, self._rope(slots, left_pad), mask, input_pos)
+
+    def hidden_states_masked(self, idx: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """Hidden states of packed or tree-shaped rows: each token's rotary position (B, T) and who
+        sees whom (bool, B, 1, T, T). Scoring several continuations of one context in one row uses it."""
+        rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        return self._blocks(idx, rope, mask, None)
+
+    def _blocks(self, idx: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                input_pos: Tensor | None) -> Tensor:
         x = self.gpt_neox.embed_in(idx)
         for block in self.gpt_neox.layers:
             x = block(x, rope, mask, input_pos)

@@ -1,0 +1,1 @@
+"""KoBEST few-shot evaluation."""
