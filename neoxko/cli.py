@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -184,6 +185,8 @@ def run_eval(args: argparse.Namespace) -> int:
                             extra={"backend": args.backend, "dtype": args.dtype})
     scorer = load_scorer(args.model, args.backend, args.dtype, args.device, args.batch_tokens)
     results, samples = evaluate(scorer, settings)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun every rank holds the gathered results; rank 0 writes them
     if args.output:
         write_outputs(args.output, args.model, settings, results, samples)
     print(markdown_table(args.model, settings, results))
