@@ -43,8 +43,8 @@ def encode_item(encode, context: str, continuations: list[str]) -> Item:
 def fit_window(item: Item, max_length: int) -> list[tuple[Item, list[int]]]:
     """The item as it fits the window, with the branch indices each part scores.
 
-    One shared context when every (context, choice) fits; otherwise each choice separately, its
-    context cut from the left to the last max_length + 1 tokens of context + choice (lm-eval's rule).
+    One shared context when every (context, choice) fits; otherwise the context is cut from the left
+    so that context + choice keeps its last max_length + 1 tokens (lm-eval's rule), once per choice length.
     """
     longest = max(len(b) for b in item.branches)
     if any(len(b) == 0 for b in item.branches):
@@ -53,11 +53,12 @@ def fit_window(item: Item, max_length: int) -> list[tuple[Item, list[int]]]:
         raise NeoxkoError(f"a choice of {longest} tokens does not fit the {max_length}-token window")
     if len(item.context) + longest <= max_length + 1:
         return [(item, list(range(len(item.branches))))]
-    parts = []
+    by_length: dict[int, list[int]] = {}
     for i, branch in enumerate(item.branches):
-        keep = max_length + 1 - len(branch)
-        parts.append((Item(item.context[-keep:], [branch]), [i]))
-    return parts
+        by_length.setdefault(len(branch), []).append(i)
+    # Choices of one token length keep the same context tokens, so they still share it.
+    return [(Item(item.context[-(max_length + 1 - n):], [item.branches[i] for i in which]), which)
+            for n, which in by_length.items()]
 
 
 class NeoxkoScorer:
@@ -111,7 +112,10 @@ class NeoxkoScorer:
                 targets += branch
                 owners += [(r, b)] * len(branch)
                 start += m
-        hidden = self.model.hidden_states_masked(idx.to(device), positions.to(device), mask[:, None].to(device))
+        if all(len(item.branches) == 1 for item in rows):
+            hidden = self.model.hidden_states(idx.to(device))  # plain causal rows: SDPA's fast causal path
+        else:
+            hidden = self.model.hidden_states_masked(idx.to(device), positions.to(device), mask[:, None].to(device))
         rows_i, cols_i = zip(*picks, strict=True)
         h = hidden[torch.tensor(rows_i, device=device), torch.tensor(cols_i, device=device)]
         logprobs = torch.log_softmax(self.model.embed_out(h).float(), dim=-1)
