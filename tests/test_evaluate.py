@@ -194,3 +194,12 @@ def test_hub_dataset_offline_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
     with pytest.raises(NeoxkoError, match="could not load skt/kobest_v1/copa .*pass --data-dir"):
         load_split("kobest_copa", "test", None)
+
+
+def test_group_score_is_weighted_by_task_size(tokenizer_dir):
+    model = random_model(tiny_config())
+    settings = EvalSettings(tasks=list(TASKS), shots=[0], data_dir=str(DATA))
+    results, _ = evaluate(NeoxkoScorer(model, load_tokenizer(tokenizer_dir)), settings, progress=False)
+    sizes = [results[t]["0"]["n"] for t in TASKS]
+    expected = sum(results[t]["0"]["acc"] * n for t, n in zip(TASKS, sizes, strict=True)) / sum(sizes)
+    assert results["kobest"]["0"]["acc"] == pytest.approx(expected) and results["kobest"]["0"]["n"] == sum(sizes)

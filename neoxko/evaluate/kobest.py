@@ -50,7 +50,18 @@ def evaluate(scorer, settings: EvalSettings, progress: bool = True) -> tuple[dic
             samples += [{"task": task, "shots": shots, "doc_id": r.doc_id, "prompt": r.doc.text,
                          "choices": list(r.doc.choices), "label": r.doc.label, "loglikelihoods": ll,
                          "pred": int(np.argmax(ll))} for r, ll in zip(requests, lls, strict=True)]
+    if set(TASKS) <= set(results):
+        results["kobest"] = {str(k): group_metrics([results[t][str(k)] for t in TASKS]) for k in settings.shots}
     return results, samples
+
+
+def group_metrics(per_task: list[dict]) -> dict:
+    """lm-evaluation-harness's group score: task metrics averaged with weights by task size."""
+    sizes = np.array([m["n"] for m in per_task], dtype=float)
+    out = {"n": int(sizes.sum())}
+    for metric in ("acc", "macro_f1"):
+        out[metric] = float(np.average([m[metric] for m in per_task], weights=sizes))
+    return out
 
 
 def task_metrics(task: str, requests, lls: list[list[float]]) -> dict:
