@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(run=run_eval)
 
+    tr = commands.add_parser("train", help="pretrain or continue pretraining (also under torchrun)")
+    tr.add_argument("--config", default=None, help="YAML file of TrainConfig settings")
+    tr.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    tr.set_defaults(run=run_train)
+
     tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     train = tokenizer_commands.add_parser("train", help="train from .txt (a document a line) and .jsonl files")
@@ -190,6 +195,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.output:
         write_outputs(args.output, args.model, settings, results, samples)
     print(markdown_table(args.model, settings, results))
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from neoxko.train.config import TrainConfig
+    from neoxko.train.loop import train
+
+    last = train(TrainConfig.load(args.config, args.overrides))
+    if int(os.environ.get("RANK", "0")) == 0 and last:
+        print(json.dumps(last))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Pretraining: run config, data, loop, parallelism, checkpoints."""

@@ -1,0 +1,60 @@
+"""Training batches from memory-mapped token shards, drawn without state so that resuming is exact.
+
+Sample g of the run (g = step * global_batch + rank's offset) comes from its own generator seeded with
+(seed, g): a source picked by the mixture weights, then a shard by size, then a random window of
+seq_len + 1 tokens. Any process can rebuild any batch from the step number alone.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neoxko.data.shards import read_tokens, token_shards
+from neoxko.errors import NeoxkoError
+
+
+class TokenSource:
+    """All shards of one data folder, as one memory-mapped pool of windows."""
+
+    def __init__(self, folder: str | Path, seq_len: int):
+        folder = Path(folder)
+        if (folder / "tokens").is_dir():
+            folder = folder / "tokens"
+        self.shards = [read_tokens(p) for p in token_shards(folder)]
+        self.shards = [s for s in self.shards if len(s) > seq_len + 1]
+        if not self.shards:
+            raise NeoxkoError(f"no shard in {folder} holds more than seq_len + 1 = {seq_len + 1} tokens")
+        self.sizes = np.array([len(s) - seq_len - 1 for s in self.shards], dtype=np.float64)
+        self.seq_len = seq_len
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(len(s) for s in self.shards))
+
+    def window(self, rng: np.random.Generator) -> np.ndarray:
+        shard = self.shards[rng.choice(len(self.shards), p=self.sizes / self.sizes.sum())]
+        start = int(rng.integers(0, len(shard) - self.seq_len - 1))
+        return np.asarray(shard[start:start + self.seq_len + 1], dtype=np.int64)
+
+
+class Batches:
+    def __init__(self, folders: list, weights: list | None, seq_len: int, seed: int):
+        if not folders:
+            raise NeoxkoError("no training data: set data to one or more `neoxko data prepare` output folders")
+        self.sources = [TokenSource(f, seq_len) for f in folders]
+        w = np.array(weights if weights is not None else [1.0] * len(folders), dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise NeoxkoError(f"data_weights must be non-negative and not all zero, got {list(w)}")
+        self.weights = w / w.sum()
+        self.seed = seed
+
+    def batch(self, first_sample: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples first_sample .. first_sample + size - 1 as inputs and next-token targets (size, seq_len)."""
+        rows = []
+        for g in range(first_sample, first_sample + size):
+            rng = np.random.default_rng([self.seed, g])
+            source = self.sources[rng.choice(len(self.sources), p=self.weights)]
+            rows.append(source.window(rng))
+        data = torch.from_numpy(np.stack(rows))
+        return data[:, :-1], data[:, 1:]

@@ -1,0 +1,126 @@
+"""Pretraining: loss goes down, DDP equals accumulation, resume equals uninterrupted, bad configs and checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import KOREAN_TEXT
+from neoxko.errors import CheckpointError, ConfigError
+from neoxko.tokenizer import load_tokenizer
+from neoxko.train.config import TrainConfig
+from neoxko.train.loop import train
+
+TINY = {"vocab_size": 384, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 128, "max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tokenizer_dir) -> Path:
+    """A token shard in the layout `neoxko data prepare` writes, from the fixture text."""
+    tok = load_tokenizer(tokenizer_dir)
+    folder = tmp_path_factory.mktemp("shards")
+    ids, ends = [], []
+    for line in KOREAN_TEXT.splitlines() * 40:
+        ids += tok.encode(line) + [tok.eos_id]
+        ends.append(len(ids))
+    np.array(ids, dtype="<u2").tofile(folder / "00000_unshuffled.ds")
+    np.array(ends, dtype="<u8").tofile(folder / "00000_unshuffled.ds.index")
+    return folder
+
+
+def settings(shards: Path, out: Path, **changes) -> dict:
+    base = dict(model=TINY, data=[str(shards)], eval_data=str(shards), seq_len=32, micro_batch=2, global_batch=4,
+                max_steps=30, lr=3e-3, min_lr=3e-4, warmup_steps=5, out_dir=str(out), log_every=1, save_every=10,
+                eval_every=10, eval_batches=2)
+    return base | changes
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").open()]
+
+
+def test_loss_goes_down_and_the_model_is_exported(shards, tmp_path, tokenizer_dir):
+    last = train(TrainConfig(**settings(shards, tmp_path, tokenizer=str(tokenizer_dir))))
+    history = losses(tmp_path)
+    assert len(history) == 30 and np.mean(history[-5:]) < np.mean(history[:5]) - 1.0
+    assert "eval_perplexity" in json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1]) or last
+    from neoxko import generate, load_model
+
+    model = load_model(tmp_path / "model")
+    assert generate(model, load_tokenizer(tmp_path / "model"), "대한민국", 5)  # loads and runs
+
+
+def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+                           str(29600 + n), "-m", "neoxko", "train", *args], capture_output=True, text=True)
+
+
+def _overrides(d: dict) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in d.items()]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_twice_the_accumulation(shards, tmp_path, parallel):
+    base = settings(shards, tmp_path / "one", max_steps=6, eval_every=0, parallel=parallel)
+    one = subprocess.run([sys.executable, "-m", "neoxko", "train", *_overrides(base)], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _torchrun(2, _overrides(base | {"out_dir": str(tmp_path / "two")}))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    from neoxko import load_model
+
+    assert load_model(tmp_path / "two" / "model").config.hidden_size == 32  # the sharded run's model loads alone
+
+
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(shards, tmp_path):
+    full = settings(shards, tmp_path / "full", max_steps=40, eval_every=0, save_every=1000)
+    train(TrainConfig(**full))
+    cut = full | {"out_dir": str(tmp_path / "cut")}
+    proc = subprocess.Popen([sys.executable, "-m", "neoxko", "train", *_overrides(cut)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 5) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # a preemption: the run saves after this step and exits
+    assert proc.wait(60) == 0
+    done = len(log.read_text().splitlines())
+    assert done < 40, "the run ended before the signal"
+    train(TrainConfig(**cut))
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
+
+
+def test_corrupted_and_partial_checkpoints_are_refused(shards, tmp_path):
+    cfg = TrainConfig(**settings(shards, tmp_path, max_steps=4, save_every=2, eval_every=0))
+    train(cfg)
+    step = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    data = bytearray((step / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (step / "state.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is corrupted: state.pt does not match the checksum"):
+        train(cfg)
+    (step / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="is incomplete"):
+        train(cfg)
+
+
+def test_bad_configs_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown setting\\(s\\) learning_rate"):
+        TrainConfig.load(None, ["learning_rate=0.1"])
+    with pytest.raises(ConfigError, match="global_batch 6 is not a multiple of micro_batch 4 x 1 process"):
+        TrainConfig.load(None, ["global_batch=6", "micro_batch=4"]).accumulation(1)
+    (tmp_path / "c.yaml").write_text("seq_len: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        TrainConfig.load(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        TrainConfig.load(None, ["lr"])
+    out = subprocess.run([sys.executable, "-m", "neoxko", "train", "global_batch=7"], capture_output=True, text=True,
+                         env={**os.environ, "WORLD_SIZE": "1"})
+    assert out.returncode == 2 and "global_batch 7 is not a multiple" in out.stderr
