@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     tr.set_defaults(run=run_train)
 
+    pl = commands.add_parser("plot", help="draw RUN_DIR/loss.png from a training run's log")
+    pl.add_argument("run_dir")
+    pl.set_defaults(run=run_plot)
+
     tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     train = tokenizer_commands.add_parser("train", help="train from .txt (a document a line) and .jsonl files")
@@ -205,6 +209,19 @@ def run_train(args: argparse.Namespace) -> int:
     last = train(TrainConfig.load(args.config, args.overrides))
     if int(os.environ.get("RANK", "0")) == 0 and last:
         print(json.dumps(last))
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from neoxko.errors import NeoxkoError
+    from neoxko.train.loop import plot_run
+
+    if not (Path(args.run_dir) / "log.jsonl").is_file():
+        raise NeoxkoError(f"{args.run_dir} has no log.jsonl; is it a `neoxko train` run folder?")
+    path = plot_run(Path(args.run_dir))
+    if path is None:
+        raise NeoxkoError("plotting needs matplotlib (pip install matplotlib) and a non-empty log")
+    print(path)
     return 0
 
 

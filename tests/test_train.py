@@ -55,6 +55,26 @@ def test_loss_goes_down_and_the_model_is_exported(shards, tmp_path, tokenizer_di
 
     model = load_model(tmp_path / "model")
     assert generate(model, load_tokenizer(tmp_path / "model"), "대한민국", 5)  # loads and runs
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    out = subprocess.run([sys.executable, "-m", "neoxko", "plot", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("loss.png")
+    out = subprocess.run([sys.executable, "-m", "neoxko", "plot", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert out.returncode == 2 and "has no log.jsonl" in out.stderr
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_bf16_runs(shards, tmp_path):
+    plain = settings(shards, tmp_path / "plain", max_steps=4, eval_every=0)
+    train(TrainConfig(**plain))
+    train(TrainConfig(**plain | {"out_dir": str(tmp_path / "ac"), "activation_checkpointing": True}))
+    assert losses(tmp_path / "ac") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+    last = train(TrainConfig(**plain | {"out_dir": str(tmp_path / "bf16"), "bf16": True}))
+    assert abs(last["loss"] - losses(tmp_path / "plain")[-1]) < 0.1
+
+
+def test_tensorboard_when_installed(shards, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(TrainConfig(**settings(shards, tmp_path, max_steps=2, eval_every=0)))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def _torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:

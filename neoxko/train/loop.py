@@ -99,6 +99,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 4. the loop
     log = (out / "log.jsonl").open("a", encoding="utf-8") if rank == 0 else None
+    board = _tensorboard(out) if rank == 0 else None
     tokens_per_step = cfg.global_batch * cfg.seq_len
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
@@ -132,6 +133,10 @@ def train(cfg: TrainConfig) -> dict:
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps or "eval_loss" in last):
             log.write(json.dumps(last) + "\n")
             log.flush()
+            if board is not None:
+                for key, value in last.items():
+                    if key != "step":
+                        board.add_scalar(key, value, step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop():
@@ -145,7 +150,45 @@ def train(cfg: TrainConfig) -> dict:
         export(out, model, cfg, rank)
     if log is not None:
         log.close()
+        plot_run(out)
+    if board is not None:
+        board.close()
     return last
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer into OUT/tensorboard when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def plot_run(out: Path) -> Path | None:
+    """OUT/loss.png: training loss (and held-out loss) against step; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in (out / "log.jsonl").open(encoding="utf-8")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    held = [r for r in rows if "eval_loss" in r]
+    if held:
+        ax.plot([r["step"] for r in held], [r["eval_loss"] for r in held], marker="o", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+    return out / "loss.png"
 
 
 def evaluate(model: nn.Module, held_out: Batches, cfg: TrainConfig, device, rank: int, world: int) -> dict:
