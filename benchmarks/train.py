@@ -69,6 +69,19 @@ def main():
                                        args.steps)
     rows["neoxko"] = timed_steps(step_for(ours.train(), ours_loss,
                                           torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)), args.steps)
+    def ours_loss_bf16(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.cross_entropy(model(inputs).float().flatten(0, 1), targets.flatten())
+
+    def hf_loss_bf16(model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return hf_loss(model)
+
+    rows["transformers bf16 autocast"] = timed_steps(step_for(hf, hf_loss_bf16, torch.optim.AdamW(hf.parameters(),
+                                                                                                  lr=1e-4)), args.steps)
+    rows["neoxko bf16 autocast"] = timed_steps(step_for(ours, ours_loss_bf16,
+                                                        torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)),
+                                               args.steps)
     if args.compile:
         for block in ours.gpt_neox.layers:
             block.compile(fullgraph=True)
