@@ -71,6 +71,11 @@ def test_activation_checkpointing_gives_the_same_losses_and_bf16_runs(shards, tm
     assert abs(last["loss"] - losses(tmp_path / "plain")[-1]) < 0.1
 
 
+def test_mfu_is_logged_against_a_given_peak(shards, tmp_path):
+    last = train(TrainConfig(**settings(shards, tmp_path, max_steps=2, eval_every=0, peak_tflops=1.0)))
+    assert last["mfu"] == pytest.approx(last["flops_per_s"] / 1e12)
+
+
 def test_tensorboard_when_installed(shards, tmp_path):
     pytest.importorskip("tensorboard")
     train(TrainConfig(**settings(shards, tmp_path, max_steps=2, eval_every=0)))

@@ -38,6 +38,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
+    peak_tflops: float | None = None  # per device, for the MFU estimate (known GPUs are looked up)
     # output
     out_dir: str = "runs/train"
     log_every: int = 10

@@ -104,6 +104,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     step, last = start, {}
+    peak = peak_flops(cfg, device)
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -125,9 +126,11 @@ def train(cfg: TrainConfig) -> dict:
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         seconds = time.perf_counter() - t0
+        flops = flops_per_token(model.config, cfg.seq_len) * tokens_per_step / seconds
         last = {"step": step + 1, "loss": loss_sum.item(), "lr": learning_rate(cfg, step),
-                "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / seconds,
-                "flops_per_s": flops_per_token(model.config, cfg.seq_len) * tokens_per_step / seconds}
+                "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / seconds, "flops_per_s": flops}
+        if peak:
+            last["mfu"] = flops / (peak * world)
         if held_out is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             last |= evaluate(wrapped, held_out, cfg, device, rank, world)
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps or "eval_loss" in last):
@@ -224,6 +227,19 @@ def export(out: Path, model: GPTNeoX, cfg: TrainConfig, rank: int) -> None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (Path(cfg.tokenizer) / name).exists():
                 shutil.copy(Path(cfg.tokenizer) / name, out / "model" / name)
+
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate.
+PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return None
 
 
 def flops_per_token(c: ModelConfig, seq_len: int) -> float:
