@@ -45,6 +45,12 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> 
         ) from None
 
 
+def read_config(folder: Path) -> ModelConfig:
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
+    return ModelConfig.from_file(folder / "config.json")
+
+
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -61,9 +67,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
     into the model, which is built without memory of its own, so the weights are held only once.
     """
     folder = resolve(path_or_id)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    config = ModelConfig.from_file(folder / "config.json")
+    config = read_config(folder)
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = GPTNeoX(config)

@@ -260,14 +260,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from neoxko.checkpoint import resolve
-    from neoxko.config import PRESETS, ModelConfig
-    from neoxko.errors import CheckpointError
+    from neoxko.checkpoint import read_config, resolve
+    from neoxko.config import PRESETS
 
-    folder = resolve(args.model, allow_patterns=["config.json"])
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    config = ModelConfig.from_file(folder / "config.json")
+    config = read_config(resolve(args.model, allow_patterns=["config.json"]))
     preset = next((name for name, c in PRESETS.items() if c == config), None)
     info = {
         "model": str(args.model), "preset": preset, "parameters": config.num_parameters,

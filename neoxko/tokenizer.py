@@ -1,6 +1,7 @@
 """The byte-level BPE tokenizer: training and loading tokenizer.json with the `tokenizers` library."""
 
 import json
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -174,16 +175,29 @@ def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, model_max_length: i
 
 
 def read_texts(paths: Iterable[str | Path], text_key: str = "text") -> Iterator[str]:
-    """Documents from .txt (one per line) and .jsonl (the text_key field) files."""
+    """Documents from .txt (one per line) and .jsonl (the text_key field) files.
+
+    Lines that are not UTF-8 are skipped, never decoded with replacement characters, and a warning
+    says how many there were and where the first one is.
+    """
     for path in map(Path, paths):
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
+        invalid, first = 0, None
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    invalid, first = invalid + 1, first or n
+                    continue
                 if path.suffix == ".jsonl":
                     try:
                         text = json.loads(line)[text_key]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise CheckpointError(f"{path}:{n}: not a JSON object with a {text_key!r} field") from None
                 else:
-                    text = line.rstrip("\n")
+                    text = line.rstrip("\r\n")
                 if text:
                     yield text
+        if invalid:
+            warnings.warn(f"{path}: skipped {invalid} line(s) that are not UTF-8 (the first is line {first})",
+                          stacklevel=2)

@@ -258,3 +258,8 @@ def test_tokenizer_eos_not_in_vocab(tokenizer_dir, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(CheckpointError, match="names eos_token '</s>', which tokenizer.json does not have"):
         load_tokenizer(tmp_path)
+
+
+def test_unknown_dtype(saved):
+    with pytest.raises(CheckpointError, match="unknown dtype 'float8'; use one of float32, bfloat16, float16"):
+        load_model(saved, dtype="float8")

@@ -198,12 +198,16 @@ def test_slurm_executor_is_built_with_stage_dependencies(corpus, tokenizer, tmp_
     from neoxko.data.prepare import build_executors
 
     cfg = config(corpus, tokenizer, tmp_path, executor="slurm", slurm_partition="gpu")
-    (tmp_path).mkdir(exist_ok=True)
-    executors = build_executors(cfg)
+    executors = build_executors(cfg, tokenizer / "tokenizer.json")
     assert len(executors) == 7 and all(isinstance(e, SlurmPipelineExecutor) for e in executors)
     assert executors[-1].depends is executors[-2]
     with pytest.raises(NeoxkoError, match="needs --slurm-partition"):
-        build_executors(config(corpus, tokenizer, tmp_path, executor="slurm"))
+        build_executors(config(corpus, tokenizer, tmp_path, executor="slurm"), tokenizer / "tokenizer.json")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(NeoxkoError, match="needs Ray: pip install ray"):
+            build_executors(config(corpus, tokenizer, tmp_path, executor="ray"), tokenizer / "tokenizer.json")
 
 
 def test_clean_text():

@@ -203,3 +203,15 @@ def test_group_score_is_weighted_by_task_size(tokenizer_dir):
     sizes = [results[t]["0"]["n"] for t in TASKS]
     expected = sum(results[t]["0"]["acc"] * n for t, n in zip(TASKS, sizes, strict=True)) / sum(sizes)
     assert results["kobest"]["0"]["acc"] == pytest.approx(expected) and results["kobest"]["0"]["n"] == sum(sizes)
+
+
+def test_cli_eval_bad_shots_and_hf_model_without_tokenizer(tmp_path, model_dir):
+    out = subprocess.run([sys.executable, "-m", "neoxko", "eval", "--model", str(model_dir), "--shots", "0,five",
+                          "--data-dir", str(DATA)], capture_output=True, text=True)
+    assert out.returncode == 2 and "--shots must be comma-separated integers" in out.stderr
+    shutil.copytree(model_dir, tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "m" / name).unlink()
+    out = subprocess.run([sys.executable, "-m", "neoxko", "eval", "--model", str(tmp_path / "m"), "--backend", "hf",
+                          "--data-dir", str(DATA)], capture_output=True, text=True)
+    assert out.returncode == 2 and "no tokenizer for" in out.stderr, out.stderr[-1500:]

@@ -91,6 +91,12 @@ def test_read_texts_names_a_bad_jsonl_line(tmp_path):
         list(read_texts([tmp_path / "a.jsonl"]))
 
 
+def test_read_texts_skips_and_reports_invalid_utf8(tmp_path):
+    (tmp_path / "a.txt").write_bytes("가나다\n".encode() + b"\xff\xfe bad\n" + "라마\n".encode())
+    with pytest.warns(UserWarning, match=r"a.txt: skipped 1 line\(s\) that are not UTF-8 \(the first is line 2\)"):
+        assert list(read_texts([tmp_path / "a.txt"])) == ["가나다", "라마"]
+
+
 def test_cli_trains_a_tokenizer(tmp_path):
     (tmp_path / "a.txt").write_text(KOREAN_TEXT)
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in KOREAN_TEXT.splitlines()))

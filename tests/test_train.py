@@ -149,3 +149,18 @@ def test_bad_configs_are_refused(tmp_path):
     out = subprocess.run([sys.executable, "-m", "neoxko", "train", "global_batch=7"], capture_output=True, text=True,
                          env={**os.environ, "WORLD_SIZE": "1"})
     assert out.returncode == 2 and "global_batch 7 is not a multiple" in out.stderr
+
+
+def test_bad_data_and_model_settings(shards, tmp_path):
+    from neoxko.errors import NeoxkoError
+
+    with pytest.raises(NeoxkoError, match="no training data"):
+        train(TrainConfig(**settings(shards, tmp_path / "a", data=[], eval_data=None)))
+    with pytest.raises(NeoxkoError, match="no shard in .* holds more than seq_len \\+ 1"):
+        train(TrainConfig(**settings(shards, tmp_path / "b", seq_len=50000, model=TINY | {"max_position_embeddings": 65536})))
+    with pytest.raises(NeoxkoError, match="data_weights must be non-negative and not all zero"):
+        train(TrainConfig(**settings(shards, tmp_path / "c", data_weights=[0.0])))
+    with pytest.raises(ConfigError, match="data_weights has 2 entries but data has 1"):
+        TrainConfig(**settings(shards, tmp_path / "d", data_weights=[1.0, 1.0]))
+    with pytest.raises(ConfigError, match="model 'polyglot-ko-99b' is neither a preset"):
+        TrainConfig(model="polyglot-ko-99b").model_config()

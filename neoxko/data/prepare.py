@@ -95,20 +95,16 @@ def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
 
 def tokenizer_file(path_or_id: str) -> Path:
     """tokenizer.json of a folder, a file or a hub id, checked for the tokens the pipeline writes."""
-    from neoxko.tokenizer import Tokenizer, load_tokenizer, require_special_tokens
+    from neoxko.checkpoint import resolve
+    from neoxko.tokenizer import TOKENIZER_FILES, Tokenizer, require_special_tokens
 
     path = Path(path_or_id)
-    if path.is_file():
-        tokenizer, file = Tokenizer.from_dir(path.parent), path
-    else:
-        tokenizer = load_tokenizer(path_or_id)
-        from neoxko.checkpoint import resolve
-
-        file = resolve(path_or_id) / "tokenizer.json"
+    folder = path.parent if path.is_file() else resolve(path_or_id, allow_patterns=TOKENIZER_FILES)
+    tokenizer = Tokenizer.from_dir(folder)
     require_special_tokens(tokenizer)
     if tokenizer.vocab_size > 65535:
         raise NeoxkoError(f"the tokenizer has {tokenizer.vocab_size} tokens; packed shards hold uint16 ids (< 65536)")
-    return file
+    return folder / "tokenizer.json"
 
 
 def claim_output(config: PrepareConfig) -> None:
@@ -134,7 +130,7 @@ def exact_content(doc) -> str:
     return doc.text
 
 
-def build_executors(config: PrepareConfig) -> list:
+def build_executors(config: PrepareConfig, tokenizer: Path) -> list:
     """The seven stages as datatrove executors, each depending on the one before."""
     from datatrove.pipeline.dedup import (
         MinhashDedupBuckets,
@@ -164,7 +160,6 @@ def build_executors(config: PrepareConfig) -> list:
     )
 
     out = Path(config.output).resolve()
-    tokenizer = tokenizer_file(config.tokenizer)
     exact = ExactDedupConfig(content_getter=exact_content)
     # datatrove's default text normalisation ends in NFD, which splits every Hangul syllable into
     # conjoining jamo; keep syllables whole so Korean words stay words.
@@ -249,7 +244,7 @@ def prepare(config: PrepareConfig) -> dict:
     """Run (or resume) the whole pipeline and write report.json and report.md into the output folder."""
     if config.tasks < 1 or config.workers < 1:
         raise NeoxkoError("--tasks and --workers must be at least 1")
-    tokenizer_file(config.tokenizer)  # fail before touching the output folder
+    tokenizer = tokenizer_file(config.tokenizer)  # fail before touching the output folder
     if config.hf_dataset and config.inputs:
         raise NeoxkoError("give input files or --hf-dataset, not both")
     if config.hf_dataset:
@@ -257,7 +252,7 @@ def prepare(config: PrepareConfig) -> dict:
     else:
         input_files(config.inputs)
     claim_output(config)
-    executors = build_executors(config)
+    executors = build_executors(config, tokenizer)
     executors[-1].run()  # runs the stages it depends on first, skipping finished tasks
     if config.executor != "local":
         return {}

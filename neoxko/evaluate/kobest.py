@@ -191,6 +191,10 @@ def load_scorer(model: str, backend: str, dtype: str | None, device: str, batch_
             tokenizer = transformers.AutoTokenizer.from_pretrained(model)
         except (OSError, ValueError) as e:
             raise NeoxkoError(f"no tokenizer for {model}: {e}") from None
+        if not tokenizer("한국어 문장", add_special_tokens=False)["input_ids"]:
+            # transformers 5 builds an empty tokenizer for a folder without tokenizer files
+            raise NeoxkoError(f"no tokenizer for {model}: the one transformers loads encodes text to nothing; "
+                              "are tokenizer.json and tokenizer_config.json missing?")
         kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
         hf = transformers.AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device).eval()
         return HFScorer(hf, tokenizer, batch_tokens)
