@@ -21,13 +21,18 @@ SKIPPED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_f
 HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", BIN_INDEX,
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Models shipped inside the package, by name; commands use DEFAULT_MODEL when --model is not given.
+BUILTIN = {"ko-small": Path(__file__).parent / "builtin" / "ko-small"}
+DEFAULT_MODEL = "ko-small"
 
 
 def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> Path:
-    """A local folder as is; anything else is a hub id fetched into (or read from) the hub cache."""
+    """A local folder as is, a built-in model by name, else a hub id fetched into (or read from) the hub cache."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
+    if str(path_or_id) in BUILTIN:
+        return BUILTIN[str(path_or_id)]
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
     try:

@@ -6,7 +6,10 @@ import os
 import sys
 from pathlib import Path
 
+from neoxko.checkpoint import DEFAULT_MODEL
 from neoxko.errors import NeoxkoError
+
+MODEL_HELP = f"model folder, hub id or built-in name (default: the built-in {DEFAULT_MODEL})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout")
-    gen.add_argument("--model", required=True, help="model folder or hub id")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     gen.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -43,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=run_generate)
 
     info = commands.add_parser("info", help="print a model's config and parameter count")
-    info.add_argument("--model", required=True, help="model folder or hub id")
+    info.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(run=run_info)
     ev = commands.add_parser("eval", help="KoBEST few-shot evaluation (lm-evaluation-harness prompts and metrics)")
-    ev.add_argument("--model", required=True, help="model folder or hub id")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     ev.add_argument("--tasks", default="kobest", help="comma-separated: kobest or kobest_boolq,kobest_copa,...")
     ev.add_argument("--shots", default="0,5", help="comma-separated shot counts, e.g. 0,5,10,50")
     ev.add_argument("--limit", type=int, default=None, help="first N test documents per task")
@@ -60,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(run=run_eval)
+
+    ppl = commands.add_parser("perplexity", help="held-out perplexity over token shards, with the unigram baseline")
+    ppl.add_argument("data", help="token shards from `neoxko data prepare` (a run's heldout/ or tokens/ folder)")
+    ppl.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    ppl.add_argument("--train-data", action="append", default=None,
+                     help="training shards for the unigram baseline (repeatable)")
+    ppl.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    ppl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ppl.add_argument("--device", default="cpu")
+    ppl.add_argument("--json", action="store_true", help="print JSON")
+    ppl.set_defaults(run=run_perplexity)
 
     tr = commands.add_parser("train", help="pretrain or continue pretraining (also under torchrun)")
     tr.add_argument("--config", default=None, help="YAML file of TrainConfig settings")
@@ -101,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--tasks", type=int, default=None, help="shards of the work (default: --workers)")
     prep.add_argument("--text-key", default="text", help="JSONL/Parquet field with the text")
     prep.add_argument("--kobest-dir", default=None, help="skt/kobest_v1 folder: drop documents overlapping its tests")
+    prep.add_argument("--holdout", type=float, default=0.0,
+                      help="share of documents kept out of training, in heldout/ (e.g. 0.01)")
     prep.add_argument("--minhash-buckets", type=int, default=14, help="MinHash bands (8 hashes each)")
     prep.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
     prep.add_argument("--slurm-partition", default=None)
@@ -116,7 +134,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, tasks=args.tasks or args.workers,
         workers=args.workers, text_key=args.text_key, kobest_dir=args.kobest_dir, executor=args.executor,
         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time, minhash_buckets=args.minhash_buckets,
-        hf_dataset=args.hf_dataset,
+        holdout=args.holdout, hf_dataset=args.hf_dataset,
         hf_options={"split": args.hf_split} | ({"name": args.hf_config} if args.hf_config else {}),
     )
     prepare(config)
@@ -199,6 +217,28 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.output:
         write_outputs(args.output, args.model, settings, results, samples)
     print(markdown_table(args.model, settings, results))
+    return 0
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import load_model
+    from neoxko.evaluate.perplexity import perplexity, stream_tokens, unigram_perplexity
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokens = stream_tokens(args.data, args.max_tokens)
+    result = {"model": str(args.model), "data": args.data}
+    result["model_ppl"] = perplexity(model, tokens, args.seq_len or model.config.max_position_embeddings,
+                                     args.batch_size)
+    if args.train_data:
+        result["unigram_ppl"] = unigram_perplexity(args.train_data, tokens, model.config.vocab_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'':<10}{'tokens':>10}{'nats/token':>12}{'perplexity':>12}")
+    for name in ("model_ppl", "unigram_ppl"):
+        if name in result:
+            r = result[name]
+            print(f"{name.removesuffix('_ppl'):<10}{r['tokens']:>10,}{r['loss']:>12.4f}{r['perplexity']:>12.2f}")
     return 0
 
 

@@ -235,3 +235,30 @@ def test_decontamination_finds_spans_despite_spacing():
     assert step.filter(Document(spaced, "1")) == (False, "kobest_overlap")
     assert step.filter(Document("양반전은 박지원이 지은 소설이다. 전혀 다른 이야기가 이어진다.", "2")) is True
     assert KoreanWordTokenizer().word_tokenize("한국어 문장, test 123") == ["한국어", "문장", ",", "test", "123"]
+
+
+def test_holdout_split_is_complete_disjoint_and_independent_of_tasks(corpus, tokenizer, finished, tmp_path):
+    out = tmp_path / "out"
+    report = prepare(config(corpus, tokenizer, out, tasks=1, workers=1, holdout=0.3))
+
+    def texts(folder: Path) -> list[str]:
+        return [json.loads(line)["text"] for f in sorted(folder.glob("*.jsonl")) for line in f.open(encoding="utf-8")]
+
+    train, held = texts(out / "documents"), texts(out / "heldout" / "documents")
+    assert 0 < len(held) < len(train)
+    assert sorted(train + held) == sorted(texts(finished / "documents"))  # nothing lost, nothing twice
+    assert report["heldout"]["documents"] == len(held) and report["output"]["documents"] == len(train)
+    tok = load_tokenizer(tokenizer)
+    shards = token_shards(out / "heldout" / "tokens")
+    decoded = [tok.decode(d.tolist()) for shard in shards for d in read_documents(shard)]
+    assert decoded == [t + "<|endoftext|>" for t in held]
+    assert report["heldout"]["tokens"] == sum(len(d) for shard in shards for d in read_documents(shard))
+    # the split follows document ids, so two tasks hold out the same documents
+    again = prepare(config(corpus, tokenizer, tmp_path / "again", holdout=0.3))
+    assert sorted(texts(tmp_path / "again" / "heldout" / "documents")) == sorted(held)
+    assert again["heldout"] == report["heldout"]
+
+
+def test_bad_holdout_is_refused(corpus, tokenizer, tmp_path):
+    with pytest.raises(NeoxkoError, match="--holdout is a share of documents between 0 and 0.5"):
+        prepare(config(corpus, tokenizer, tmp_path / "out", holdout=0.7))

@@ -9,7 +9,8 @@ restarts and overwrites its own outputs, so no document is lost or written twice
   4 minhash-sigs  clean/ -> drop exact duplicates -> MinHash signatures
   5 minhash-bkts  signatures -> bucket matches (one task per bucket)
   6 minhash-clst  matches -> near-duplicate ids (one task)
-  7 tokenize      clean/ -> drop exact and near duplicates -> documents/ and tokens/ (uint16 .ds + .index)
+  7 tokenize      clean/ -> drop exact and near duplicates -> documents/ and tokens/ (uint16 .ds + .index),
+                  with an optional held-out share split off into heldout/documents/ and heldout/tokens/
 
 Stages 2-7 read clean/ with the same task count, so document order (and MinHash's per-task ids)
 is the same in every stage.
@@ -26,7 +27,7 @@ STAGES = ["clean", "exact-sigs", "exact-find", "minhash-sigs", "minhash-bkts", "
 INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 # Settings that change the output; workers and the executor do not, so a resumed run may change them.
 RUN_SETTINGS = ("inputs", "hf_dataset", "hf_options", "tokenizer", "text_key", "kobest_dir", "quality",
-                "minhash_buckets", "minhash_hashes_per_bucket", "minhash_ngrams", "tasks")
+                "minhash_buckets", "minhash_hashes_per_bucket", "minhash_ngrams", "tasks", "holdout")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class PrepareConfig:
     minhash_buckets: int = 14
     minhash_hashes_per_bucket: int = 8
     minhash_ngrams: int = 5
+    holdout: float = 0.0  # share of documents (by id hash) kept out of tokens/ for held-out evaluation
     # A Hugging Face dataset instead of files: its name (or a builder such as "json"), and the
     # options of datasets.load_dataset (split, name, data_files, ...).
     hf_dataset: str | None = None
@@ -152,6 +154,7 @@ def build_executors(config: PrepareConfig, tokenizer: Path) -> list:
 
     from neoxko.data.steps import (
         CleanKorean,
+        HoldOut,
         KobestDecontamination,
         KoreanQualityFilter,
         KoreanWordTokenizer,
@@ -179,6 +182,7 @@ def build_executors(config: PrepareConfig, tokenizer: Path) -> list:
     if config.kobest_dir:
         clean.append(KobestDecontamination(kobest_test_texts(config.kobest_dir), str(out / "decontamination")))
     clean.append(JsonlWriter(str(out / "clean"), compression=None))  # gzip would cost a third of the stage
+    holdout = [HoldOut(config.holdout, str(out / "heldout"), str(tokenizer))] if config.holdout else []
     stages = [
         (clean, config.tasks),
         ([clean_reader(), ExactDedupSignature(str(out / "exact" / "sigs"), exact)], config.tasks),
@@ -191,6 +195,7 @@ def build_executors(config: PrepareConfig, tokenizer: Path) -> list:
         ([MinhashDedupCluster(str(out / "minhash" / "buckets"), str(out / "minhash" / "remove"), config=minhash)], 1),
         ([clean_reader(), ExactDedupFilter(str(out / "exact" / "dups"), exact),
           MinhashDedupFilter(str(out / "minhash" / "remove")),
+          *holdout,
           JsonlWriter(str(out / "documents"), compression=None),
           DocumentTokenizer(str(out / "tokens"), str(tokenizer), eos_token="<|endoftext|>",
                             shuffle_documents=False, save_final_metadata=True)], config.tasks),
@@ -244,6 +249,8 @@ def prepare(config: PrepareConfig) -> dict:
     """Run (or resume) the whole pipeline and write report.json and report.md into the output folder."""
     if config.tasks < 1 or config.workers < 1:
         raise NeoxkoError("--tasks and --workers must be at least 1")
+    if not 0 <= config.holdout < 0.5:
+        raise NeoxkoError(f"--holdout is a share of documents between 0 and 0.5, got {config.holdout}")
     tokenizer = tokenizer_file(config.tokenizer)  # fail before touching the output folder
     if config.hf_dataset and config.inputs:
         raise NeoxkoError("give input files or --hf-dataset, not both")
@@ -293,7 +300,7 @@ def collect_report(out: Path) -> dict:
     reader, clean, quality = step("clean", "READER"), step("clean", "Korean clean"), step("clean", "Korean quality")
     pii, decont = step("clean", "PII"), step("clean", "KoBEST")
     exact, near = step("tokenize", "exact-deduplication"), step("tokenize", "MinHash")
-    tokens, writer = step("tokenize", "TOKENIZER"), step("tokenize", "WRITER")
+    tokens, writer, held = step("tokenize", "TOKENIZER"), step("tokenize", "WRITER"), step("tokenize", "Held-out")
     return {
         "read": {"documents": reader.get("documents", 0), "bytes": reader.get("bytes_read", 0),
                  "invalid_utf8_lines": reader.get("invalid_utf8", 0), "bad_json_lines": reader.get("bad_json", 0),
@@ -312,6 +319,7 @@ def collect_report(out: Path) -> dict:
         "minhash_dedup": {"documents_in": near.get("total", 0), "documents_out": near.get("forwarded", 0),
                           "near_duplicates_removed": near.get("dropped", 0)},
         "output": {"documents": writer.get("total", 0), "tokens": tokens.get("tokens", 0)},
+        "heldout": {"documents": held.get("heldout_documents", 0), "tokens": held.get("heldout_tokens", 0)},
     }
 
 

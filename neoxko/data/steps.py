@@ -295,3 +295,41 @@ class KoreanWordTokenizer(WordTokenizer):
         if text[start:].strip():
             spans.append((start, len(text)))
         return spans
+
+
+class HoldOut(PipelineStep):
+    """Sends a fixed share of documents to a held-out set: tokenized shards (and JSONL) of their own.
+
+    A document is held out when the xxhash of its id falls in the lowest `fraction` of the range,
+    so the split does not depend on task count or order and is the same on every rerun. The rest
+    pass downstream. Held-out documents come after deduplication, so none has a copy in training.
+    """
+
+    name = "🔒 Held-out split"
+
+    def __init__(self, fraction: float, output_folder: str, tokenizer: str, eos_token: str = "<|endoftext|>"):
+        super().__init__()
+        if not 0 < fraction < 1:
+            raise ValueError(f"held-out fraction must be between 0 and 1, got {fraction}")
+        self.threshold = int(fraction * 2**64)
+        self.output_folder, self.tokenizer, self.eos_token = output_folder, tokenizer, eos_token
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        import xxhash
+        from datatrove.pipeline.tokens import DocumentTokenizer
+        from datatrove.pipeline.writers import JsonlWriter
+
+        held = []
+        for doc in data:
+            if xxhash.xxh64_intdigest(doc.id) < self.threshold:
+                held.append(doc)
+                self.stat_update("heldout_documents")
+            else:
+                yield doc
+        folder = Path(self.output_folder)
+        writer = JsonlWriter(str(folder / "documents"), compression=None)
+        tokenizer = DocumentTokenizer(str(folder / "tokens"), self.tokenizer, eos_token=self.eos_token,
+                                      shuffle_documents=False, save_final_metadata=True)
+        for _ in tokenizer.run(writer.run(iter(held), rank, world_size), rank, world_size) or ():
+            pass
+        self.stat_update("heldout_tokens", value=int(tokenizer.stats["tokens"].total) if held else 0)

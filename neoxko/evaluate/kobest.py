@@ -181,6 +181,9 @@ def load_scorer(model: str, backend: str, dtype: str | None, device: str, batch_
         tokenizer = load_tokenizer(model)  # a missing tokenizer fails here, before the weights load
         return NeoxkoScorer(load_model(model, dtype=dtype, device=device), tokenizer, batch_tokens)
     if backend == "hf":
+        from neoxko.checkpoint import BUILTIN
+
+        model = str(BUILTIN.get(model, model))
         try:
             import transformers
         except ImportError:
