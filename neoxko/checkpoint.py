@@ -65,24 +65,37 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> GPTNeoX:
+               device: str | torch.device = "cpu", quantize: str | None = None) -> GPTNeoX:
     """Load a GPT-NeoX checkpoint in Hugging Face layout from a folder or a hub id.
 
     dtype None keeps the dtype the weights are stored in. Tensors go one at a time from the file
     into the model, which is built without memory of its own, so the weights are held only once.
+    quantize "int8" swaps the linear layers for int8 weight-only ones after loading; checkpoints
+    written quantized (`neoxko quantize`) load as such.
     """
+    from neoxko.quantize import QUANT_METHOD, quantize_model
+
+    if quantize not in (None, "int8"):
+        raise CheckpointError(f"unknown quantization {quantize!r}; the one supported is int8")
     folder = resolve(path_or_id)
     config = read_config(folder)
+    method = _quant_method(folder)
+    if method not in (None, QUANT_METHOD):
+        raise CheckpointError(f"{folder} is quantized with {method!r}, which neoxko cannot read; "
+                              f"load the unquantized checkpoint (and pass --quantize int8)")
     dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = GPTNeoX(config)
+        if method:
+            quantize_model(model, empty=True)
+    tied = config.tie_word_embeddings and not method
     expected = {name: p for name, p in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    if tied:
         expected.pop("embed_out.weight")
     loaded = {}
     for name, tensor in _read_tensors(folder):
         name = "embed_out.weight" if name == "lm_head.weight" else name
-        if name.endswith(SKIPPED_SUFFIXES) or (config.tie_word_embeddings and name == "embed_out.weight"):
+        if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "embed_out.weight"):
             continue
         if name not in expected:
             raise CheckpointError(
@@ -94,16 +107,23 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
                 f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but the config.json "
                 f"in {folder} expects {tuple(expected[name].shape)}"
             )
-        loaded[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        loaded[name] = tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else tensor.dtype)
     missing = sorted(set(expected) - set(loaded))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint in {folder} is missing {len(missing)} tensor(s): {shown}")
     model.load_state_dict(loaded, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if tied:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.setup_rope(device)
+    if quantize == "int8":
+        quantize_model(model)
     return model.eval()
+
+
+def _quant_method(folder: Path) -> str | None:
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return (raw.get("quantization_config") or {}).get("quant_method")
 
 
 def _read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -165,10 +185,14 @@ def save_model(model: GPTNeoX, path: str | Path, max_shard_size: int | str = "5G
     """Write config.json and safetensors (sharded past max_shard_size) in Hugging Face layout."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    from neoxko.quantize import QUANTIZATION_CONFIG
+
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    quantized = getattr(model, "quantized", False)
+    if model.config.tie_word_embeddings and not quantized:
         del state["embed_out.weight"]  # transformers ties it back from embed_in
-    dtype = next(iter(state.values())).dtype
-    model.config.save(folder / "config.json", dtype=str(dtype).removeprefix("torch."))
+    dtype = model.gpt_neox.embed_in.weight.dtype
+    model.config.save(folder / "config.json", dtype=str(dtype).removeprefix("torch."),
+                      extra={"quantization_config": QUANTIZATION_CONFIG} if quantized else None)
     save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
     return folder

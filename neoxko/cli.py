@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 from neoxko.checkpoint import DEFAULT_MODEL
@@ -43,7 +44,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step: a one-off wait, then about 2x faster decoding on CPU")
+    gen.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
+    gen.add_argument("--mask-pii", action="store_true",
+                     help="replace phone, account and resident registration numbers in the output with tokens")
     gen.set_defaults(run=run_generate)
+
+    srv = commands.add_parser("serve", help="OpenAI-compatible completions server with continuous batching")
+    srv.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("NEOXKO_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $NEOXKO_API_KEY, else none)")
+    srv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    srv.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
+    srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    srv.add_argument("--mask-pii", action="store_true", help="mask PII in every response")
+    srv.set_defaults(run=run_serve)
+
+    qz = commands.add_parser("quantize", help="write an int8 weight-only copy of a model")
+    qz.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    qz.add_argument("--output", required=True, help="folder for the quantized model (with the tokenizer)")
+    qz.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                    help="dtype of the scales, embeddings and norms")
+    qz.set_defaults(run=run_quantize)
 
     info = commands.add_parser("info", help="print a model's config and parameter count")
     info.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
@@ -284,6 +311,7 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     from neoxko.checkpoint import load_model
+    from neoxko.data.pii import PIIStream
     from neoxko.generate import Sampling, stream
     from neoxko.tokenizer import load_tokenizer
 
@@ -291,11 +319,65 @@ def run_generate(args: argparse.Namespace) -> int:
                         repetition_penalty=args.repetition_penalty, seed=args.seed)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    guard = PIIStream() if args.mask_pii else None
     for piece in stream(model, tokenizer, prompt, args.max_new_tokens, sampling, args.stop, args.compile):
-        sys.stdout.write(piece)
+        sys.stdout.write(guard.push(piece) if guard else piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write((guard.flush() if guard else "") + "\n")
+    if guard:
+        counts = ", ".join(f"{label} {n}" for label, n in sorted(guard.masked.items())) or "none"
+        print(f"neoxko: masked {guard.total} PII value(s): {counts}", file=sys.stderr)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import load_model
+    from neoxko.serve.engine import Engine
+    from neoxko.serve.server import ServeSettings, serve
+    from neoxko.tokenizer import load_tokenizer
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise NeoxkoError("--max-batch must be at least 1 and --max-queue at least 0")
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    engine = Engine(model, tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id,
+                    max_batch=args.max_batch, max_queue=args.max_queue)
+    name = args.served_model_name or str(args.model)
+    settings = ServeSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                             mask_pii=args.mask_pii)
+    try:
+        server = serve(engine, tokenizer, settings, args.host, args.port)
+    except OSError as e:
+        engine.close()
+        raise NeoxkoError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port") from None
+    host, port = server.server_address[:2]
+    print(f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows, "
+          f"{'int8' if args.quantize else str(next(model.parameters()).dtype).removeprefix('torch.')})"
+          + (", API key required" if args.api_key else ""), file=sys.stderr, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    import shutil
+
+    from neoxko.checkpoint import load_model, resolve, save_model
+    from neoxko.tokenizer import TOKENIZER_FILES
+
+    model = load_model(args.model, dtype=args.dtype, quantize="int8")
+    out = save_model(model, args.output)
+    source = resolve(args.model)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"neoxko: wrote {out} ({size / 1e6:.1f} MB of int8 weights and {args.dtype} scales)")
     return 0
 
 

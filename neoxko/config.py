@@ -127,8 +127,8 @@ class ModelConfig:
             raise ConfigError(f"{path} must hold a JSON object, not {type(hf).__name__}")
         return cls.from_hf(hf)
 
-    def save(self, path: str | Path, dtype: str | None = None) -> None:
-        hf = self.to_hf()
+    def save(self, path: str | Path, dtype: str | None = None, extra: dict | None = None) -> None:
+        hf = self.to_hf() | (extra or {})
         if dtype is not None:
             hf["dtype"] = dtype  # transformers 5 name
             hf["torch_dtype"] = dtype  # transformers 4 and vLLM name

@@ -151,7 +151,7 @@ def _left_pad(model: GPTNeoX, prompts: list[list[int]]) -> tuple[Tensor, Tensor 
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise GenerationError(f"prompt token ids must be in [0, {vocab}); is the tokenizer the model's own?")
     T = max(lengths)
-    device = model.embed_out.weight.device
+    device = model.gpt_neox.embed_in.weight.device
     idx = torch.tensor([[0] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     if min(lengths) == T:
         return idx, None

@@ -17,11 +17,28 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_head, T, head_size) at slots input_pos; return the whole cache."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None,
+               kv_len: int | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_head, T, head_size) at slots input_pos and return the keys and values to attend to.
+
+        input_pos (T,) is shared by all rows; (B, T) gives each row its own slots. rows (B,) picks the
+        cache rows the batch rows are (default: the first B, in order); kv_len trims the returned cache to its
+        first kv_len slots, so attention reads only the slots in use.
+        """
+        if input_pos.dim() == 1 and rows is None:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            keys, values = self.k, self.v
+        else:
+            pos = input_pos.expand(k.size(0), -1) if input_pos.dim() == 1 else input_pos
+            r = rows if rows is not None else torch.arange(k.size(0), device=k.device)
+            self.k[r[:, None], :, pos] = k.transpose(1, 2)  # (B, T, n_head, head_size) into (B, n_head, S, ...)
+            self.v[r[:, None], :, pos] = v.transpose(1, 2)
+            # rows None: the batch is cache rows 0..B-1, a view; else a gathered copy of the rows
+            keys, values = (self.k[:k.size(0)], self.v[:k.size(0)]) if rows is None else (self.k[rows], self.v[rows])
+        if kv_len is not None:
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        return keys, values
 
 
 class Attention(nn.Module):
@@ -36,14 +53,14 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                input_pos: Tensor | None) -> Tensor:
+                input_pos: Tensor | None, rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         B, T, C = x.shape
         # GPT-NeoX interleaves q, k, v per head: (B, T, n_head, 3 * head_size)
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size)
         q, k, v = qkv.transpose(1, 2).split(self.head_size, dim=-1)  # 3 x (B, n_head, T, head_size)
         q, k = apply_rope(q, rope, self.rotary_ndims), apply_rope(k, rope, self.rotary_ndims)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, rows, kv_len)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dense(y)
@@ -70,8 +87,8 @@ class Block(nn.Module):
         self.use_parallel_residual = config.use_parallel_residual
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                input_pos: Tensor | None) -> Tensor:
-        a = self.attention(self.input_layernorm(x), rope, mask, input_pos)
+                input_pos: Tensor | None, rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+        a = self.attention(self.input_layernorm(x), rope, mask, input_pos, rows, kv_len)
         if self.use_parallel_residual:
             # x = x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.post_attention_layernorm(x))
@@ -86,7 +103,9 @@ class GPTNeoX(nn.Module):
     One forward serves training, scoring and cached decoding:
     - input_pos None: positions 0..T-1, no cache (training, scoring a batch of full sequences);
     - input_pos (T,): the cache slots the T tokens take; keys and values are written there and the
-      queries attend to every earlier slot (call setup_cache first).
+      queries attend to every earlier slot (call setup_cache first);
+    - input_pos (B, T): each row's own slots, for rows at different lengths (continuous batching);
+      rows (B,) says which cache rows the batch rows use, kv_len how many slots attention reads.
     left_pad (B,) counts the padding tokens at the start of each row of a left-padded batch: they are
     masked out, and rotary positions start at 0 on each row's first real token.
     """
@@ -107,7 +126,7 @@ class GPTNeoX(nn.Module):
     def setup_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)build the rotary tables; they are not in checkpoints."""
         c = self.config
-        device = device if device is not None else self.embed_out.weight.device
+        device = device if device is not None else self.gpt_neox.embed_in.weight.device
         # Computed as transformers does, in float32, so positions match bit for bit.
         dim = c.rotary_ndims
         inv_freq = 1.0 / (c.rotary_emb_base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
@@ -128,7 +147,7 @@ class GPTNeoX(nn.Module):
                     dtype: torch.dtype | None = None) -> None:
         c = self.config
         max_seq_len = max_seq_len or c.max_position_embeddings
-        weight = self.embed_out.weight
+        weight = self.gpt_neox.embed_in.weight
         for block in self.gpt_neox.layers:
             block.attention.kv_cache = KVCache(batch_size, c.num_attention_heads, max_seq_len,
                                                c.head_size, dtype or weight.dtype, weight.device)
@@ -137,12 +156,12 @@ class GPTNeoX(nn.Module):
         for block in self.gpt_neox.layers:
             block.attention.kv_cache = None
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None,
-                left_pad: Tensor | None = None) -> Tensor:
-        return self.embed_out(self.hidden_states(idx, input_pos, left_pad))
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
+                rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+        return self.embed_out(self.hidden_states(idx, input_pos, left_pad, rows, kv_len))
 
-    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None,
-                      left_pad: Tensor | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
+                      rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         """The final layer-normed hidden states (B, T, hidden_size); embed_out turns them into logits."""
         if input_pos is None:
             slots = torch.arange(idx.size(1), device=idx.device)
@@ -152,10 +171,16 @@ class GPTNeoX(nn.Module):
             cache = self.gpt_neox.layers[0].attention.kv_cache
             if cache is None:
                 raise RuntimeError("call model.setup_cache(batch_size, max_seq_len) before cached decoding")
+            n_keys = kv_len or cache.k.size(2)
+            if input_pos.dim() == 2:  # per-row slots; rows start at slot 0, so no left padding
+                keys = torch.arange(n_keys, device=idx.device)
+                mask = (keys[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, n_keys)
+                rope = self.rope_cos[input_pos].unsqueeze(1), self.rope_sin[input_pos].unsqueeze(1)
+                return self._blocks(idx, rope, mask, input_pos, rows, kv_len)
             # Queries see the whole preallocated cache through a mask: static shapes, no host sync.
             slots = input_pos
-            mask = self._mask(slots, cache.k.size(2), left_pad)
-        return self._blocks(idx, self._rope(slots, left_pad), mask, input_pos)
+            mask = self._mask(slots, n_keys, left_pad)
+        return self._blocks(idx, self._rope(slots, left_pad), mask, input_pos, rows, kv_len)
 
     def hidden_states_masked(self, idx: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
         """Hidden states of packed or tree-shaped rows: each token's rotary position (B, T) and who
@@ -164,10 +189,10 @@ class GPTNeoX(nn.Module):
         return self._blocks(idx, rope, mask, None)
 
     def _blocks(self, idx: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                input_pos: Tensor | None) -> Tensor:
+                input_pos: Tensor | None, rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
         x = self.gpt_neox.embed_in(idx)
         for block in self.gpt_neox.layers:
-            x = block(x, rope, mask, input_pos)
+            x = block(x, rope, mask, input_pos, rows, kv_len)
         return self.gpt_neox.final_layer_norm(x)
 
     def _rope(self, slots: Tensor, left_pad: Tensor | None) -> tuple[Tensor, Tensor]:

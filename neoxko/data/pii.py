@@ -214,3 +214,60 @@ def _resolve(candidates: list[tuple[Span, int]]) -> list[Span]:
         if all(span.end <= s.start or span.start >= s.end for s in chosen):
             chosen.append(span)
     return sorted(chosen, key=lambda s: s.start)
+
+
+_DIGIT = "0-9\uff10-\uff19"
+_SEPARATOR = r" \t\-.()+\uff0d\u2010-\u2014\u2212\u3161\u1173\uff0e\uff08\uff09\uff0b\u3000\xa0"
+# A number as the replacer may see it: digits with separators between, and any separators before.
+_NUMBER = re.compile(rf"[{_SEPARATOR}]*[{_DIGIT}](?:[{_SEPARATOR}]*[{_DIGIT}])*")
+_TRAILING_SEPARATORS = re.compile(rf"[{_SEPARATOR}]*$")  # may be the start of a number: "(", "+"
+
+
+class PIIStream:
+    """replace_pii over text that arrives in pieces (a streamed generation), never leaking a digit early.
+
+    A number is held back until LOOKAHEAD characters follow its last digit, because what comes
+    right after it can decide it (a further digit group, a bank name after an account number);
+    the already-emitted CONTEXT characters before it are searched for cues (계좌, 전화, ...).
+    flush() decides what is still held at the end. .masked counts the replaced values by label.
+    """
+
+    LOOKAHEAD = 16
+    CONTEXT = 64
+
+    def __init__(self):
+        self.raw = ""  # text seen, from CONTEXT characters before the emitted point on
+        self.done = 0  # how much of raw has been emitted
+        self.masked: Counter = Counter()
+
+    def push(self, piece: str) -> str:
+        self.raw += piece
+        cut = max(self.done, _TRAILING_SEPARATORS.search(self.raw).start())
+        for number in _NUMBER.finditer(self.raw, self.done):
+            if number.end() > len(self.raw) - self.LOOKAHEAD:
+                cut = min(cut, number.start())
+                break
+        return self._emit(cut)
+
+    def flush(self) -> str:
+        return self._emit(len(self.raw))
+
+    @property
+    def total(self) -> int:
+        return sum(self.masked.values())
+
+    def _emit(self, cut: int) -> str:
+        spans = [s for s in find_pii(self.raw) if s.start >= self.done]
+        for span in spans:
+            if span.start < cut < span.end:
+                cut = span.start
+        parts, last = [], self.done
+        for span in spans:
+            if span.end <= cut:
+                parts += [self.raw[last:span.start], TOKENS[span.label]]
+                last = span.end
+                self.masked[span.label] += 1
+        parts.append(self.raw[last:cut])
+        keep = max(0, cut - self.CONTEXT)
+        self.raw, self.done = self.raw[keep:], cut - keep
+        return "".join(parts)

@@ -87,7 +87,7 @@ class NeoxkoScorer:
 
     @torch.inference_mode()
     def _score_rows(self, rows: list[Item]) -> list[list[float]]:
-        device = self.model.embed_out.weight.device
+        device = self.model.gpt_neox.embed_in.weight.device
         T = max(_row_length(r) for r in rows)
         idx = torch.zeros(len(rows), T, dtype=torch.long)
         positions = torch.zeros(len(rows), T, dtype=torch.long)

@@ -1,0 +1,262 @@
+"""The OpenAI-compatible server and its continuous-batching engine, on tiny models, over real sockets."""
+
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import random_model, tiny_config
+from neoxko import load_model, load_tokenizer, save_model
+from neoxko.data.pii import replace_pii
+from neoxko.generate import Sampling, generate_tokens
+from neoxko.model import GPTNeoX
+from neoxko.serve.engine import Engine, Finished, Request
+from neoxko.serve.server import ServeSettings, serve
+
+PII_TEXT = "상담은 010-2345-6789 로 전화 주시고, 입금은 국민은행 123456-78-901234 계좌로 해 주세요."
+
+
+def start(model, tokenizer, **settings):
+    engine_options = {k: settings.pop(k) for k in ("max_batch", "max_queue") if k in settings}
+    engine = Engine(model, tokenizer.eos_id, **engine_options)
+    server = serve(engine, tokenizer, ServeSettings(**settings), port=0)
+    return server, server.server_address[1]
+
+
+def post(port, body, path="/v1/completions", headers=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = raw if raw is not None else json.dumps(body).encode()
+    conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, dict(response.getheaders()), payload
+
+
+def get(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+def events(payload: bytes) -> list:
+    lines = [line for line in payload.decode().split("\n\n") if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    server, port = start(load_model(model_dir), load_tokenizer(model_dir), model_name="tiny", max_batch=4)
+    yield port
+    server.close()
+
+
+def test_engine_batches_give_each_request_what_it_gets_alone():
+    model = random_model(tiny_config()).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19], [20]]
+    samplings = [Sampling(temperature=0.9, top_k=40, seed=3), Sampling(),
+                 Sampling(temperature=1.0, top_p=0.9, repetition_penalty=1.3, seed=7), Sampling(temperature=1, seed=1)]
+    lengths = [20, 5, 12, 17]  # requests leave at different steps, so rows move
+    alone = [[int(t[0]) for t in generate_tokens(model, [p], n, s)]
+             for p, s, n in zip(prompts, samplings, lengths, strict=True)]
+    engine = Engine(model, eos_id=None, max_batch=2)  # 4 requests for 2 rows: two wait and join later
+    requests = [engine.submit(Request(p, n, s)) for p, s, n in zip(prompts, samplings, lengths, strict=True)]
+    try:
+        for request, expected in zip(requests, alone, strict=True):
+            got = []
+            while not isinstance(event := request.events.get(timeout=30), Finished):
+                got.append(event.id)
+            assert got == expected and event.reason == "length"
+        assert engine.stats["decode_rows"] > engine.stats["decode_steps"]  # steps were shared
+    finally:
+        engine.close()
+
+
+def test_completions_equal_neoxko_generate(served, model_dir):
+    cli = subprocess.run([sys.executable, "-m", "neoxko", "generate", "--model", str(model_dir), "--max-new-tokens",
+                          "24", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--seed", "11", "오늘은"],
+                         capture_output=True)  # bytes: text mode would turn a generated \r into \n
+    assert cli.returncode == 0, cli.stderr
+    expected = cli.stdout.decode()
+    body = {"prompt": "오늘은", "max_tokens": 24, "temperature": 0.8, "top_k": 40, "top_p": 0.95, "seed": 11}
+    status, _, payload = post(served, body)
+    assert status == 200
+    result = json.loads(payload)
+    assert result["choices"][0]["text"] + "\n" == expected
+    assert result["usage"]["completion_tokens"] == 24 and result["choices"][0]["finish_reason"] == "length"
+    status, headers, payload = post(served, body | {"stream": True})
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    chunks = events(payload)
+    assert "".join(c["choices"][0]["text"] for c in chunks) + "\n" == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_several_prompts_n_echo_stop_and_logprobs(served):
+    body = {"prompt": ["하나", "둘"], "max_tokens": 6, "n": 2, "seed": 3, "temperature": 1.0, "echo": True,
+            "logprobs": 2}
+    status, _, payload = post(served, body)
+    result = json.loads(payload)
+    assert status == 200 and [c["index"] for c in result["choices"]] == [0, 1, 2, 3]
+    assert result["choices"][0]["text"].startswith("하나") and result["choices"][2]["text"].startswith("둘")
+    logprobs = result["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"][0] is None  # the first prompt token has no context
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"])
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"][-6:])
+    # a stop string cuts the text and ends the choice with "stop"
+    plain = json.loads(post(served, {"prompt": "하나", "max_tokens": 12, "temperature": 0})[2])["choices"][0]["text"]
+    stop = plain[3:5]
+    cut = json.loads(post(served, {"prompt": "하나", "max_tokens": 12, "temperature": 0, "stop": [stop]})[2])
+    assert cut["choices"][0]["text"] == plain[: plain.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_openai_client(served):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{served}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    completion = client.completions.create(model="tiny", prompt="서울은", max_tokens=5, temperature=0)
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 5
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="서울은", max_tokens=5, temperature=0, stream=True) if c.choices)
+    assert streamed == completion.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="temperature must be between 0 and 2"):
+        client.completions.create(model="tiny", prompt="서울은", max_tokens=5, temperature=-1)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prompt": "가", "max_tokens": 10_000}, 400, "maximum context length is 128 tokens"),
+    ({"prompt": "가" * 300, "max_tokens": 1}, 400, "this model's context is 128 tokens"),
+    ({"prompt": "가", "temperature": -1}, 400, "temperature must be between 0 and 2"),
+    ({"prompt": "가", "max_tokens": "ten"}, 400, "max_tokens must be an integer"),
+    ({"prompt": "가", "n": 0}, 400, "n must be between 1 and 8"),
+    ({"prompt": "가", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop must be a string or a list of up to 4"),
+    ({"prompt": 5}, 400, "prompt must be a string"),
+    ({"prompt": [[1, 99999]]}, 400, "prompt token ids must be in [0, 384)"),
+    ({"prompt": "가", "stream": "yes"}, 400, "stream must be true or false"),
+    ({"prompt": "가", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
+    ({"prompt": "가", "model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
+])
+def test_invalid_requests_get_openai_errors(served, body, status, message):
+    got, _, payload = post(served, body)
+    error = json.loads(payload)["error"]
+    assert got == status and message in error["message"] and error["type"]
+
+
+def test_malformed_bodies_and_routes(served):
+    status, _, payload = post(served, None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in json.loads(payload)["error"]["message"]
+    status, _, payload = post(served, None, raw=b"[1, 2]")
+    assert status == 400 and "must be a JSON object" in json.loads(payload)["error"]["message"]
+    status, _, payload = post(served, None, raw=b"x", headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in json.loads(payload)["error"]["message"]
+    status, _, payload = post(served, None, raw=b"{}", headers={"Content-Length": str(2 << 20)})
+    assert status == 413 and "limit is 1,048,576" in json.loads(payload)["error"]["message"]
+    assert get(served, "/v1/nothing")[0] == 404
+    assert get(served, "/v1/completions")[0] == 405
+    status, payload = get(served, "/health")
+    assert status == 200 and json.loads(payload) == {"status": "ok"}  # still up after all of that
+    status, payload = get(served, "/metrics")
+    assert status == 200 and b'neoxko_http_responses_total{path="/v1/completions",status="413"}' in payload
+
+
+def test_api_key(model_dir):
+    server, port = start(load_model(model_dir), load_tokenizer(model_dir), model_name="tiny", api_key="s3cret")
+    try:
+        status, _, payload = post(port, {"prompt": "가", "max_tokens": 2})
+        assert status == 401 and "Authorization: Bearer" in json.loads(payload)["error"]["message"]
+        assert post(port, {"prompt": "가", "max_tokens": 2}, headers={"Authorization": "Bearer nope"})[0] == 401
+        assert post(port, {"prompt": "가", "max_tokens": 2}, headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert get(port, "/health")[0] == 200  # health checks need no key
+    finally:
+        server.close()
+
+
+def test_full_queue_is_429_with_retry_after(model_dir):
+    server, port = start(load_model(model_dir), load_tokenizer(model_dir), model_name="tiny", max_queue=0)
+    try:
+        status, headers, payload = post(port, {"prompt": "가", "max_tokens": 2})
+        assert status == 429 and headers["Retry-After"] == "1"
+        assert "busy" in json.loads(payload)["error"]["message"]
+    finally:
+        server.close()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(model_dir):
+    model = random_model(tiny_config(max_position_embeddings=4096))  # 4,000 tokens take seconds, not milliseconds
+    server, port = start(model, load_tokenizer(model_dir), model_name="tiny", max_batch=1)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        body = json.dumps({"prompt": "가", "max_tokens": 4000, "stream": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while b"data: " not in received:
+            received += sock.recv(4096)
+        sock.close()
+        deadline = time.time() + 10
+        while server.engine.busy_rows and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.engine.busy_rows == 0
+        assert server.engine.stats["finished_cancelled"] == 1 and server.engine.stats["generated_tokens"] < 4000
+        status, _, _ = post(port, {"prompt": "가", "max_tokens": 2})  # the one row is free again
+        assert status == 200
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def parrot(tokenizer_dir):
+    """A tiny model trained until it recites PII_TEXT: the memorisation the card's privacy section warns of."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = torch.tensor([tokenizer.encode(PII_TEXT) + [tokenizer.eos_id]])  # it learns to stop after it
+    torch.manual_seed(0)
+    model = GPTNeoX(tiny_config(vocab_size=tokenizer.vocab_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = F.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer, tokenizer.decode(ids[0, :3].tolist()), tokenizer_dir
+
+
+def test_mask_pii_streams_tokens_and_never_a_digit(parrot):
+    model, tokenizer, prompt, _ = parrot
+    server, port = start(model, tokenizer, model_name="parrot")
+    try:
+        body = {"prompt": prompt, "max_tokens": 120, "temperature": 0, "stream": True}
+        plain = "".join(c["choices"][0]["text"] for c in events(post(port, body)[2]))
+        assert PII_TEXT.endswith(plain) and "010-2345-6789" in plain  # it does recite them
+        chunks = events(post(port, body | {"mask_pii": True})[2])
+        texts = [c["choices"][0]["text"] for c in chunks]
+        assert "".join(texts) == replace_pii(plain)
+        assert "<|tel|>" in "".join(texts) and "<|acc|>" in "".join(texts)
+        assert not any(ch.isdigit() for t in texts for ch in t)
+        assert chunks[-1]["choices"][0]["pii_masked"] == {"tel": 1, "acc": 1}
+        whole = json.loads(post(port, {k: v for k, v in body.items() if k != "stream"} | {"mask_pii": True})[2])
+        assert whole["choices"][0]["text"] == replace_pii(plain)
+        assert whole["choices"][0]["pii_masked"] == {"tel": 1, "acc": 1}
+    finally:
+        server.close()
+
+
+def test_generate_mask_pii(parrot, tmp_path):
+    model, _, prompt, tokenizer_dir = parrot
+    save_model(model, tmp_path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    args = [sys.executable, "-m", "neoxko", "generate", "--model", str(tmp_path), "--temperature", "0",
+            "--max-new-tokens", "120", "--mask-pii", prompt]
+    out = subprocess.run(args, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "<|tel|>" in out.stdout and "<|acc|>" in out.stdout and "2345" not in out.stdout
+    assert "masked 2 PII value(s): acc 1, tel 1" in out.stderr
