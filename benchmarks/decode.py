@@ -1,14 +1,19 @@
-"""Prefill and decode speed of neoxko against transformers on the Polyglot-Ko 1.3B shape, CPU.
+"""Prefill and decode speed of neoxko against transformers on the Polyglot-Ko 1.3B shape, CPU, and int8.
 
 Both models share the same random weights. Decode tokens/s is measured as transformers users see it:
 generate(N + 1 tokens) minus generate(1 token), greedy, so prefill is not counted. Two ceilings are
 printed for batch 1: the memory-bandwidth ceiling (bytes of weights read per token over the measured
 read bandwidth) and the matrix-vector ceiling (torch's own F.linear time on the model's shapes).
 
+With bfloat16 in --dtypes, a second table sets int8 weight-only decoding (neoxko.quantize, eager and
+compiled) against transformers and neoxko in bfloat16 at batch 1, each with its bandwidth ceiling,
+and reports int8's logit agreement with bfloat16 on a 64-token prompt.
+
     python benchmarks/decode.py [--threads 2] [--prompt 64] [--new-tokens 16] [--dtypes float32,bfloat16]
 """
 
 import argparse
+import copy
 import time
 
 import torch
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from neoxko.config import PRESETS
 from neoxko.generate import generate_tokens
 from neoxko.model import GPTNeoX
+from neoxko.quantize import quantize_model
 
 
 def build_models(dtype: torch.dtype):
@@ -77,7 +83,7 @@ def matvec_ceiling(model: GPTNeoX) -> float:
     weight, timed again and again, would sit in the 32 MB L3 cache and look faster).
     """
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {n: torch.randn(1, n, dtype=model.embed_out.weight.dtype) for n in {m.in_features for m in linears}}
+    xs = {n: torch.randn(1, n, dtype=model.gpt_neox.embed_in.weight.dtype) for n in {m.in_features for m in linears}}
     return 1 / best_of(lambda: [F.linear(xs[m.in_features], m.weight, m.bias) for m in linears], 5)
 
 
@@ -118,7 +124,46 @@ def main():
                 compiled = f"- | {dec_h:.2f} | {dec_o / dec_h:.2f}x | -"
             print(f"| {dtype_name} | {batch} | {pre_o:.1f} | {pre_h:.1f} | {pre_o / pre_h:.2f}x | {dec_o:.2f} | "
                   f"{compiled} | {ceilings}", flush=True)
+            if dtype == torch.bfloat16 and batch == 1:
+                bf16 = {"transformers bf16": (dec_h, weight_bytes), "neoxko bf16": (dec_o, weight_bytes),
+                        "neoxko bf16 compiled": (dec_c, weight_bytes)}
+                int8_rows = int8_table(ours, prompts, args, bf16, bandwidth)
         del ours, hf
+    if "bfloat16" in args.dtypes:
+        print(int8_rows)
+
+
+def weight_bytes_read(model) -> int:
+    """Bytes of weights a decode step reads: all but the embedding table (one row of it) and rotary tables."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return sum(t.numel() * t.element_size() for name, t in tensors.items()
+               if name != "gpt_neox.embed_in.weight" and not name.startswith("rope_"))
+
+
+def int8_table(ours, prompts, args, rows: dict, bandwidth: float) -> str:
+    quantized = quantize_model(copy.deepcopy(ours))
+    int8_bytes = weight_bytes_read(quantized)
+    o1, on = time_ours(quantized, prompts, args.new_tokens, args.repeat)
+    c1, cn = time_ours(quantized, prompts, args.new_tokens, args.repeat, compile=True)
+    rows = rows | {"neoxko int8": (args.new_tokens / (on - o1), int8_bytes),
+                   "neoxko int8 compiled": (args.new_tokens / (cn - c1), int8_bytes)}
+    with torch.inference_mode():
+        reference, got = ours(prompts).float(), quantized(prompts).float()
+    agree = (reference.argmax(-1) == got.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    error = ((got - reference).abs().max() / reference.abs().max()).item()
+    base = rows["transformers bf16"][0]
+    lines = ["", "Batch-1 decoding, bfloat16 and int8 weight-only:", "",
+             "| model | decode tok/s | weights read GB | bandwidth ceiling tok/s | of ceiling | vs transformers bf16 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, (speed, nbytes) in rows.items():
+        ceiling = bandwidth / nbytes
+        lines.append(f"| {name} | {speed:.2f} | {nbytes / 1e9:.2f} | {ceiling:.1f} | {speed / ceiling:.0%} | "
+                     f"{speed / base:.2f}x |")
+    lines += ["", f"int8 vs bfloat16 logits over {prompts.numel()} prompt positions: top-1 agreement {agree:.4f}, "
+                  f"mean KL {kl:.2e} nats, max |difference| {error:.2%} of max |logit|"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.weight_scale.to(x.dtype))
-        y = y.view(*shape[:-1], self.out_features)
+        if torch.compiler.is_compiling() and x.numel() == shape[-1]:
+            # One row (batch-1 decoding) under torch.compile: written as a reduction, inductor fuses the
+            # int8 load, the conversion and the multiply-add into one pass over the weights, near the
+            # memory bandwidth (about 1.5x the compiled bf16 matrix-vector product on a Zen 4 CPU).
+            y = ((x.float().unsqueeze(-2) * self.weight).sum(-1) * self.weight_scale.float()).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight,
+                                                   self.weight_scale.to(x.dtype))
+            y = y.view(*shape[:-1], self.out_features)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
