@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -355,8 +356,10 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows, "
           f"{'int8' if args.quantize else str(next(model.parameters()).dtype).removeprefix('torch.')})"
           + (", API key required" if args.api_key else ""), file=sys.stderr, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a service manager's stop: finish cleanly
     try:
-        threading.Event().wait()
+        stop.wait()
     except KeyboardInterrupt:
         pass
     finally:
