@@ -260,3 +260,29 @@ def test_generate_mask_pii(parrot, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "<|tel|>" in out.stdout and "<|acc|>" in out.stdout and "2345" not in out.stdout
     assert "masked 2 PII value(s): acc 1, tel 1" in out.stderr
+
+
+def test_serve_command_starts_stops_and_reports_a_busy_port(model_dir):
+    import signal
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "neoxko", "serve", "--model", str(model_dir), "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if get(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert get(port, "/v1/models")[0] == 200
+        busy = subprocess.run([sys.executable, "-m", "neoxko", "serve", "--model", str(model_dir), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert f"serving '{model_dir}' on http://127.0.0.1:{port}/v1" in proc.stderr.read()
