@@ -48,13 +48,13 @@ def init_weights(model: GPTNeoX, scheme: str) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (not on biases and LayerNorm)."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights only (not on biases and LayerNorm); fused: one kernel per step."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -87,7 +87,8 @@ def train(cfg: TrainConfig) -> dict:
             apply_fsdp(model, cfg.bf16)
         else:
             wrapped = apply_ddp(model, device)
-    optimizer = build_optimizer(model, cfg)
+    # fused AdamW on plain tensors; FSDP's sharded DTensors keep the default (foreach) implementation
+    optimizer = build_optimizer(model, cfg, fused=not (world > 1 and cfg.parallel == "fsdp"))
 
     # 3. data, resume
     batches = Batches(cfg.data, cfg.data_weights, cfg.seq_len, cfg.seed)
