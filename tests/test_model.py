@@ -104,6 +104,23 @@ def test_left_padded_batch_equals_each_prompt_alone():
             assert_close(step[row, 0], model(torch.cat([p, nxt[row]])[None])[0, -1], atol=1e-5, rtol=0)
 
 
+def test_rows_at_their_own_positions_equal_each_sequence_alone():
+    """Continuous batching's addressing: prefill into chosen cache rows, then decode rows at different lengths."""
+    model = random_model(tiny_config())
+    seqs = [torch.randint(1, 384, (n,)) for n in (9, 4, 6)]
+    with torch.no_grad():
+        model.setup_cache(batch_size=4, max_seq_len=16)
+        for row, s in zip((2, 0, 1), seqs, strict=True):  # prompts minus their last token, each into its row
+            model(s[None, :-1], torch.arange(len(s) - 1)[None], rows=torch.tensor([row]), kv_len=len(s) - 1)
+        last = torch.stack([seqs[1][-1:], seqs[2][-1:], seqs[0][-1:]])  # rows 0, 1, 2: (3, 1)
+        positions = torch.tensor([[3], [5], [8]])
+        dense = model(last, positions, kv_len=9)  # rows None: the batch is cache rows 0..2, no gather
+        gathered = model(last[[2, 0]], positions[[2, 0]], rows=torch.tensor([2, 0]), kv_len=9)
+    for out, s in ((dense[0], seqs[1]), (dense[1], seqs[2]), (dense[2], seqs[0]), (gathered[0], seqs[0]),
+                   (gathered[1], seqs[1])):
+        assert_close(out[-1], model(s[None])[0, -1], atol=1e-5, rtol=0)
+
+
 def test_cached_forward_without_setup_says_what_to_do():
     model = random_model(tiny_config())
     with pytest.raises(RuntimeError, match="setup_cache"):

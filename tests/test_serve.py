@@ -286,3 +286,24 @@ def test_serve_command_starts_stops_and_reports_a_busy_port(model_dir):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert f"serving '{model_dir}' on http://127.0.0.1:{port}/v1" in proc.stderr.read()
+
+
+def test_a_failing_forward_ends_its_requests_not_the_server(model_dir):
+    model = load_model(model_dir)
+    real_forward, calls = model.forward, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first decode step of the first request
+            raise RuntimeError("simulated device failure")
+        return real_forward(*args, **kwargs)
+
+    model.forward = flaky
+    server, port = start(model, load_tokenizer(model_dir), model_name="tiny")
+    try:
+        status, _, payload = post(port, {"prompt": "가", "max_tokens": 4})
+        assert status == 500 and "simulated device failure" in json.loads(payload)["error"]["message"]
+        status, _, payload = post(port, {"prompt": "가", "max_tokens": 4})
+        assert status == 200 and json.loads(payload)["usage"]["completion_tokens"] == 4
+    finally:
+        server.close()
