@@ -45,12 +45,25 @@ def test_greedy_batch_with_left_padding_equals_transformers_generate():
         assert row == theirs[0, len(prompt):].tolist()
 
 
-def test_compiled_decoding_equals_eager():
+@pytest.mark.parametrize("int8", [False, True])
+def test_compiled_decoding_equals_eager(int8):
+    """compile=True compiles the batch-1 step (and, for int8 weights, its fused int8 reduction)."""
+    from neoxko.generate import compiled_decode_one_token, decode_one_token, prefill
+    from neoxko.quantize import quantize_model
+
     model = random_model(tiny_config())
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    eager = tokens(model, prompts, 12)
-    compiled = torch.stack(list(generate_tokens(model, prompts, 12, Sampling(), compile=True)), dim=1).tolist()
-    assert compiled == eager
+    if int8:
+        quantize_model(model)
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    assert tokens(model, [[5, 6, 7, 8]], 12) == torch.stack(
+        list(generate_tokens(model, [[5, 6, 7, 8]], 12, Sampling(), compile=True)), dim=1).tolist()
+    with torch.inference_mode():
+        logits = []
+        for decode in (decode_one_token, compiled_decode_one_token()):
+            model.setup_cache(1, 256)
+            prefill(model, prompt, None)
+            logits.append(decode(model, torch.tensor([9]), torch.tensor([4]), None))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
 def test_batch_equals_each_prompt_alone_when_sampling():
