@@ -164,3 +164,12 @@ def test_bad_data_and_model_settings(shards, tmp_path):
         TrainConfig(**settings(shards, tmp_path / "d", data_weights=[1.0, 1.0]))
     with pytest.raises(ConfigError, match="model 'polyglot-ko-99b' is neither a preset"):
         TrainConfig(model="polyglot-ko-99b").model_config()
+
+
+def test_shipped_recipes_are_valid_configs():
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 2
+    for recipe in recipes:
+        cfg = TrainConfig.load(recipe)
+        assert cfg.model_config().num_parameters > 0
+        assert cfg.accumulation(1) >= 1
