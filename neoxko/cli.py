@@ -353,7 +353,9 @@ def run_serve(args: argparse.Namespace) -> int:
         engine.close()
         raise NeoxkoError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port") from None
     host, port = server.server_address[:2]
-    print(f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows, "
+    cache = model.gpt_neox.layers[0].attention.kv_cache
+    cache_gb = 2 * cache.k.numel() * cache.k.element_size() * len(model.gpt_neox.layers) / 1e9
+    print(f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows, KV cache {cache_gb:.2f} GB, "
           f"{'int8' if args.quantize else str(next(model.parameters()).dtype).removeprefix('torch.')})"
           + (", API key required" if args.api_key else ""), file=sys.stderr, flush=True)
     stop = threading.Event()
