@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="the training run folder (holds model/ and log.jsonl)")
     parser.add_argument("--data", required=True, help="the `neoxko data prepare --holdout` folder it trained on")
     parser.add_argument("--out", default=str(Path(__file__).parents[1] / "neoxko" / "builtin" / "ko-small"))
+    parser.add_argument("--kobest", default=None, help="results.md of `neoxko eval --output DIR` on the model")
     args = parser.parse_args()
     run, data, out = Path(args.run), Path(args.data), Path(args.out)
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
@@ -74,17 +75,25 @@ def main() -> None:
                "train_tokens_seen": steps * tokens_per_step, "data": report, "evals": evals,
                "samples": samples, "measured": time.strftime("%Y-%m-%d")}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    write_card(out, config, model, results, rows, seconds)
+    kobest = Path(args.kobest).read_text(encoding="utf-8") if args.kobest else None
+    write_card(out, config, model, results, rows, seconds, kobest)
     print((out / "README.md").read_text(encoding="utf-8"))
 
 
-def write_card(out: Path, config: dict, model, results: dict, rows: list, seconds: float) -> None:
+def write_card(out: Path, config: dict, model, results: dict, rows: list, seconds: float,
+               kobest: str | None) -> None:
     c, ppl, unigram, report = model.config, results["heldout_ppl"], results["unigram_ppl"], results["data"]
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     evals = results["evals"]
+    shown = sorted(set(range(0, len(evals), max(1, len(evals) // 8))) | {len(evals) - 1}) if evals else []
     curve_rows = "\n".join(f"| {r['step']} | {r['loss']:.3f} | {r['eval_loss']:.3f} | {r['eval_perplexity']:.1f} |"
-                           for r in evals[:: max(1, len(evals) // 8)] + ([evals[-1]] if evals else []))
+                           for r in (evals[i] for i in shown))
     sample_rows = "\n".join(f"- **{p}** → {t.strip()!r}" for p, t in results["samples"])
+    kobest_section = ""
+    if kobest:  # results.md without its title line
+        kobest_section = ("## KoBEST\n\n`neoxko eval` (lm-evaluation-harness prompts), macro-F1; chance is about "
+                          "0.5 on BoolQ, COPA, WiC and SentiNeg and 0.25 on HellaSwag.\n\n"
+                          + kobest.split("\n", 1)[1].strip() + "\n\n")
     text = f"""# ko-small: neoxko's built-in Korean GPT-NeoX
 
 A small GPT-NeoX-Ko (the architecture of Polyglot-Ko: parallel residual, rotary embeddings on half of each
@@ -164,11 +173,11 @@ seeds 0-{len(results['samples']) - 1}:
 
 {sample_rows}
 
-## Limits
+{kobest_section}## Limits
 
 - It has seen {results['train_tokens_seen'] / 1e6:.1f} million tokens of four genres (movie reviews, petitions,
   statutes and court rulings, short dialogue): its Korean looks fluent for a sentence or two, then drifts;
-  it knows few facts and gets most of them wrong. Its KoBEST scores are near chance.
+  it knows few facts and gets most of them wrong; on KoBEST it is close to chance.
 - Its context is {c.max_position_embeddings} tokens.
 - Personal data: phone and account numbers in the training text were replaced by `<|tel|>` and `<|acc|>`;
   it can still produce made-up numbers. Use `--mask-pii` on `neoxko generate` and `neoxko serve`.
