@@ -290,19 +290,25 @@ def test_serve_command_starts_stops_and_reports_a_busy_port(model_dir):
 
 def test_a_failing_forward_ends_its_requests_not_the_server(model_dir):
     model = load_model(model_dir)
-    real_forward, calls = model.forward, {"n": 0}
+    real_forward, failures = model.forward, {"left": 0}
 
     def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the first decode step of the first request
+        if failures["left"]:
+            failures["left"] -= 1
             raise RuntimeError("simulated device failure")
         return real_forward(*args, **kwargs)
 
     model.forward = flaky
     server, port = start(model, load_tokenizer(model_dir), model_name="tiny")
     try:
+        failures["left"] = 1
         status, _, payload = post(port, {"prompt": "가", "max_tokens": 4})
         assert status == 500 and "simulated device failure" in json.loads(payload)["error"]["message"]
+        failures["left"] = 1
+        status, _, payload = post(port, {"prompt": "가", "max_tokens": 4, "stream": True})
+        last = events(payload)[-1]["choices"][0]
+        assert status == 200 and last["finish_reason"] == "error"  # the 200 went out before the failure
+        assert "simulated device failure" in last["error"]["message"]
         status, _, payload = post(port, {"prompt": "가", "max_tokens": 4})
         assert status == 200 and json.loads(payload)["usage"]["completion_tokens"] == 4
     finally:

@@ -9,6 +9,7 @@ the one engine thread runs the batched forwards. Every error is an OpenAI-shaped
 import dataclasses
 import json
 import math
+import queue
 import select
 import socket
 import threading
@@ -235,7 +236,7 @@ class Handler(BaseHTTPRequestHandler):
         while open_choices:
             try:
                 event = events.get(timeout=0.2)
-            except Exception:
+            except queue.Empty:
                 if self._client_gone():
                     raise BrokenPipeError("client disconnected") from None
                 continue
@@ -264,7 +265,7 @@ class Handler(BaseHTTPRequestHandler):
         while open_choices:
             try:
                 event = events.get(timeout=0.2)
-            except Exception:
+            except queue.Empty:
                 if self._client_gone():
                     return
                 continue
@@ -274,6 +275,10 @@ class Handler(BaseHTTPRequestHandler):
             if text or finished:
                 entry = {"text": text, "index": event.index, "logprobs": logprobs,
                          "finish_reason": choice.finish_reason if finished else None}
+                if finished and choice.finish_reason.startswith("error"):  # headers are gone: say it in the stream
+                    entry["finish_reason"] = "error"
+                    entry["error"] = ApiError(500, f"generation failed: {choice.finish_reason}",
+                                              kind="server_error").body()["error"]
                 if finished and choice.mask_pii:
                     entry["pii_masked"] = dict(choice.masked)
                 chunk(entry)
