@@ -91,8 +91,9 @@ def write_card(out: Path, config: dict, model, results: dict, rows: list, second
     sample_rows = "\n".join(f"- **{p}** → {t.strip()!r}" for p, t in results["samples"])
     kobest_section = ""
     if kobest:  # results.md without its title line
-        kobest_section = ("## KoBEST\n\n`neoxko eval` (lm-evaluation-harness prompts), macro-F1; chance is about "
-                          "0.5 on BoolQ, COPA, WiC and SentiNeg and 0.25 on HellaSwag.\n\n"
+        kobest_section = ("## KoBEST\n\n`neoxko eval` (lm-evaluation-harness prompts), macro-F1. A random guess "
+                          "scores about 0.5 (0.25 on HellaSwag) and one answer for every question about 0.33; "
+                          "ko-small is at that floor.\n\n"
                           + kobest.split("\n", 1)[1].strip() + "\n\n")
     text = f"""# ko-small: neoxko's built-in Korean GPT-NeoX
 
