@@ -18,6 +18,21 @@ QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "weigh
                        "modules": "every nn.Linear (attention, MLP, embed_out)"}
 
 
+# Inductor's reduction is fast for rows up to this long; longer ones (GPT-NeoX's 4h -> h) use torch's kernel.
+FUSED_MAX_IN = 4096
+
+
+@torch.library.custom_op("neoxko::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """A copy that torch.compile cannot fuse into its consumer."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None):
@@ -40,11 +55,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        if torch.compiler.is_compiling() and x.numel() == shape[-1]:
+        if torch.compiler.is_compiling() and x.numel() == shape[-1] and shape[-1] <= FUSED_MAX_IN:
             # One row (batch-1 decoding) under torch.compile: written as a reduction, inductor fuses the
             # int8 load, the conversion and the multiply-add into one pass over the weights, near the
-            # memory bandwidth (about 1.5x the compiled bf16 matrix-vector product on a Zen 4 CPU).
-            y = ((x.float().unsqueeze(-2) * self.weight).sum(-1) * self.weight_scale.float()).to(x.dtype)
+            # memory bandwidth (2x the compiled bf16 matrix-vector product on a Zen 4 CPU). The input is
+            # materialized first: fused into the reduction, its producer (a LayerNorm, a GELU) would be
+            # recomputed for every output row.
+            x32 = materialize(x.float())
+            y = ((x32.unsqueeze(-2) * self.weight).sum(-1) * self.weight_scale.float()).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight,
                                                    self.weight_scale.to(x.dtype))
