@@ -82,7 +82,8 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int) -> dict:
     wall = time.perf_counter() - start
     ok = [r for r in results if r[0] == 200]
     latencies = sorted(r[1] for r in ok)
-    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok),
+    failures = sorted({str(r[0]) for r in results if r[0] != 200})
+    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok), "why": failures,
             "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r[2] for r in ok) / wall,
             "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
@@ -112,8 +113,8 @@ def main() -> None:
             r = run_level(port, clients, requests, args.max_tokens)
             base = base or r["tokens_per_s"]
             print(f"| {clients} | {r['requests']} | {r['failed']} | {r['requests_per_s']:.2f} | "
-                  f"{r['tokens_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['tokens_per_s'] / base:.2f}x |",
-                  flush=True)
+                  f"{r['tokens_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['tokens_per_s'] / base:.2f}x |"
+                  + (f" failures: {', '.join(r['why'])}" if r["why"] else ""), flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

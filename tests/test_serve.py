@@ -313,3 +313,19 @@ def test_a_failing_forward_ends_its_requests_not_the_server(model_dir):
         assert status == 200 and json.loads(payload)["usage"]["completion_tokens"] == 4
     finally:
         server.close()
+
+
+def test_a_burst_of_concurrent_clients_is_all_served(served):
+    import threading
+
+    statuses = []
+
+    def client():
+        statuses.append(post(served, {"prompt": "가", "max_tokens": 3})[0])
+
+    threads = [threading.Thread(target=client) for _ in range(48)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 48  # a 5-deep listen backlog would refuse some of them

@@ -113,6 +113,7 @@ class Metrics:
 class CompletionServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # the listen backlog; socketserver's 5 refuses bursts of connections
 
     def __init__(self, address: tuple[str, int], engine: Engine, tokenizer: Tokenizer, settings: ServeSettings):
         super().__init__(address, Handler)
