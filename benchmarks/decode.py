@@ -106,8 +106,7 @@ def main():
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         ours, hf = build_models(dtype)
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        weight_bytes -= ours.gpt_neox.embed_in.weight.numel() * ours.gpt_neox.embed_in.weight.element_size()
+        weight_bytes = weight_bytes_read(ours)
         for batch in map(int, args.batches.split(",")):
             prompts = torch.randint(5, 30000, (batch, args.prompt))
             o1, on = time_ours(ours, prompts, args.new_tokens, args.repeat)

@@ -22,6 +22,7 @@ from neoxko.evaluate.kobest import EvalSettings, evaluate
 from neoxko.evaluate.scoring import NeoxkoScorer
 from neoxko.evaluate.tasks import TASKS
 from neoxko.model import GPTNeoX, init_weights
+from neoxko.tokenizer import copy_tokenizer_files
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -35,9 +36,7 @@ def small_model(folder: Path, tokenizer: Path) -> Path:
     model = GPTNeoX(config)
     init_weights(model)
     save_model(model, folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, folder / name)
+    copy_tokenizer_files(tokenizer, folder)
     return folder
 
 

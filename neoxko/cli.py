@@ -370,17 +370,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    import shutil
-
     from neoxko.checkpoint import load_model, resolve, save_model
-    from neoxko.tokenizer import TOKENIZER_FILES
+    from neoxko.tokenizer import copy_tokenizer_files
 
     model = load_model(args.model, dtype=args.dtype, quantize="int8")
     out = save_model(model, args.output)
-    source = resolve(args.model)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
+    copy_tokenizer_files(resolve(args.model), out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"neoxko: wrote {out} ({size / 1e6:.1f} MB of int8 weights and {args.dtype} scales)")
     return 0

@@ -1,6 +1,7 @@
 """The byte-level BPE tokenizer: training and loading tokenizer.json with the `tokenizers` library."""
 
 import json
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -158,6 +159,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 30000, min_frequency
     tok.train_from_iterator(texts, trainer, length=length)
     tok.add_special_tokens(list(PII_TOKENS.values()))
     return Tokenizer(tok, EOS)
+
+
+def copy_tokenizer_files(source: str | Path, target: str | Path) -> None:
+    """Copy the tokenizer files that source has (TOKENIZER_FILES) into target, next to a model's weights."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy(Path(source) / name, Path(target) / name)
 
 
 def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, model_max_length: int = 2048) -> Path:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from conftest import random_model, tiny_config
 from neoxko import load_model, load_tokenizer, save_model
 from neoxko.data.pii import replace_pii
+from neoxko.errors import NeoxkoError
 from neoxko.generate import Sampling, generate_tokens
 from neoxko.model import GPTNeoX
 from neoxko.serve.engine import Engine, Finished, Request
@@ -329,3 +330,15 @@ def test_a_burst_of_concurrent_clients_is_all_served(served):
     for t in threads:
         t.join()
     assert statuses == [200] * 48  # a 5-deep listen backlog would refuse some of them
+
+
+def test_engine_and_serve_refuse_bad_settings(model_dir):
+    engine = Engine(random_model(tiny_config()), eos_id=None, max_batch=1)
+    try:
+        with pytest.raises(NeoxkoError, match=r"prompt \(120 tokens\) \+ max_tokens \(20\) is more than the 128-token"):
+            engine.submit(Request(list(range(120)), 20))
+    finally:
+        engine.close()
+    out = subprocess.run([sys.executable, "-m", "neoxko", "serve", "--model", str(model_dir), "--max-batch", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--max-batch must be at least 1" in out.stderr

@@ -59,7 +59,7 @@ class Finished:
 
 
 class _Running:
-    def __init__(self, request: Request, eos_id: int | None, vocab_size: int, device):
+    def __init__(self, request: Request, vocab_size: int, device):
         self.request = request
         self.position = len(request.prompt)  # the cache slot the next token takes
         self.generated = 0
@@ -69,7 +69,6 @@ class _Running:
         if request.sampling.repetition_penalty != 1:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
             self.seen[0, request.prompt] = True
-        self.eos_id = eos_id
         self.last = -1  # the token sampled last, fed at the next step
         self.done: str | None = None  # why it ends, once it does
         self.prompt_logprobs: list[float | None] | None = None
@@ -152,7 +151,7 @@ class Engine:
 
     def _prefill(self, request: Request) -> None:
         row = len(self.running)
-        run = _Running(request, self.eos_id, self.model.config.vocab_size, self.device)
+        run = _Running(request, self.model.config.vocab_size, self.device)
         idx = torch.tensor([request.prompt], device=self.device)
         T = idx.size(1)
         hidden = self.model.hidden_states(idx, torch.arange(T, device=self.device)[None],
@@ -196,7 +195,7 @@ class Engine:
                 values, ids = lp.topk(request.logprobs)
                 event.top = list(zip(ids.tolist(), values.tolist(), strict=True))
         run.generated += 1
-        if token == run.eos_id:
+        if token == self.eos_id:
             run.done = "stop"
         else:
             request.events.put(event)

@@ -231,18 +231,22 @@ class Handler(BaseHTTPRequestHandler):
             for r in requests:
                 r.cancel()  # no-op for finished ones; frees the rows of a client that went away
 
-    def _wait(self, requests: list, choices: list, events) -> None:
-        """Collect every choice's tokens; give up (and free the rows) if the client disconnects."""
-        open_choices = len(choices)
-        while open_choices:
+    def _events(self, events: queue.Queue, n_choices: int):
+        """The engine's events until every choice has finished; BrokenPipeError if the client goes away."""
+        while n_choices:
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
                 if self._client_gone():
                     raise BrokenPipeError("client disconnected") from None
                 continue
+            n_choices -= isinstance(event, Finished)
+            yield event
+
+    def _wait(self, requests: list, choices: list, events) -> None:
+        """Collect every choice's tokens; give up (and free the rows) if the client disconnects."""
+        for event in self._events(events, len(choices)):
             choices[event.index].feed(event)
-            open_choices -= isinstance(event, Finished)
         failed = [c.finish_reason for c in choices if c.finish_reason.startswith("error")]
         if failed:
             raise ApiError(500, f"generation failed: {failed[0]}", kind="server_error")
@@ -262,14 +266,7 @@ class Handler(BaseHTTPRequestHandler):
                     "model": self.server.settings.model_name, "choices": [choice]}
             self._event(body)
 
-        open_choices = len(choices)
-        while open_choices:
-            try:
-                event = events.get(timeout=0.2)
-            except queue.Empty:
-                if self._client_gone():
-                    return
-                continue
+        for event in self._events(events, len(choices)):
             choice = choices[event.index]
             text, logprobs = choice.feed(event)
             finished = isinstance(event, Finished)
@@ -283,7 +280,6 @@ class Handler(BaseHTTPRequestHandler):
                 if finished and choice.mask_pii:
                     entry["pii_masked"] = dict(choice.masked)
                 chunk(entry)
-            open_choices -= finished
         if completion.include_usage:
             self._event({"id": ident, "object": "text_completion", "created": created,
                          "model": self.server.settings.model_name, "choices": [],

@@ -212,9 +212,8 @@ def evaluate(model: nn.Module, held_out: Batches, cfg: TrainConfig, device, rank
 
 def export(out: Path, model: GPTNeoX, cfg: TrainConfig, rank: int) -> None:
     """Write OUT/model: config.json + safetensors (and the tokenizer), loadable by transformers."""
-    import shutil
-
     from neoxko.checkpoint import save_model
+    from neoxko.tokenizer import copy_tokenizer_files
 
     state = checkpoint.get_model_state_dict(model, options=checkpoint.FULL)
     if rank != 0:
@@ -225,9 +224,7 @@ def export(out: Path, model: GPTNeoX, cfg: TrainConfig, rank: int) -> None:
     plain.setup_rope("cpu")
     save_model(plain, out / "model")
     if cfg.tokenizer:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(cfg.tokenizer) / name).exists():
-                shutil.copy(Path(cfg.tokenizer) / name, out / "model" / name)
+        copy_tokenizer_files(cfg.tokenizer, out / "model")
 
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate.
