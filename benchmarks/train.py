@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from neoxko.config import ModelConfig
 from neoxko.model import GPTNeoX
-from neoxko.train.loop import flops_per_token, init_weights
+from neoxko.train.build import init_weights
+from neoxko.train.estimate import flops_per_token
 
 
 def timed_steps(step, steps: int) -> float:
@@ -45,7 +46,8 @@ def main():
     inputs, targets = x[:, :-1], x[:, 1:]
 
     ours = GPTNeoX(config)
-    init_weights(ours, "small_init")
+    with torch.no_grad():
+        init_weights(ours, "small_init", seed=0)
     hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_hf()))
     hf.load_state_dict({("lm_head.weight" if k == "embed_out.weight" else k): v.clone()
                         for k, v in ours.state_dict().items()}, strict=False)

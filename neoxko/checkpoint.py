@@ -89,10 +89,25 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
         if method:
             quantize_model(model, empty=True)
     tied = config.tie_word_embeddings and not method
-    expected = {name: p for name, p in model.state_dict().items()}
+    shapes = {name: p.shape for name, p in model.state_dict().items()}
+    loaded = {name: tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else tensor.dtype)
+              for name, tensor in checkpoint_tensors(folder, shapes, tied)}
+    model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
-        expected.pop("embed_out.weight")
-    loaded = {}
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    model.setup_rope(device)
+    if quantize == "int8":
+        quantize_model(model)
+    return model.eval()
+
+
+def checkpoint_tensors(folder: Path, shapes: dict, tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the folder's tensors one at a time under our parameter names, each checked against shapes
+    (name -> expected shape); refuse unknown or misshapen tensors, and missing ones at the end."""
+    expected = dict(shapes)
+    if tied:
+        expected.pop("embed_out.weight", None)
+    seen = set()
     for name, tensor in _read_tensors(folder):
         name = "embed_out.weight" if name == "lm_head.weight" else name
         if name.endswith(SKIPPED_SUFFIXES) or (tied and name == "embed_out.weight"):
@@ -102,23 +117,17 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
                 f"unexpected tensor {name!r} in {folder}: it is not part of a GPT-NeoX model with this "
                 "config.json; is config.json from the same checkpoint?"
             )
-        if tensor.shape != expected[name].shape:
+        if tuple(tensor.shape) != tuple(expected[name]):
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but the config.json "
-                f"in {folder} expects {tuple(expected[name].shape)}"
+                f"in {folder} expects {tuple(expected[name])}"
             )
-        loaded[name] = tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else tensor.dtype)
-    missing = sorted(set(expected) - set(loaded))
+        seen.add(name)
+        yield name, tensor
+    missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint in {folder} is missing {len(missing)} tensor(s): {shown}")
-    model.load_state_dict(loaded, strict=False, assign=True)
-    if tied:
-        model.embed_out.weight = model.gpt_neox.embed_in.weight
-    model.setup_rope(device)
-    if quantize == "int8":
-        quantize_model(model)
-    return model.eval()
 
 
 def _quant_method(folder: Path) -> str | None:

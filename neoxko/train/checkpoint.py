@@ -1,52 +1,72 @@
-"""Training checkpoints: full (unsharded) model and optimizer state, written atomically, checked on load.
+"""Sharded training checkpoints with torch.distributed.checkpoint: each rank writes only its shards,
+and any world size or sharding reads them back (DCP reshards on load).
 
-Layout: OUT/checkpoints/step-0000100/{state.pt, meta.json} and OUT/checkpoints/latest (the newest
-step folder's name). A step folder is written under a temporary name and renamed when complete, and
-`latest` is replaced atomically after it, so a crash mid-save leaves the previous checkpoint in force.
+Layout: OUT/checkpoints/step-0000100/ holds DCP's `.metadata` and `__R_I.distcp` files plus our
+`meta.json` (step, world, model config, an xxh3-128 digest per file). All ranks write into a hidden
+`.step-0000100.tmp`; only when every rank has finished and its digests are gathered does rank 0 write
+meta.json, rename the folder and then replace `latest`. A rank killed mid-save leaves the previous
+checkpoint as latest. On load the ranks verify the digests between them, each a share of the files.
 """
 
-import hashlib
 import json
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import xxhash
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
+from neoxko.config import ModelConfig
 from neoxko.errors import CheckpointError
+from neoxko.model import GPTNeoX
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FORMAT = "neoxko-dcp-1"
 
 
-def save(out: Path, model, optimizer, step: int, rank: int, keep: int = 2) -> None:
-    """Every rank takes part in gathering the state; rank 0 writes it."""
-    state = {"model": get_model_state_dict(model, options=FULL),
-             "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL), "step": step}
+def save(out: Path, model, optimizer, step: int, keep: int = 2) -> Path:
+    """Every rank writes its shards of model and optimizer state; returns the checkpoint folder."""
+    rank, world = _rank_world()
+    root = out / "checkpoints"
+    name = f"step-{step:07d}"
+    tmp, final = root / f".{name}.tmp", root / name
     if rank == 0:
-        root = out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        name = f"step-{step:07d}"
-        tmp = root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "sha256": _sha256(tmp / "state.pt")}) + "\n")
-        shutil.rmtree(root / name, ignore_errors=True)
-        os.replace(tmp, root / name)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
+    # DCP names each rank's data __RANK_I.distcp; the coordinator (rank 0) writes .metadata.
+    mine = sorted(tmp.glob(f"__{rank}_*")) + ([tmp / ".metadata"] if rank == 0 else [])
+    digests = {f.name: _digest(f) for f in mine}
+    gathered = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, digests)
+    else:
+        gathered = [digests]
+    if rank == 0:
+        files = {k: v for d in gathered for k, v in d.items()}
+        meta = {"format": FORMAT, "step": step, "world_size": world, "model_config": model.config.to_hf(),
+                "files": files}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
         (root / "latest.tmp").write_text(name + "\n")
         os.replace(root / "latest.tmp", root / "latest")
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
+    return final
 
 
 def latest(out: Path) -> Path | None:
@@ -59,28 +79,106 @@ def latest(out: Path) -> Path | None:
     return folder
 
 
-def load(folder: Path, model, optimizer) -> int:
-    """Restore model and optimizer (every rank reads the full state); returns the step it was saved at."""
-    meta_file, state_file = folder / "meta.json", folder / "state.pt"
-    if not meta_file.is_file() or not state_file.is_file():
-        raise CheckpointError(f"checkpoint {folder} is incomplete (needs state.pt and meta.json); "
+def read_meta(folder: Path) -> dict:
+    meta_file = folder / "meta.json"
+    if (folder / "state.pt").is_file():
+        raise CheckpointError(f"{folder} is a checkpoint of neoxko 0.1's unsharded format; resume it with "
+                              "neoxko 0.1, or start a new run with init=checkpoint from its exported model")
+    if not meta_file.is_file() or not (folder / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete (needs .metadata and meta.json); "
                               "delete it and point checkpoints/latest at an earlier one")
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{meta_file} is not valid JSON; the checkpoint is damaged") from None
-    if _sha256(state_file) != meta.get("sha256"):
-        raise CheckpointError(f"checkpoint {folder} is corrupted: state.pt does not match the checksum in "
-                              "meta.json; delete it and point checkpoints/latest at an earlier one")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    set_model_state_dict(model, state["model"], options=FULL)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL)
-    return int(state["step"])
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file} is not a neoxko sharded checkpoint (format {meta.get('format')!r})")
+    return meta
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def verify(folder: Path, meta: dict, alone: bool = False) -> None:
+    """Check every file against its digest, the files split over the ranks (all raise alike), or all
+    of them in this process alone."""
+    rank, world = (0, 1) if alone else _rank_world()
+    names = sorted(meta["files"])
+    bad = [n for n in names[rank::world]
+           if not (folder / n).is_file() or _digest(folder / n) != meta["files"][n]]
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, bad)
+        bad = sorted(n for b in everyone for n in b)
+    if bad:
+        raise CheckpointError(f"checkpoint {folder} is corrupted: {', '.join(bad[:3])} do(es) not match the digests "
+                              "in meta.json; delete it and point checkpoints/latest at an earlier one")
+
+
+def load(folder: Path, model, optimizer) -> int:
+    """Restore this rank's shards of model and optimizer state; returns the step it was saved at."""
+    meta = read_meta(folder)
+    check_same_model(folder, meta, model.config)
+    verify(folder, meta)
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return int(meta["step"])
+
+
+def check_same_model(folder: Path, meta: dict, config: ModelConfig) -> None:
+    saved = ModelConfig.from_hf(meta["model_config"])
+    if saved != config:
+        diff = [f"{k} {v} (run: {config.to_hf()[k]})" for k, v in saved.to_hf().items() if config.to_hf().get(k) != v]
+        raise CheckpointError(f"checkpoint {folder} is of another model: {', '.join(diff)}; use a new out_dir or "
+                              "the model settings it was trained with")
+
+
+def export(folder: Path, dest: Path, tokenizer: str | Path | None = None) -> Path:
+    """Write a Hugging Face folder from a sharded checkpoint in this process alone, reading the model's
+    tensors only (never the optimizer state). The folder appears complete or not at all."""
+    from neoxko.checkpoint import save_model
+    from neoxko.tokenizer import copy_tokenizer_files
+
+    meta = read_meta(folder)
+    verify(folder, meta, alone=True)
+    with torch.device("meta"):
+        model = GPTNeoX(ModelConfig.from_hf(meta["model_config"]))
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
+    model.setup_rope("cpu")
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    if tokenizer:
+        copy_tokenizer_files(tokenizer, tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _digest(path: Path) -> str:
+    h = xxhash.xxh3_128()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save and load, which is what no_dist asks for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,6 +1,7 @@
 """TrainConfig: everything a pretraining run needs, from YAML with key=value overrides, validated."""
 
 import json
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -33,12 +34,19 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     # execution
-    parallel: str = "ddp"  # ddp or fsdp (used when launched with more than one process)
+    # parallelism under torchrun: ddp (replicate), fsdp (shard over all ranks) or hsdp (shard inside a node,
+    # replicate across nodes); dp_replicate / dp_shard set the mesh sizes explicitly (-1: the rest)
+    parallel: str = "ddp"
+    dp_replicate: int | None = None
+    dp_shard: int | None = None
+    dist_timeout_s: float = 600  # rendezvous and collectives; a rank that waits longer fails with a message
     bf16: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
     peak_tflops: float | None = None  # per device, for the MFU estimate (known GPUs are looked up)
+    device_memory_gb: float | None = None  # per device, for the memory check (default: the GPU's, or RAM / ranks)
+    check_memory: bool = True  # refuse a run whose estimated memory exceeds the device's
     # output
     out_dir: str = "runs/train"
     log_every: int = 10
@@ -50,8 +58,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.init not in ("small_init", "normal", "checkpoint"):
             raise ConfigError(f"init must be small_init, normal or checkpoint, got {self.init!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel not in ("ddp", "fsdp", "hsdp"):
+            raise ConfigError(f"parallel must be ddp, fsdp or hsdp, got {self.parallel!r}")
         for name in ("seq_len", "micro_batch", "global_batch", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -103,6 +111,8 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        types = {f.name: f.type for f in fields(cls)}
+        values = {k: _coerce(k, v, types[k]) for k, v in values.items()}
         try:
             return cls(**values)
         except TypeError as e:
@@ -110,3 +120,25 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
+
+def _coerce(key: str, value, annotation):
+    """YAML reads 3e-4 (no dot) as a string: numbers are taken as the field's type, or refused by name."""
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    if value is None and type(None) in kinds:
+        return None
+    if bool in kinds:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if kinds & {int, float} and not isinstance(value, bool) and not (kinds & {str, dict, list}):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if float in kinds:
+            return number
+        if number != int(number):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}")
+        return int(number)
+    return value

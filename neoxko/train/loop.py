@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -11,50 +13,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from neoxko.config import ModelConfig
-from neoxko.model import GPTNeoX
 from neoxko.train import checkpoint
+from neoxko.train.build import build_model, build_optimizer
 from neoxko.train.config import TrainConfig
 from neoxko.train.data import Batches
-from neoxko.train.parallel import apply_ac, apply_compile, apply_ddp, apply_fsdp, init_distributed
-
-
-def build_model(cfg: TrainConfig, device: torch.device) -> GPTNeoX:
-    if cfg.init == "checkpoint":
-        from neoxko.checkpoint import load_model
-
-        return load_model(cfg.model, dtype=torch.float32, device=device).train()
-    model = GPTNeoX(cfg.model_config()).to(device)
-    init_weights(model, cfg.init)
-    return model.train()
-
-
-def init_weights(model: GPTNeoX, scheme: str) -> None:
-    """GPT-NeoX's small_init (std sqrt(2 / 5d)) with wang_init (2 / (L sqrt(d))) on the layers that
-    write into the residual stream; or transformers' normal(0, initializer_range)."""
-    c: ModelConfig = model.config
-    small = math.sqrt(2 / (5 * c.hidden_size)) if scheme == "small_init" else c.initializer_range
-    wang = 2 / (c.num_hidden_layers * math.sqrt(c.hidden_size)) if scheme == "small_init" else small
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.Embedding):
-            std = wang if name.endswith(("attention.dense", "dense_4h_to_h")) else small
-            nn.init.normal_(module.weight, 0.0, std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (not on biases and LayerNorm); fused: one kernel per step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+from neoxko.train.estimate import check_fits, flops_per_token, peak_flops
+from neoxko.train.parallel import ParallelDims, apply_ddp, build_mesh, gradient_sync, init_distributed
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -66,29 +33,25 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
-    # 1. processes, devices, seeds
-    rank, world, device = init_distributed()
-    torch.manual_seed(cfg.seed)
+    # 1. processes, mesh, device
+    rank, world, device = init_distributed(cfg.dist_timeout_s)
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    dims = ParallelDims.resolve(cfg.parallel, world, ranks_per_node, cfg.dp_replicate, cfg.dp_shard)
     accumulation = cfg.accumulation(world)
+    check_fits(cfg, dims, ranks_per_node)
+    mesh = build_mesh(dims, device)
     out = Path(cfg.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
+        print(f"neoxko: {dims}, {accumulation} micro-batch(es) of {cfg.micro_batch} per rank per step, on {device}",
+              file=sys.stderr, flush=True)
 
-    # 2. model, parallelism, optimizer
-    model = build_model(cfg, device)
-    if cfg.activation_checkpointing:
-        apply_ac(model)
-    if cfg.compile:
-        apply_compile(model)
-    wrapped: nn.Module = model
-    if world > 1:
-        if cfg.parallel == "fsdp":
-            apply_fsdp(model, cfg.bf16)
-        else:
-            wrapped = apply_ddp(model, device)
+    # 2. model (built sharded, never whole), parallelism, optimizer
+    model = build_model(cfg, dims, mesh, device)
+    wrapped = apply_ddp(model, mesh, device) if world > 1 and not dims.sharded else model
     # fused AdamW on plain tensors; FSDP's sharded DTensors keep the default (foreach) implementation
-    optimizer = build_optimizer(model, cfg, fused=not (world > 1 and cfg.parallel == "fsdp"))
+    optimizer = build_optimizer(model, cfg, fused=not dims.sharded)
 
     # 3. data, resume
     batches = Batches(cfg.data, cfg.data_weights, cfg.seq_len, cfg.seed)
@@ -96,6 +59,8 @@ def train(cfg: TrainConfig) -> dict:
     start = 0
     if (found := checkpoint.latest(out)) is not None:
         start = checkpoint.load(found, model, optimizer)
+    if start >= cfg.max_steps:  # finished before: export again if that is what failed
+        return finish(out, cfg, rank, found, start)
     stop = _stop_on_sigterm()
 
     # 4. the loop
@@ -104,7 +69,7 @@ def train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.global_batch * cfg.seq_len
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    step, last = start, {}
+    last, saved = {}, None
     peak = peak_flops(cfg, device)
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
@@ -114,22 +79,24 @@ def train(cfg: TrainConfig) -> dict:
         for micro in range(accumulation):
             first = step * cfg.global_batch + (micro * world + rank) * cfg.micro_batch
             x, y = (t.to(device) for t in batches.batch(first, cfg.micro_batch))
-            sync = nullcontext() if micro == accumulation - 1 or world == 1 or cfg.parallel == "fsdp" \
-                else wrapped.no_sync()
-            with sync, autocast:
-                loss = F.cross_entropy(wrapped(x).float().flatten(0, 1), y.flatten()) / accumulation
-            with sync:
+            # gradients are reduced once per step, on the last micro-batch
+            with gradient_sync(model, wrapped, sync=micro == accumulation - 1):
+                with autocast:
+                    loss = F.cross_entropy(wrapped(x).float().flatten(0, 1), y.flatten()) / accumulation
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # one all-reduce: the mean loss, and whether any rank was told to stop (all stop together)
+        shared = torch.stack([loss_sum, torch.tensor(float(stop()), device=device)])
         if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            dist.all_reduce(shared)
+        stopping = bool(shared[1] > 0)
         seconds = time.perf_counter() - t0
         flops = flops_per_token(model.config, cfg.seq_len) * tokens_per_step / seconds
-        last = {"step": step + 1, "loss": loss_sum.item(), "lr": learning_rate(cfg, step),
-                "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / seconds, "flops_per_s": flops}
+        last = {"step": step + 1, "loss": shared[0].item() / world, "lr": learning_rate(cfg, step),
+                "grad_norm": _item(grad_norm), "tokens_per_s": tokens_per_step / seconds, "flops_per_s": flops}
         if peak:
             last["mfu"] = flops / (peak * world)
         if held_out is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
@@ -143,21 +110,40 @@ def train(cfg: TrainConfig) -> dict:
                         board.add_scalar(key, value, step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop():
-            checkpoint.save(out, model, optimizer, step + 1, rank)
-        if stop():
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
+            saved = checkpoint.save(out, model, optimizer, step + 1)
+        if stopping:
+            if rank == 0:
+                print(f"neoxko: stopped at step {step + 1} (SIGTERM); saved {saved}; run the same command to resume",
+                      file=sys.stderr, flush=True)
             break
     bar.close()
-
-    # 5. the final model in Hugging Face format
-    if step + 1 == cfg.max_steps:
-        export(out, model, cfg, rank)
     if log is not None:
         log.close()
         plot_run(out)
     if board is not None:
         board.close()
+
+    # 5. the final model in Hugging Face format, from the last checkpoint
+    if last.get("step") == cfg.max_steps:
+        finish(out, cfg, rank, saved, cfg.max_steps)
     return last
+
+
+def finish(out: Path, cfg: TrainConfig, rank: int, final: Path, step: int) -> dict:
+    """Rank 0 writes OUT/model from the final checkpoint unless that step's export is there (OUT/export.json
+    says which step OUT/model holds); returns the last log row."""
+    record = out / "export.json"
+    done = record.is_file() and json.loads(record.read_text()).get("step") == step and (out / "model").is_dir()
+    if rank == 0 and not done:
+        checkpoint.export(final, out / "model", cfg.tokenizer)
+        record.write_text(json.dumps({"step": step, "checkpoint": final.name, "model": "model"}) + "\n")
+    rows = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").is_file() else []
+    return json.loads(rows[-1]) if rows else {}
+
+
+def _item(value: torch.Tensor) -> float:
+    return float(value.full_tensor() if isinstance(value, DTensor) else value)
 
 
 def _tensorboard(out: Path):
@@ -208,42 +194,6 @@ def evaluate(model: nn.Module, held_out: Batches, cfg: TrainConfig, device, rank
     model.train()
     loss = total.item() / cfg.eval_batches
     return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
-
-
-def export(out: Path, model: GPTNeoX, cfg: TrainConfig, rank: int) -> None:
-    """Write OUT/model: config.json + safetensors (and the tokenizer), loadable by transformers."""
-    from neoxko.checkpoint import save_model
-    from neoxko.tokenizer import copy_tokenizer_files
-
-    state = checkpoint.get_model_state_dict(model, options=checkpoint.FULL)
-    if rank != 0:
-        return
-    with torch.device("meta"):
-        plain = GPTNeoX(model.config)
-    plain.load_state_dict(state, assign=True)
-    plain.setup_rope("cpu")
-    save_model(plain, out / "model")
-    if cfg.tokenizer:
-        copy_tokenizer_files(cfg.tokenizer, out / "model")
-
-
-# Dense bf16 peak FLOP/s per device, for the MFU estimate.
-PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_BF16.items() if k in name), None)
-    return None
-
-
-def flops_per_token(c: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x parameters (without embeddings) + attention scores (12 L d T)."""
-    body = c.num_parameters - c.vocab_size * c.hidden_size
-    return 6 * body + 12 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
 def _stop_on_sigterm():
