@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="folder for results.json, samples.jsonl, results.md, scores.png")
     ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch")
     ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default=None,
+                    help="cpu, cuda or cuda:N (default: cuda if there is a GPU; under torchrun cuda:LOCAL_RANK)")
     ev.set_defaults(run=run_eval)
 
     ppl = commands.add_parser("perplexity", help="held-out perplexity over token shards, with the unigram baseline")

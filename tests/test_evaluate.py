@@ -215,3 +215,17 @@ def test_cli_eval_bad_shots_and_hf_model_without_tokenizer(tmp_path, model_dir):
     out = subprocess.run([sys.executable, "-m", "neoxko", "eval", "--model", str(tmp_path / "m"), "--backend", "hf",
                           "--data-dir", str(DATA)], capture_output=True, text=True)
     assert out.returncode == 2 and "no tokenizer for" in out.stderr, out.stderr[-1500:]
+
+
+def test_each_torchrun_rank_scores_on_its_own_gpu(monkeypatch):
+    import torch
+
+    from neoxko.evaluate.kobest import rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device(None) == "cuda:3" and rank_device("cuda") == "cuda:3"
+    assert rank_device("cuda:1") == "cuda:1" and rank_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rank_device(None) == "cpu"

@@ -86,17 +86,19 @@ def one_rank(shards, tmp_path_factory) -> list[float]:
     return losses(out)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel,grad_sync", [("ddp", "step"), ("fsdp", "step"), ("fsdp", "micro")])
 def test_two_ranks_with_accumulation_2_equal_one_with_4_and_reduce_once_per_step(shards, tmp_path, one_rank,
-                                                                                 parallel):
-    cfg = settings(shards, tmp_path / "two", parallel=parallel)
+                                                                                 parallel, grad_sync):
+    cfg = settings(shards, tmp_path / "two", parallel=parallel, grad_sync=grad_sync)
     run(torchrun(2, cfg, [str(COUNTER)]), COUNTS=str(tmp_path / "counts"))
     assert losses(tmp_path / "two") == pytest.approx(one_rank, abs=1e-5)
     for c in counts(tmp_path / "counts", 2):
         if parallel == "ddp":  # the tiny model's gradients fit one bucket: one all-reduce per step
             assert c["ddp_allreduce"] == 6 and c["reduce_scatter"] == 0
-        else:  # one reduce-scatter per FSDP unit (2 blocks + the root) per step, none on the first micro-step
+        elif grad_sync == "step":  # one reduce-scatter per FSDP unit (2 blocks + the root) per step
             assert c["reduce_scatter"] == 6 * 3 and c["ddp_allreduce"] == 0
+        else:  # sharded gradients: a reduce-scatter per unit on each of the 2 micro-steps
+            assert c["reduce_scatter"] == 6 * 2 * 3
 
 
 def test_hsdp_2x2_across_two_launchers_equals_one_rank(shards, tmp_path, one_rank):
@@ -221,3 +223,19 @@ def test_a_missing_rendezvous_is_reported(shards, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=alone, timeout=120)
     assert out.returncode == 2 and "rank 0 of 2 could not join the rendezvous at 127.0.0.1:" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_continued_pretraining_loads_a_hugging_face_folder_into_the_shards(shards, tmp_path, model_dir):
+    import torch.nn.functional as F
+
+    from neoxko import load_model
+    from neoxko.train.data import Batches
+
+    cfg = settings(shards, tmp_path / "two", model=str(model_dir), init="checkpoint", max_steps=3)
+    run(torchrun(2, cfg))
+    train(TrainConfig(**cfg | {"out_dir": str(tmp_path / "one")}))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    x, y = Batches([str(shards)], None, 32, 0).batch(0, 8)  # step 0's global batch
+    with torch.no_grad():
+        first = F.cross_entropy(load_model(model_dir)(x).flatten(0, 1), y.flatten()).item()
+    assert losses(tmp_path / "two")[0] == pytest.approx(first, abs=1e-5)

@@ -81,6 +81,18 @@ def task_metrics(task: str, requests, lls: list[list[float]]) -> dict:
     return out
 
 
+def rank_device(device: str | None) -> str:
+    """The device this rank scores on: under torchrun 'cuda' (the default on a GPU machine) means
+    cuda:LOCAL_RANK, so ranks never share a GPU; an explicit index or 'cpu' is kept."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
+
+
 def _distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -171,8 +183,9 @@ def plot(path: Path, results: dict) -> Path | None:
     return path
 
 
-def load_scorer(model: str, backend: str, dtype: str | None, device: str, batch_tokens: int):
-    """A scorer for a neoxko checkpoint, or for any transformers causal LM (backend 'hf')."""
+def load_scorer(model: str, backend: str, dtype: str | None, device: str | None, batch_tokens: int):
+    """A scorer for a neoxko checkpoint, or for any transformers causal LM (backend 'hf'), on this rank's device."""
+    device = rank_device(device)
     if backend == "neoxko":
         from neoxko.checkpoint import load_model
         from neoxko.evaluate.scoring import NeoxkoScorer

@@ -5,8 +5,9 @@ and compile, shard with FSDP2 (each rank's parameters become DTensor shards), `t
 target device (each rank allocates only its shards), then fill the shards: GPT-NeoX's init or a
 Hugging Face checkpoint, one parameter at a time.
 
-Initialisation draws each parameter from its own generator seeded with (seed, name), on the target
-device, and keeps this rank's slice: the same seed gives the same model at any world size and sharding.
+Initialisation draws each matrix in fixed blocks of rows, each from its own generator seeded with
+(seed, name, block), on the target device, and only the blocks this rank holds: the same seed gives
+the same model at any world size and sharding, and no rank draws more than its shard and one block.
 """
 
 import math
@@ -60,15 +61,49 @@ def init_weights(model: GPTNeoX, scheme: str, seed: int) -> None:
     wang = 2 / (c.num_hidden_layers * math.sqrt(c.hidden_size)) if scheme == "small_init" else small
     for name, param in model.named_parameters():
         name = plain_name(name)
+        local = param.to_local() if isinstance(param, DTensor) else param
         if name.endswith("bias"):
-            full = torch.zeros(param.shape, device=param.device)
+            local.zero_()
         elif param.dim() == 1:  # LayerNorm weight
-            full = torch.ones(param.shape, device=param.device)
+            local.fill_(1.0)
         else:
             std = wang if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")) else small
-            generator = torch.Generator(param.device).manual_seed((seed << 32) | zlib.crc32(name.encode()))
-            full = torch.empty(param.shape, device=param.device).normal_(0.0, std, generator=generator)
+            normal_rows(param, local, std, (seed << 32) | zlib.crc32(name.encode()))
+
+
+def normal_rows(param: nn.Parameter, local: torch.Tensor, std: float, seed: int) -> None:
+    """Fill this rank's rows of a normal(0, std) matrix drawn in fixed blocks of rows, block k from
+    its own generator seeded (seed, k): the same matrix at any sharding, and never more than one
+    block of rows beyond the shard in memory."""
+    start, stop = local_rows(param)
+    if local.shape[0] != stop - start:  # a layout we do not know: draw whole, keep our part
+        full = torch.empty(param.shape, device=local.device).normal_(0.0, std, generator=_generator(local, seed, 0))
         assign(param, full)
+        return
+    rows = max(1, (1 << 20) // max(math.prod(param.shape[1:]), 1))
+    for k in range(start // rows, -(-stop // rows)):
+        first, last = k * rows, min((k + 1) * rows, param.shape[0])
+        block = torch.empty((last - first, *param.shape[1:]), device=local.device)
+        block.normal_(0.0, std, generator=_generator(local, seed, k))
+        lo, hi = max(first, start), min(last, stop)
+        local[lo - start:hi - start].copy_(block[lo - first:hi - first])
+
+
+def local_rows(param: nn.Parameter) -> tuple[int, int]:
+    """The global rows [start, stop) this rank holds: FSDP2 splits dim 0 like torch.chunk over each
+    mesh dimension it shards on."""
+    start, stop = 0, param.shape[0]
+    if isinstance(param, DTensor):
+        for mesh_dim, placement in enumerate(param.placements):
+            if placement.is_shard(0):
+                n, i = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+                chunk = -(-(stop - start) // n)
+                start, stop = min(start + i * chunk, stop), min(start + (i + 1) * chunk, stop)
+    return start, stop
+
+
+def _generator(like: torch.Tensor, seed: int, block: int) -> torch.Generator:
+    return torch.Generator(like.device).manual_seed((seed * 1_000_003 + block) % (1 << 63))
 
 
 def load_weights(model: GPTNeoX, folder: str | Path) -> None:

@@ -39,6 +39,9 @@ class TrainConfig:
     parallel: str = "ddp"
     dp_replicate: int | None = None
     dp_shard: int | None = None
+    # FSDP with accumulation: reduce gradients once per step ("step": unsharded gradients are held between
+    # micro-steps) or reduce-scatter every micro-step ("micro": sharded gradients, more traffic)
+    grad_sync: str = "step"
     dist_timeout_s: float = 600  # rendezvous and collectives; a rank that waits longer fails with a message
     bf16: bool = False
     activation_checkpointing: bool = False
@@ -60,6 +63,8 @@ class TrainConfig:
             raise ConfigError(f"init must be small_init, normal or checkpoint, got {self.init!r}")
         if self.parallel not in ("ddp", "fsdp", "hsdp"):
             raise ConfigError(f"parallel must be ddp, fsdp or hsdp, got {self.parallel!r}")
+        if self.grad_sync not in ("step", "micro"):
+            raise ConfigError(f"grad_sync must be step or micro, got {self.grad_sync!r}")
         for name in ("seq_len", "micro_batch", "global_batch", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

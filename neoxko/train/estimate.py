@@ -3,7 +3,10 @@
 Memory per rank, with P parameters sharded over dp_shard ranks (fp32 master weights, AdamW):
   parameters 4P/S, gradients 4P/S, optimizer 8P/S;
   FSDP also holds the gathered root (embeddings, head) and two gathered blocks (the current and the
-  prefetched one) in the compute dtype, and one block's unsharded fp32 gradients while it reduces;
+  prefetched one) in the compute dtype, and the largest unit's unsharded fp32 gradients and
+  reduce-scatter input while it reduces; with accumulation and grad_sync "step" the unsharded
+  gradients of every parameter (4P) wait between micro-steps for the one reduction; on CPU, gloo's
+  reduce-scatter copies its input once more;
   activations per token saved for backward (measured on this model with saved-tensor hooks, fp32 /
   bf16 autocast): 72 / 38 bytes x d per layer; with activation checkpointing 4 bytes x d per layer
   plus one block recomputed in backward; the head 8 bytes x d + 4 bytes per vocabulary entry, and
@@ -37,6 +40,7 @@ class MemoryPlan:
     gradients: float
     optimizer: float
     gathered: float
+    accumulated: float
     activations: float
 
     @property
@@ -45,7 +49,7 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        return self.states + self.gathered + self.activations
+        return self.states + self.gathered + self.accumulated + self.activations
 
 
 def block_parameters(c: ModelConfig) -> int:
@@ -54,17 +58,22 @@ def block_parameters(c: ModelConfig) -> int:
     return 4 * d * d + 4 * d * bias + 2 * d * f + f + d + 4 * d  # attention, MLP, two LayerNorms
 
 
-def estimate_memory(cfg: TrainConfig, dims: ParallelDims) -> MemoryPlan:
+def estimate_memory(cfg: TrainConfig, dims: ParallelDims, device: torch.device | None = None) -> MemoryPlan:
+    """device None: the GPU when there is one, else the CPU."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c = cfg.model_config()
     P, S = c.num_parameters, dims.dp_shard
     compute_bytes = 2 if cfg.bf16 else 4
-    gathered = 0.0
+    gathered = accumulated = 0.0
     if dims.sharded:
         block = block_parameters(c)
         root = P - c.num_hidden_layers * block
-        gathered = (root + 2 * block) * compute_bytes + block * 4
+        reduce_copies = 2 if device.type == "cuda" else 3
+        gathered = (root + 2 * block) * compute_bytes + 4 * reduce_copies * max(root, block)
+        if cfg.accumulation(dims.world) > 1 and cfg.grad_sync == "step":
+            accumulated = 4 * P
     activations = saved_activations(cfg, dims) + backward_transient(cfg, dims)
-    return MemoryPlan(4 * P / S, 4 * P / S, 8 * P / S, gathered, activations)
+    return MemoryPlan(4 * P / S, 4 * P / S, 8 * P / S, gathered, accumulated, activations)
 
 
 def saved_activations(cfg: TrainConfig, dims: ParallelDims) -> float:
@@ -82,7 +91,8 @@ def backward_transient(cfg: TrainConfig, dims: ParallelDims) -> float:
     """Bytes backward adds on top: the logits' gradient, and one recomputed block under checkpointing."""
     c = cfg.model_config()
     tokens = cfg.micro_batch * cfg.seq_len
-    transient = tokens * c.vocab_size * LOGITS_GRAD_V
+    # the logits' gradient; a new embedding or head gradient before it is added into .grad
+    transient = tokens * c.vocab_size * LOGITS_GRAD_V + 4 * c.vocab_size * c.hidden_size / dims.dp_shard
     if cfg.activation_checkpointing:
         transient += tokens * LAYER_ACT[cfg.bf16] * c.hidden_size
         transient += 2 * block_parameters(c) if cfg.bf16 and not dims.sharded else 0
@@ -123,7 +133,8 @@ def check_fits(cfg: TrainConfig, dims: ParallelDims, ranks_per_node: int) -> Non
             f"this run needs about {plan.total / GB:.1f} GB per rank (states {plan.states / GB:.1f}, activations "
             f"{plan.activations / GB:.1f} at micro_batch {cfg.micro_batch} x seq_len {cfg.seq_len}) but "
             f"{limit / GB:.1f} GB is available ({source}); lower micro_batch or seq_len, set "
-            "activation_checkpointing=true, shard over more ranks, or set check_memory=false to try anyway"
+            "activation_checkpointing=true, shard over more ranks"
+            + (", set grad_sync=micro" if plan.accumulated else "") + ", or set check_memory=false to try anyway"
         )
 
 
@@ -146,7 +157,9 @@ def dry_run(cfg: TrainConfig, world: int, ranks_per_node: int) -> str:
         f"  parameters {plan.parameters / GB:10.2f}",
         f"  gradients  {plan.gradients / GB:10.2f}",
         f"  optimizer  {plan.optimizer / GB:10.2f}",
-        f"  gathered   {plan.gathered / GB:10.2f}   (FSDP: root + 2 blocks unsharded)",
+        f"  gathered   {plan.gathered / GB:10.2f}   (FSDP: root + 2 blocks unsharded, reduce buffers)",
+        f"  accumulate {plan.accumulated / GB:10.2f}   (FSDP, grad_sync {cfg.grad_sync}: unsharded gradients "
+        "between micro-steps)",
         f"  activations{plan.activations / GB:10.2f}   (micro-batch {cfg.micro_batch}, "
         f"checkpointing {'on' if cfg.activation_checkpointing else 'off'}, {'bf16' if cfg.bf16 else 'fp32'})",
         f"  total      {plan.total / GB:10.2f}   of {limit / GB:.1f} available ({source})",

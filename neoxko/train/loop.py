@@ -80,7 +80,7 @@ def train(cfg: TrainConfig) -> dict:
             first = step * cfg.global_batch + (micro * world + rank) * cfg.micro_batch
             x, y = (t.to(device) for t in batches.batch(first, cfg.micro_batch))
             # gradients are reduced once per step, on the last micro-batch
-            with gradient_sync(model, wrapped, sync=micro == accumulation - 1):
+            with gradient_sync(model, wrapped, micro == accumulation - 1, cfg.grad_sync == "micro"):
                 with autocast:
                     loss = F.cross_entropy(wrapped(x).float().flatten(0, 1), y.flatten()) / accumulation
                 loss.backward()

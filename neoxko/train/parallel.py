@@ -143,15 +143,21 @@ def apply_ddp(model: nn.Module, mesh, device: torch.device) -> nn.Module:
                                    device_mesh=mesh["dp_replicate"], gradient_as_bucket_view=True)
 
 
-def gradient_sync(model: nn.Module, wrapped: nn.Module, sync: bool):
+def gradient_sync(model: nn.Module, wrapped: nn.Module, sync: bool, every_micro_step: bool = False):
     """A context for one micro-step's forward and backward: gradients are reduced only when sync.
 
-    FSDP2 skips its reduce-scatter (and HSDP's all-reduce) until the last micro-step; DDP uses no_sync.
+    FSDP2 skips its reduce-scatter (and HSDP's all-reduce) until the last micro-step, holding the
+    unsharded gradients meanwhile; every_micro_step reduce-scatters each micro-step instead (sharded
+    gradients, more traffic) and still all-reduces across replicas once. DDP uses no_sync.
     """
     from torch.distributed.fsdp import FSDPModule
 
     if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(sync)
+        if every_micro_step:
+            model.set_requires_gradient_sync(True)
+            model.set_requires_all_reduce(sync)
+        else:
+            model.set_requires_gradient_sync(sync)
         return nullcontext()
     if wrapped is not model and not sync:
         return wrapped.no_sync()
