@@ -294,7 +294,13 @@ def run_train(args: argparse.Namespace) -> int:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world, args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         return 0
-    last = train(cfg)
+    try:
+        last = train(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0 and last:
         print(json.dumps(last))
     return 0

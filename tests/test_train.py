@@ -104,6 +104,17 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(shards, tmp_path):
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
 
 
+def test_async_checkpoints_resume_like_synchronous_ones(shards, tmp_path):
+    cfg = settings(shards, tmp_path / "async", max_steps=6, save_every=2, eval_every=0, async_checkpoint=True)
+    train(TrainConfig(**cfg))
+    checkpoints = tmp_path / "async" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000004", "step-0000006"]
+    (checkpoints / "latest").write_text("step-0000004\n")  # as if the run had stopped after step 4
+    train(TrainConfig(**cfg))
+    history = losses(tmp_path / "async")
+    assert len(history) == 8 and history[6:] == pytest.approx(history[4:6], abs=1e-6)
+
+
 def test_corrupted_partial_and_foreign_checkpoints_are_refused(shards, tmp_path):
     cfg = TrainConfig(**settings(shards, tmp_path, max_steps=4, save_every=2, eval_every=0))
     train(cfg)

@@ -145,7 +145,8 @@ def _wait_for(predicate, seconds: float = 120, every: float = 0.01) -> None:
 
 
 def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_the_resume_is_exact(shards, tmp_path):
-    cfg = settings(shards, tmp_path / "cut", max_steps=60)
+    """With async checkpoints every 4 steps, so background saves are in flight when the signal lands."""
+    cfg = settings(shards, tmp_path / "cut", max_steps=60, save_every=4, async_checkpoint=True)
     launcher = subprocess.Popen(torchrun(2, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "cut" / "log.jsonl"
     _wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 5)

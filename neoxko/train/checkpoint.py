@@ -4,8 +4,9 @@ and any world size or sharding reads them back (DCP reshards on load).
 Layout: OUT/checkpoints/step-0000100/ holds DCP's `.metadata` and `__R_I.distcp` files plus our
 `meta.json` (step, world, model config, an xxh3-128 digest per file). All ranks write into a hidden
 `.step-0000100.tmp`; only when every rank has finished and its digests are gathered does rank 0 write
-meta.json, rename the folder and then replace `latest`. A rank killed mid-save leaves the previous
-checkpoint as latest. On load the ranks verify the digests between them, each a share of the files.
+meta.json, rename the folder and then replace `latest` (with async saving: at the next save or the
+end). A rank killed mid-save leaves the previous checkpoint as latest. On load the ranks verify the
+digests between them, each a share of the files.
 """
 
 import json
@@ -33,40 +34,68 @@ from neoxko.model import GPTNeoX
 FORMAT = "neoxko-dcp-1"
 
 
-def save(out: Path, model, optimizer, step: int, keep: int = 2) -> Path:
-    """Every rank writes its shards of model and optimizer state; returns the checkpoint folder."""
-    rank, world = _rank_world()
-    root = out / "checkpoints"
-    name = f"step-{step:07d}"
-    tmp, final = root / f".{name}.tmp", root / name
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_quiet():
-        dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
-    # DCP names each rank's data __RANK_I.distcp; the coordinator (rank 0) writes .metadata.
-    mine = sorted(tmp.glob(f"__{rank}_*")) + ([tmp / ".metadata"] if rank == 0 else [])
-    digests = {f.name: _digest(f) for f in mine}
-    gathered = [None] * world
-    if world > 1:
-        dist.all_gather_object(gathered, digests)
-    else:
-        gathered = [digests]
-    if rank == 0:
-        files = {k: v for d in gathered for k, v in d.items()}
-        meta = {"format": FORMAT, "step": step, "world_size": world, "model_config": model.config.to_hf(),
-                "files": files}
+class Checkpointer:
+    """Writes checkpoints of one run. With asynchronous, DCP stages the state to host memory and writes it
+    in a background thread while training goes on; the checkpoint is finalised (digests, meta.json,
+    rename, latest) by wait(), which the next save and the end of the run call on every rank."""
+
+    def __init__(self, out: Path, keep: int = 2, asynchronous: bool = False):
+        self.root, self.keep, self.asynchronous = out / "checkpoints", keep, asynchronous
+        self.pending = None
+        # the background writes' collectives get a gloo group of their own, apart from training's
+        self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+
+    def save(self, model, optimizer, step: int) -> Path:
+        """Every rank writes its shards of model and optimizer state; returns the checkpoint's folder."""
+        self.wait()
+        rank, world = _rank_world()
+        name = f"step-{step:07d}"
+        tmp = self.root / f".{name}.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        with _single_process_quiet():
+            if self.asynchronous:
+                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+            else:
+                dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
+                future = None
+        self.pending = (future, tmp, step, model.config)
+        if not self.asynchronous:
+            self.wait()
+        return self.root / name
+
+    def wait(self) -> None:
+        """Finish the pending checkpoint, if any: digests from every rank, then meta.json, rename, latest."""
+        if self.pending is None:
+            return
+        future, tmp, step, config = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()
+        rank, world = _rank_world()
+        # DCP names each rank's data __RANK_I.distcp; the coordinator (rank 0) writes .metadata.
+        mine = sorted(tmp.glob(f"__{rank}_*")) + ([tmp / ".metadata"] if rank == 0 else [])
+        gathered = [{f.name: _digest(f) for f in mine}]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, {f.name: _digest(f) for f in mine})
+        if rank == 0:
+            self._commit(tmp, step, world, config, {k: v for d in gathered for k, v in d.items()})
+        _barrier()
+
+    def _commit(self, tmp: Path, step: int, world: int, config: ModelConfig, files: dict) -> None:
+        name = tmp.name.removeprefix(".").removesuffix(".tmp")
+        meta = {"format": FORMAT, "step": step, "world_size": world, "model_config": config.to_hf(), "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (root / "latest.tmp").write_text(name + "\n")
-        os.replace(root / "latest.tmp", root / "latest")
-        for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        os.replace(tmp, self.root / name)
+        (self.root / "latest.tmp").write_text(name + "\n")
+        os.replace(self.root / "latest.tmp", self.root / "latest")
+        for old in sorted(p for p in self.root.glob("step-*") if p.is_dir())[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
 
 
 def latest(out: Path) -> Path | None:
@@ -169,10 +198,10 @@ def _digest(path: Path) -> str:
 
 @contextmanager
 def _single_process_quiet():
-    """DCP warns on every single-process save and load, which is what no_dist asks for."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    """DCP warns on every single-process save and load, which is what no_dist asks for (an async save
+    warns from its writer thread, so the filter is process-wide and matches that one message only)."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    yield
 
 
 def _rank_world() -> tuple[int, int]:

@@ -56,6 +56,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batches: int = 20
     save_every: int = 500
+    async_checkpoint: bool = False  # write checkpoints in the background (state staged in host memory)
     tokenizer: str | None = None  # copied next to the final Hugging Face model
 
     def __post_init__(self):

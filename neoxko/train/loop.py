@@ -70,6 +70,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     last, saved = {}, None
+    saver = checkpoint.Checkpointer(out, asynchronous=cfg.async_checkpoint)
     peak = peak_flops(cfg, device)
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
@@ -111,13 +112,15 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
-            saved = checkpoint.save(out, model, optimizer, step + 1)
+            saved = saver.save(model, optimizer, step + 1)
         if stopping:
+            saver.wait()
             if rank == 0:
                 print(f"neoxko: stopped at step {step + 1} (SIGTERM); saved {saved}; run the same command to resume",
                       file=sys.stderr, flush=True)
             break
     bar.close()
+    saver.wait()
     if log is not None:
         log.close()
         plot_run(out)
