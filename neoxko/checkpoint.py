@@ -24,6 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Models shipped inside the package, by name; commands use DEFAULT_MODEL when --model is not given.
 BUILTIN = {"ko-small": Path(__file__).parent / "builtin" / "ko-small"}
 DEFAULT_MODEL = "ko-small"
+MODEL_HELP = f"model folder, hub id or built-in name (default: the built-in {DEFAULT_MODEL})"
 
 
 def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> Path:

@@ -59,6 +59,8 @@ def train(cfg: TrainConfig) -> dict:
     start = 0
     if (found := checkpoint.latest(out)) is not None:
         start = checkpoint.load(found, model, optimizer)
+        if rank == 0:
+            trim_log(out / "log.jsonl", start)
     if start >= cfg.max_steps:  # finished before: export again if that is what failed
         return finish(out, cfg, rank, found, start)
     stop = _stop_on_sigterm()
@@ -143,6 +145,18 @@ def finish(out: Path, cfg: TrainConfig, rank: int, final: Path, step: int) -> di
         record.write_text(json.dumps({"step": step, "checkpoint": final.name, "model": "model"}) + "\n")
     rows = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").is_file() else []
     return json.loads(rows[-1]) if rows else {}
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log rows past the step a run resumes from (steps a killed run did after its last checkpoint,
+    which the resumed run does again), so that the log has one row per step."""
+    if not path.is_file():
+        return
+    rows = path.read_text(encoding="utf-8").splitlines()
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(kept) != len(rows):
+        path.with_suffix(".tmp").write_text("".join(r + "\n" for r in kept), encoding="utf-8")
+        os.replace(path.with_suffix(".tmp"), path)
 
 
 def _item(value: torch.Tensor) -> float:

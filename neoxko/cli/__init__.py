@@ -1,0 +1,28 @@
+"""The `neoxko` command line: one subcommand per stage."""
+
+import argparse
+import sys
+
+from neoxko.cli import data, evaluate, models, train
+from neoxko.errors import NeoxkoError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except NeoxkoError as e:
+        print(f"neoxko: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neoxko", description="GPT-NeoX-Ko (Polyglot-Ko) toolkit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for stage in (models, evaluate, train, data):
+        stage.add_commands(commands)
+    return parser

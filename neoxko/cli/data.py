@@ -1,0 +1,132 @@
+"""`neoxko tokenizer train` and `neoxko data pii | pii-eval | prepare`: the Korean data pipeline."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from neoxko.errors import NeoxkoError
+
+
+def add_commands(commands) -> None:
+    tokenizer = commands.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    train = tokenizer_commands.add_parser("train", help="train from .txt (a document a line) and .jsonl files")
+    train.add_argument("inputs", nargs="+", help="text or JSONL files")
+    train.add_argument("--output", required=True, help="folder for tokenizer.json and tokenizer_config.json")
+    train.add_argument("--vocab-size", type=int, default=30000, help="BPE entries; the 3 PII tokens come after")
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--text-key", default="text", help="JSONL field that holds the text")
+    train.set_defaults(run=run_tokenizer_train)
+    data = commands.add_parser("data", help="the Korean data pipeline")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    pii = data_commands.add_parser("pii", help="replace PII in a stream of text or JSONL lines")
+    pii.add_argument("input", nargs="?", default="-", help="file of text (a document a line) or JSONL; - is stdin")
+    pii.add_argument("--output", default="-", help="where to write; - is stdout")
+    pii.add_argument("--text-key", default=None, help="JSONL field to clean (default: plain text lines)")
+    pii.set_defaults(run=run_pii)
+    pii_eval = data_commands.add_parser("pii-eval", help="score the PII replacer on a labelled JSONL set")
+    pii_eval.add_argument("labelled", help='JSONL of {"text": ..., "spans": [{"start", "end", "label"}]}')
+    pii_eval.add_argument("--errors", action="store_true", help="print every line the replacer gets wrong")
+    pii_eval.set_defaults(run=run_pii_eval)
+    prep = data_commands.add_parser("prepare", help="clean, filter, PII, dedup and tokenise text into token shards")
+    prep.add_argument("inputs", nargs="*", help=".txt (a document a line), .jsonl(.gz), .parquet files or folders")
+    prep.add_argument("--hf-dataset", default=None, help="read a Hugging Face dataset instead of files")
+    prep.add_argument("--hf-split", default="train")
+    prep.add_argument("--hf-config", default=None, help="the dataset's configuration name")
+    prep.add_argument("--output", required=True, help="run folder (an interrupted run resumes in place)")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer folder, tokenizer.json or hub id")
+    prep.add_argument("--workers", type=int, default=1, help="parallel processes")
+    prep.add_argument("--tasks", type=int, default=None, help="shards of the work (default: --workers)")
+    prep.add_argument("--text-key", default="text", help="JSONL/Parquet field with the text")
+    prep.add_argument("--kobest-dir", default=None, help="skt/kobest_v1 folder: drop documents overlapping its tests")
+    prep.add_argument("--holdout", type=float, default=0.0,
+                      help="share of documents kept out of training, in heldout/ (e.g. 0.01)")
+    prep.add_argument("--minhash-buckets", type=int, default=14, help="MinHash bands (8 hashes each)")
+    prep.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
+    prep.add_argument("--slurm-partition", default=None)
+    prep.add_argument("--slurm-time", default="24:00:00")
+    prep.set_defaults(run=run_prepare)
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from neoxko.config import pad_vocab_size
+    from neoxko.tokenizer import read_texts, save_tokenizer, train_tokenizer
+
+    absent = [p for p in args.inputs if not Path(p).is_file()]
+    if absent:
+        raise NeoxkoError(f"input file(s) not found: {', '.join(absent)}")
+    tokenizer = train_tokenizer(read_texts(args.inputs, args.text_key), args.vocab_size, args.min_frequency)
+    save_tokenizer(tokenizer, args.output)
+    rows = pad_vocab_size(tokenizer.vocab_size)
+    print(f"wrote {args.output}: {tokenizer.vocab_size} tokens (embedding rows: {rows})")
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from neoxko.data.prepare import PrepareConfig, prepare
+
+    config = PrepareConfig(
+        inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, tasks=args.tasks or args.workers,
+        workers=args.workers, text_key=args.text_key, kobest_dir=args.kobest_dir, executor=args.executor,
+        slurm_partition=args.slurm_partition, slurm_time=args.slurm_time, minhash_buckets=args.minhash_buckets,
+        holdout=args.holdout, hf_dataset=args.hf_dataset,
+        hf_options={"split": args.hf_split} | ({"name": args.hf_config} if args.hf_config else {}),
+    )
+    prepare(config)
+    report = Path(args.output) / "report.md"
+    if report.exists():
+        print(report.read_text(encoding="utf-8"))
+    return 0
+
+
+def run_pii(args: argparse.Namespace) -> int:
+    import contextlib
+    from collections import Counter
+
+    from neoxko.data.pii import replace_pii_counted
+
+    totals: Counter = Counter()
+    invalid = 0
+    with contextlib.ExitStack() as stack:
+        source = sys.stdin.buffer if args.input == "-" else stack.enter_context(_open(args.input, "rb"))
+        sink = sys.stdout.buffer if args.output == "-" else stack.enter_context(_open(args.output, "wb"))
+        for n, raw in enumerate(source, 1):
+            # Bytes that are not UTF-8 pass through untouched (surrogateescape); the line is counted.
+            line = raw.decode("utf-8", errors="surrogateescape")
+            invalid += line != raw.decode("utf-8", errors="ignore")
+            if args.text_key is None:
+                text, counts = replace_pii_counted(line)
+            else:
+                try:
+                    row = json.loads(line)
+                    row[args.text_key], counts = replace_pii_counted(row[args.text_key])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise NeoxkoError(
+                        f"{args.input}:{n}: not a JSON object with a {args.text_key!r} text field") from None
+                text = json.dumps(row, ensure_ascii=False) + "\n"
+            sink.write(text.encode("utf-8", errors="surrogateescape"))
+            totals.update(counts)
+    summary = ", ".join(f"{k} {totals[k]}" for k in ("rrn", "tel", "acc"))
+    print(f"replaced: {summary}; lines with invalid UTF-8 (passed through): {invalid}", file=sys.stderr)
+    return 0
+
+
+def _open(path: str, mode: str):
+
+    try:
+        return open(path, mode)
+    except OSError as e:
+        raise NeoxkoError(f"cannot open {path}: {e.strerror}") from None
+
+
+def run_pii_eval(args: argparse.Namespace) -> int:
+    from neoxko.data.pii_score import errors, read_labelled, score
+
+    items = read_labelled(args.labelled)
+    print(score(items).table())
+    if args.errors:
+        print("\n".join(errors(items)))
+    return 0

@@ -1,0 +1,84 @@
+"""`neoxko eval | perplexity`: KoBEST and held-out perplexity."""
+
+import argparse
+import json
+import os
+
+from neoxko.checkpoint import DEFAULT_MODEL, MODEL_HELP
+from neoxko.errors import NeoxkoError
+
+
+def add_commands(commands) -> None:
+    ev = commands.add_parser("eval", help="KoBEST few-shot evaluation (lm-evaluation-harness prompts and metrics)")
+    ev.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    ev.add_argument("--tasks", default="kobest", help="comma-separated: kobest or kobest_boolq,kobest_copa,...")
+    ev.add_argument("--shots", default="0,5", help="comma-separated shot counts, e.g. 0,5,10,50")
+    ev.add_argument("--limit", type=int, default=None, help="first N test documents per task")
+    ev.add_argument("--data-dir", default=None, help="local skt/kobest_v1 folder (default: the hub dataset)")
+    ev.add_argument("--prompt-style", choices=["harness", "polyglot"], default="harness")
+    ev.add_argument("--backend", choices=["neoxko", "hf"], default="neoxko",
+                    help="hf scores any transformers causal LM")
+    ev.add_argument("--output", default=None, help="folder for results.json, samples.jsonl, results.md, scores.png")
+    ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ev.add_argument("--device", default=None,
+                    help="cpu, cuda or cuda:N (default: cuda if there is a GPU; under torchrun cuda:LOCAL_RANK)")
+    ev.set_defaults(run=run_eval)
+
+    ppl = commands.add_parser("perplexity", help="held-out perplexity over token shards, with the unigram baseline")
+    ppl.add_argument("data", help="token shards from `neoxko data prepare` (a run's heldout/ or tokens/ folder)")
+    ppl.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    ppl.add_argument("--train-data", action="append", default=None,
+                     help="training shards for the unigram baseline (repeatable)")
+    ppl.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    ppl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ppl.add_argument("--device", default="cpu")
+    ppl.add_argument("--json", action="store_true", help="print JSON")
+    ppl.set_defaults(run=run_perplexity)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from neoxko.evaluate.kobest import EvalSettings, evaluate, load_scorer, markdown_table, write_outputs
+    from neoxko.evaluate.tasks import resolve_tasks
+
+    try:
+        shots = [int(s) for s in args.shots.split(",")]
+    except ValueError:
+        raise NeoxkoError(f"--shots must be comma-separated integers, got {args.shots!r}") from None
+    if any(s < 0 for s in shots):
+        raise NeoxkoError("--shots must be >= 0")
+    settings = EvalSettings(tasks=resolve_tasks(args.tasks.split(",")), shots=shots, data_dir=args.data_dir,
+                            prompt_style=args.prompt_style, limit=args.limit, batch_tokens=args.batch_tokens,
+                            extra={"backend": args.backend, "dtype": args.dtype})
+    scorer = load_scorer(args.model, args.backend, args.dtype, args.device, args.batch_tokens)
+    results, samples = evaluate(scorer, settings)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun every rank holds the gathered results; rank 0 writes them
+    if args.output:
+        write_outputs(args.output, args.model, settings, results, samples)
+    print(markdown_table(args.model, settings, results))
+    return 0
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import load_model
+    from neoxko.evaluate.perplexity import perplexity, stream_tokens, unigram_perplexity
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokens = stream_tokens(args.data, args.max_tokens)
+    result = {"model": str(args.model), "data": args.data}
+    result["model_ppl"] = perplexity(model, tokens, args.seq_len or model.config.max_position_embeddings,
+                                     args.batch_size)
+    if args.train_data:
+        result["unigram_ppl"] = unigram_perplexity(args.train_data, tokens, model.config.vocab_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'':<10}{'tokens':>10}{'nats/token':>12}{'perplexity':>12}")
+    for name in ("model_ppl", "unigram_ppl"):
+        if name in result:
+            r = result[name]
+            print(f"{name.removesuffix('_ppl'):<10}{r['tokens']:>10,}{r['loss']:>12.4f}{r['perplexity']:>12.2f}")
+    return 0

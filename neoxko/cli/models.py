@@ -1,0 +1,155 @@
+"""`neoxko generate | serve | quantize | info`: running a model."""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+from neoxko.checkpoint import DEFAULT_MODEL, MODEL_HELP
+from neoxko.errors import NeoxkoError
+
+
+def add_commands(commands) -> None:
+    gen = commands.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    gen.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    gen.add_argument("--top-k", type=int, default=40, help="0 for no limit")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="weights dtype (default: as stored)")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the decode step: a one-off wait, then about 2x faster decoding on CPU")
+    gen.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
+    gen.add_argument("--mask-pii", action="store_true",
+                     help="replace phone, account and resident registration numbers in the output with tokens")
+    gen.set_defaults(run=run_generate)
+
+    srv = commands.add_parser("serve", help="OpenAI-compatible completions server with continuous batching")
+    srv.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("NEOXKO_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $NEOXKO_API_KEY, else none)")
+    srv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    srv.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
+    srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    srv.add_argument("--mask-pii", action="store_true", help="mask PII in every response")
+    srv.set_defaults(run=run_serve)
+
+    qz = commands.add_parser("quantize", help="write an int8 weight-only copy of a model")
+    qz.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    qz.add_argument("--output", required=True, help="folder for the quantized model (with the tokenizer)")
+    qz.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                    help="dtype of the scales, embeddings and norms")
+    qz.set_defaults(run=run_quantize)
+
+    info = commands.add_parser("info", help="print a model's config and parameter count")
+    info.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(run=run_info)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import load_model
+    from neoxko.data.pii import PIIStream
+    from neoxko.generate import Sampling, stream
+    from neoxko.tokenizer import load_tokenizer
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    guard = PIIStream() if args.mask_pii else None
+    for piece in stream(model, tokenizer, prompt, args.max_new_tokens, sampling, args.stop, args.compile):
+        sys.stdout.write(guard.push(piece) if guard else piece)
+        sys.stdout.flush()
+    sys.stdout.write((guard.flush() if guard else "") + "\n")
+    if guard:
+        counts = ", ".join(f"{label} {n}" for label, n in sorted(guard.masked.items())) or "none"
+        print(f"neoxko: masked {guard.total} PII value(s): {counts}", file=sys.stderr)
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import load_model
+    from neoxko.serve.engine import Engine
+    from neoxko.serve.server import ServeSettings, serve
+    from neoxko.tokenizer import load_tokenizer
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise NeoxkoError("--max-batch must be at least 1 and --max-queue at least 0")
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    engine = Engine(model, tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id,
+                    max_batch=args.max_batch, max_queue=args.max_queue)
+    name = args.served_model_name or str(args.model)
+    settings = ServeSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                             mask_pii=args.mask_pii)
+    try:
+        server = serve(engine, tokenizer, settings, args.host, args.port)
+    except OSError as e:
+        engine.close()
+        raise NeoxkoError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port") from None
+    host, port = server.server_address[:2]
+    cache = model.gpt_neox.layers[0].attention.kv_cache
+    cache_gb = 2 * cache.k.numel() * cache.k.element_size() * len(model.gpt_neox.layers) / 1e9
+    print(f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows, KV cache {cache_gb:.2f} GB, "
+          f"{'int8' if args.quantize else str(next(model.parameters()).dtype).removeprefix('torch.')})"
+          + (", API key required" if args.api_key else ""), file=sys.stderr, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a service manager's stop: finish cleanly
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import load_model, resolve, save_model
+    from neoxko.tokenizer import copy_tokenizer_files
+
+    model = load_model(args.model, dtype=args.dtype, quantize="int8")
+    out = save_model(model, args.output)
+    copy_tokenizer_files(resolve(args.model), out)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"neoxko: wrote {out} ({size / 1e6:.1f} MB of int8 weights and {args.dtype} scales)")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from neoxko.checkpoint import read_config, resolve
+    from neoxko.config import PRESETS
+
+    config = read_config(resolve(args.model, allow_patterns=["config.json"]))
+    preset = next((name for name, c in PRESETS.items() if c == config), None)
+    info = {
+        "model": str(args.model), "preset": preset, "parameters": config.num_parameters,
+        "head_size": config.head_size, "rotary_ndims": config.rotary_ndims, "config": config.to_hf(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model       {info['model']}")
+    print(f"preset      {preset or '-'}")
+    print(f"parameters  {config.num_parameters:,}")
+    print(f"head_size   {config.head_size}  (rotary on {config.rotary_ndims} dims)")
+    for key, value in config.to_hf().items():
+        if key not in ("architectures", "model_type"):
+            print(f"{key:<24}{value}")
+    return 0

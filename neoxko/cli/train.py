@@ -1,0 +1,84 @@
+"""`neoxko train | export | plot`: pretraining runs."""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from neoxko.errors import NeoxkoError
+
+
+def add_commands(commands) -> None:
+    tr = commands.add_parser("train", help="pretrain or continue pretraining (also under torchrun)")
+    tr.add_argument("--config", default=None, help="YAML file of TrainConfig settings")
+    tr.add_argument("overrides", nargs="*", help="key=value settings that override the file")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="print the mesh, per-rank memory, FLOPs and speed, and check that it fits; no training")
+    tr.add_argument("--world-size", type=int, default=None,
+                    help="for --dry-run: ranks to plan for (default: $WORLD_SIZE)")
+    tr.add_argument("--ranks-per-node", type=int, default=None,
+                    help="for --dry-run: ranks per node, the HSDP shard size (default: $LOCAL_WORLD_SIZE)")
+    tr.set_defaults(run=run_train)
+
+    ex = commands.add_parser("export", help="write a Hugging Face folder from a training checkpoint")
+    ex.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoints/step-N folder")
+    ex.add_argument("--output", required=True, help="folder for config.json and model.safetensors")
+    ex.add_argument("--tokenizer", default=None, help="tokenizer to copy beside it (default: the run's tokenizer)")
+    ex.set_defaults(run=run_export)
+
+    pl = commands.add_parser("plot", help="draw RUN_DIR/loss.png from a training run's log")
+    pl.add_argument("run_dir")
+    pl.set_defaults(run=run_plot)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from neoxko.train.config import TrainConfig
+    from neoxko.train.loop import train
+
+    cfg = TrainConfig.load(args.config, args.overrides)
+    if args.dry_run:
+        from neoxko.train.estimate import dry_run
+
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run(cfg, world, args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        return 0
+    try:
+        last = train(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0 and last:
+        print(json.dumps(last))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from neoxko.train import checkpoint
+
+    path = Path(args.checkpoint)
+    folder = path if (path / "meta.json").is_file() else checkpoint.latest(path)
+    if folder is None:
+        raise NeoxkoError(f"{path} has no checkpoint: pass a run folder (with checkpoints/latest) or one of its "
+                          "checkpoints/step-N folders")
+    tokenizer = args.tokenizer
+    run_config = folder.parent.parent / "config.json"
+    if tokenizer is None and run_config.is_file():
+        tokenizer = json.loads(run_config.read_text(encoding="utf-8")).get("tokenizer")
+    dest = checkpoint.export(folder, Path(args.output), tokenizer)
+    print(f"neoxko: wrote {dest} from {folder}")
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from neoxko.errors import NeoxkoError
+    from neoxko.train.loop import plot_run
+
+    if not (Path(args.run_dir) / "log.jsonl").is_file():
+        raise NeoxkoError(f"{args.run_dir} has no log.jsonl; is it a `neoxko train` run folder?")
+    path = plot_run(Path(args.run_dir))
+    if path is None:
+        raise NeoxkoError("plotting needs matplotlib (pip install matplotlib) and a non-empty log")
+    print(path)
+    return 0
