@@ -136,6 +136,9 @@ def test_corrupted_partial_and_foreign_checkpoints_are_refused(shards, tmp_path)
     (tmp_path / "checkpoints" / "latest").write_text("step-0000009\n")
     with pytest.raises(CheckpointError, match="names step-0000009, which is missing"):
         train(longer)
+    (tmp_path / "checkpoints" / "latest").write_text("../../elsewhere/step-0000002\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint name like step-0000100"):
+        train(longer)
 
 
 def test_bad_configs_are_refused(tmp_path):

@@ -11,6 +11,7 @@ digests between them, each a share of the files.
 
 import json
 import os
+import re
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -102,7 +103,11 @@ def latest(out: Path) -> Path | None:
     pointer = out / "checkpoints" / "latest"
     if not pointer.exists():
         return None
-    folder = out / "checkpoints" / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not re.fullmatch(r"step-\d{7,}", name):  # never a path out of the run folder
+        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not a checkpoint name like step-0000100; "
+                              "write the name of one of the checkpoints/step-* folders into it")
+    folder = out / "checkpoints" / name
     if not folder.is_dir():
         raise CheckpointError(f"{pointer} names {folder.name}, which is missing; remove {pointer} to start over")
     return folder
