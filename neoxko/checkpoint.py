@@ -159,11 +159,25 @@ def _index_files(index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index} is not a valid shard index (need a 'weight_map' object): {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index} is not a valid shard index: 'weight_map' must map tensor names to file names")
+    outside = [f for f in dict.fromkeys(weight_map.values()) if not _inside(index.parent, f)]
+    if outside:
+        raise CheckpointError(f"{index} names weight file(s) outside its folder: {', '.join(outside[:3])}; "
+                              "a shard index may only name files next to it")
     files = [index.parent / f for f in dict.fromkeys(weight_map.values())]
     absent = [f.name for f in files if not f.is_file()]
     if absent:
         raise CheckpointError(f"{index} names shard(s) that are not there: {', '.join(absent)}")
     return files
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether name is a plain relative path that stays inside folder (no '..', no absolute path)."""
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        return False
+    return (folder / path).resolve().is_relative_to(folder.resolve())
 
 
 def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:

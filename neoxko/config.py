@@ -7,6 +7,11 @@ from pathlib import Path
 
 from neoxko.errors import ConfigError
 
+# (smallest, largest) accepted per size field: far past any GPT-NeoX (20B: 44 layers, d 6144), short of
+# what would only allocate for minutes and fail.
+SIZE_LIMITS = {"vocab_size": (1, 1 << 20), "hidden_size": (1, 1 << 16), "num_hidden_layers": (1, 1024),
+               "num_attention_heads": (1, 1024), "intermediate_size": (1, 1 << 18),
+               "max_position_embeddings": (1, 1 << 20)}
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu")
 
 
@@ -30,6 +35,7 @@ class ModelConfig:
     eos_token_id: int | None = 2
 
     def __post_init__(self):
+        self._check_types_and_ranges()
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -46,10 +52,36 @@ class ModelConfig:
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; use one of {', '.join(ACTIVATIONS)}"
             )
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name} {value} is outside the vocabulary (0 to {self.vocab_size - 1})")
+
+    def _check_types_and_ranges(self) -> None:
+        """Every field's type and a range no real model leaves, so a typo fails here with its name, not
+        as a huge allocation or a ZeroDivisionError later."""
+        for name, (low, high) in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, name, value := int(value))  # JSON writers may give 2048.0
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be a whole number, got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"{name} is {value:,}; it must be between {low} and {high:,}")
+        for name in ("rotary_pct", "rotary_emb_base", "layer_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        for name in ("rotary_emb_base", "layer_norm_eps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("use_parallel_residual", "tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{name} must be a token id (a whole number) or null, got {value!r}")
 
     @property
     def head_size(self) -> int:

@@ -1,6 +1,7 @@
 """Text generation: sampling, prefill, cached decoding, streaming with stop strings."""
 
 import functools
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise GenerationError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise GenerationError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -45,7 +49,10 @@ def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
     """Pick one token per row from logits (B, vocab); returns (B,)."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float() / sampling.temperature
+    # Shifted so the best logit is 0 before dividing: any positive temperature, however small, gives
+    # finite logits (the others go to -inf, a draw among the best), never inf - inf = NaN.
+    logits = logits.float().clamp(max=torch.finfo(torch.float32).max)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
     candidates = None
     if sampling.top_k is not None and sampling.top_k < logits.size(-1):
         logits, candidates = torch.topk(logits, sampling.top_k, dim=-1)  # (B, k): draw among k, not the vocab
@@ -77,9 +84,12 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """CTRL's penalty as transformers applies it: seen tokens' logits divided (or, if < 0, multiplied)."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
+    """CTRL's penalty as transformers applies it: seen tokens' logits divided (or, if < 0, multiplied).
+    Computed in float64 and clipped to float32's range, so extreme penalties stay finite."""
+    wide = logits.double()
+    penalised = torch.where(wide < 0, wide * penalty, wide / penalty)
+    limit = torch.finfo(torch.float32).max
+    return torch.where(seen, penalised.clamp(-limit, limit).to(logits.dtype), logits)
 
 
 def prefill(model: GPTNeoX, idx: Tensor, left_pad: Tensor | None) -> Tensor:

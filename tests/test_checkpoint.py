@@ -241,6 +241,20 @@ def test_index_naming_absent_shard(saved):
         load_model(saved)
 
 
+def test_index_naming_files_outside_the_folder_is_refused_before_opening_them(saved, tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "w.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
+    index = saved / "model.safetensors.index.json"
+    opened = []
+    monkeypatch.setattr("neoxko.checkpoint.safe_open", lambda f, **k: opened.append(f) or (_ for _ in ()).throw(OSError))
+    for name in ("../outside/w.safetensors", "/etc/hostname", str(outside / "w.safetensors")):
+        index.write_text(json.dumps({"weight_map": {"gpt_neox.embed_in.weight": name}}))
+        with pytest.raises(CheckpointError, match="names weight file\\(s\\) outside its folder"):
+            load_model(saved)
+    assert opened == []
+
+
 def test_a_file_or_bad_id_instead_of_a_folder(saved, monkeypatch):
     with pytest.raises(CheckpointError, match="is a file; pass the folder"):
         load_model(saved / "config.json")

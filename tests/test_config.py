@@ -92,3 +92,29 @@ def test_bad_json_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
         ModelConfig.from_file(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_hidden_layers", 1e6, "num_hidden_layers is 1,000,000; it must be between 1 and 1,024"),
+    ("max_position_embeddings", 1e10, "max_position_embeddings is 10,000,000,000; it must be between 1 and"),
+    ("num_attention_heads", 0, "num_attention_heads is 0; it must be between 1 and 1,024"),
+    ("hidden_size", "2048", "hidden_size must be a whole number, got '2048'"),
+    ("intermediate_size", 100.5, "intermediate_size must be a whole number, got 100.5"),
+    ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false, got 1"),
+    ("layer_norm_eps", float("nan"), "layer_norm_eps must be a finite number"),
+    ("rotary_emb_base", 0, "rotary_emb_base must be positive"),
+    ("eos_token_id", 40000, "eos_token_id 40000 is outside the vocabulary"),
+    ("bos_token_id", "0", "bos_token_id must be a token id"),
+])
+def test_every_config_field_is_checked_by_name(tmp_path, field, value, message):
+    """From config.json, where a typo would otherwise run for minutes or fail deep inside torch."""
+    from neoxko.checkpoint import read_config
+
+    hf = ModelConfig().to_hf() | {field: value}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_config(tmp_path)
+
+
+def test_whole_floats_from_json_are_taken_as_ints():
+    assert ModelConfig(hidden_size=2048.0).hidden_size == 2048

@@ -197,3 +197,25 @@ def test_polyglot_2022_tokenizer_loads_and_streams():
     text_stream = tok.decode_stream()
     ids = tok.encode(KOREAN_TEXT)
     assert "".join(text_stream.push(i) for i in ids) + text_stream.flush() == KOREAN_TEXT
+
+
+def test_extreme_but_valid_settings_never_sample_from_nan():
+    """A tiny temperature is a draw among the best; an extreme penalty stays finite."""
+    import torch
+
+    from neoxko.generate import Sampling, apply_repetition_penalty, sample
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0, -5.0]])
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        assert sample(logits, Sampling(temperature=1e-38), g).item() == 1
+    seen = torch.tensor([[False, False, True, True, False, False]])
+    for penalty in (1e-300, 1e300):
+        out = apply_repetition_penalty(logits, seen, penalty)
+        assert torch.isfinite(out).all()
+        pick = sample(out, Sampling(temperature=1.0), torch.Generator().manual_seed(0)).item()
+        assert pick in ((2,) if penalty < 1 else (0, 1, 2, 3, 4, 5)) and pick < 6
+    with pytest.raises(GenerationError, match="temperature must be a finite number, got inf"):
+        Sampling(temperature=float("inf"))
+    with pytest.raises(GenerationError, match="repetition_penalty must be a finite number, got nan"):
+        Sampling(repetition_penalty=float("nan"))
