@@ -259,6 +259,18 @@ def test_holdout_split_is_complete_disjoint_and_independent_of_tasks(corpus, tok
     assert again["heldout"] == report["heldout"]
 
 
+def test_holdout_with_numeric_document_ids(tokenizer, tmp_path):
+    """JSONL ids are often numbers; the split hashes them as text."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = [json.dumps({"id": i, "text": d}, ensure_ascii=False) for i, d in enumerate(documents())]
+    (folder / "docs.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    report = prepare(PrepareConfig(inputs=[str(folder)], output=str(tmp_path / "out"), tokenizer=str(tokenizer),
+                                   tasks=1, workers=1, minhash_buckets=4, holdout=0.3))
+    assert report["heldout"]["documents"] > 0
+    assert report["heldout"]["documents"] + report["output"]["documents"] == 60
+
+
 def test_bad_holdout_is_refused(corpus, tokenizer, tmp_path):
     with pytest.raises(NeoxkoError, match="--holdout is a share of documents between 0 and 0.5"):
         prepare(config(corpus, tokenizer, tmp_path / "out", holdout=0.7))

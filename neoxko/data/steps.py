@@ -321,7 +321,7 @@ class HoldOut(PipelineStep):
 
         held = []
         for doc in data:
-            if xxhash.xxh64_intdigest(doc.id) < self.threshold:
+            if xxhash.xxh64_intdigest(str(doc.id)) < self.threshold:  # JSONL ids may be numbers
                 held.append(doc)
                 self.stat_update("heldout_documents")
             else:
