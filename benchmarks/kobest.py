@@ -22,7 +22,6 @@ from neoxko.evaluate.kobest import EvalSettings, evaluate
 from neoxko.evaluate.scoring import NeoxkoScorer
 from neoxko.evaluate.tasks import TASKS
 from neoxko.model import GPTNeoX, init_weights
-from neoxko.tokenizer import copy_tokenizer_files
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -35,8 +34,7 @@ def small_model(folder: Path, tokenizer: Path) -> Path:
                          intermediate_size=2048, rotary_pct=0.5)
     model = GPTNeoX(config)
     init_weights(model)
-    save_model(model, folder)
-    copy_tokenizer_files(tokenizer, folder)
+    save_model(model, folder, tokenizer=tokenizer)
     return folder
 
 

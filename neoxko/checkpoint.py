@@ -99,6 +99,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
     model.setup_rope(device)
     if quantize == "int8":
         quantize_model(model)
+    model.source_folder = folder  # save_model copies the tokenizer from here
     return model.eval()
 
 
@@ -129,6 +130,20 @@ def checkpoint_tensors(folder: Path, shapes: dict, tied: bool) -> Iterator[tuple
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"checkpoint in {folder} is missing {len(missing)} tensor(s): {shown}")
+
+
+def _save_tokenizer_beside(model: GPTNeoX, folder: Path, tokenizer) -> None:
+    from neoxko.tokenizer import Tokenizer, copy_tokenizer_files, save_tokenizer
+
+    if isinstance(tokenizer, Tokenizer):
+        if tokenizer.source is not None:
+            copy_tokenizer_files(tokenizer.source, folder)
+        else:
+            save_tokenizer(tokenizer, folder, model_max_length=model.config.max_position_embeddings)
+    elif tokenizer is not None:
+        copy_tokenizer_files(tokenizer, folder)
+    elif (source := getattr(model, "source_folder", None)) is not None and (source / "tokenizer.json").is_file():
+        copy_tokenizer_files(source, folder)
 
 
 def _quant_method(folder: Path) -> str | None:
@@ -205,10 +220,16 @@ def _read_bin(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     yield from state.items()
 
 
-def save_model(model: GPTNeoX, path: str | Path, max_shard_size: int | str = "5GB") -> Path:
-    """Write config.json and safetensors (sharded past max_shard_size) in Hugging Face layout."""
+def save_model(model: GPTNeoX, path: str | Path, tokenizer=None, max_shard_size: int | str = "5GB") -> Path:
+    """Write config.json and safetensors (sharded past max_shard_size) in Hugging Face layout, with the
+    tokenizer beside them so the folder is a complete model.
+
+    tokenizer: a Tokenizer, or a folder / built-in name / hub id whose tokenizer files are copied; by
+    default the tokenizer of the folder the model was loaded from, if it had one.
+    """
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    _save_tokenizer_beside(model, folder, tokenizer)
     from neoxko.quantize import QUANTIZATION_CONFIG
 
     state = {k: v.detach() for k, v in model.state_dict().items()}

@@ -29,6 +29,7 @@ class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, eos_token: str | None = None):
         self.tokenizer = tokenizer
         self.eos_token = eos_token
+        self.source: Path | None = None  # the folder it was read from, whose files save_model copies
         self.eos_id = tokenizer.token_to_id(eos_token) if eos_token is not None else None
         self.aliases = {a: t for a, t in ALIASES.items()
                         if tokenizer.token_to_id(t) is not None and tokenizer.token_to_id(a) is None}
@@ -39,14 +40,16 @@ class Tokenizer:
         file = folder / "tokenizer.json"
         if not file.is_file():
             raise CheckpointError(
-                f"{folder} has no tokenizer.json; neoxko reads the fast-tokenizer file that "
-                "transformers' tokenizer.save_pretrained writes"
+                f"{folder} has no tokenizer.json; save the model with neoxko.save_model(model, folder, "
+                "tokenizer=...) or copy the tokenizer's files (tokenizer.json, tokenizer_config.json) into it"
             )
         try:
             tokenizer = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise CheckpointError(f"{file} is not a valid tokenizer.json: {e}") from None
-        return cls(tokenizer, _eos_token(folder, tokenizer))
+        loaded = cls(tokenizer, _eos_token(folder, tokenizer))
+        loaded.source = folder
+        return loaded
 
     @property
     def vocab_size(self) -> int:
@@ -162,10 +165,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 30000, min_frequency
 
 
 def copy_tokenizer_files(source: str | Path, target: str | Path) -> None:
-    """Copy the tokenizer files that source has (TOKENIZER_FILES) into target, next to a model's weights."""
+    """Copy the tokenizer files (TOKENIZER_FILES) of source into target, next to a model's weights.
+
+    source: a folder, its tokenizer.json, a built-in model name or a hub id; one without tokenizer.json
+    is refused, never skipped in silence."""
+    path = Path(source)
+    folder = path.parent if path.is_file() else resolve(source, allow_patterns=TOKENIZER_FILES)
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{source} has no tokenizer.json to copy; pass a tokenizer folder, a model folder "
+                              "with one, or a built-in name such as ko-small")
     for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copy(Path(source) / name, Path(target) / name)
+        if (folder / name).is_file() and (folder / name).resolve() != (Path(target) / name).resolve():
+            shutil.copy(folder / name, Path(target) / name)
 
 
 def save_tokenizer(tokenizer: Tokenizer, folder: str | Path, model_max_length: int = 2048) -> Path:

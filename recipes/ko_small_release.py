@@ -19,7 +19,6 @@ import torch
 from neoxko import Sampling, generate, load_model, load_tokenizer, save_model
 from neoxko.evaluate.perplexity import perplexity, stream_tokens, unigram_perplexity
 from neoxko.quantize import quantize_model
-from neoxko.tokenizer import copy_tokenizer_files
 
 PROMPTS = ["대한민국의 수도는", "이 영화는 정말", "청원 취지: 최근", "제1조(목적) 이 법은", "오늘 친구랑",
            "대법원은 원심 판결을"]
@@ -44,8 +43,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     model32 = load_model(run / "model", dtype="float32")
-    save_model(model32.to(torch.bfloat16), out)
-    copy_tokenizer_files(run / "model", out)
+    save_model(model32.to(torch.bfloat16), out, tokenizer=run / "model")
     shutil.copy(Path(__file__).with_name("ko-small.yaml"), out / "train.yaml")
     if (run / "loss.png").is_file():
         shutil.copy(run / "loss.png", out / "loss.png")

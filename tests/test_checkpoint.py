@@ -277,3 +277,24 @@ def test_tokenizer_eos_not_in_vocab(tokenizer_dir, tmp_path):
 def test_unknown_dtype(saved):
     with pytest.raises(CheckpointError, match="unknown dtype 'float8'; use one of float32, bfloat16, float16"):
         load_model(saved, dtype="float8")
+
+
+def test_save_model_writes_a_complete_folder_with_its_tokenizer(tmp_path, model_dir, tokenizer_dir):
+    import subprocess
+    import sys
+
+    loaded = load_model(model_dir)  # a folder with a tokenizer: save_model keeps it
+    save_model(loaded, tmp_path / "copy")
+    assert (tmp_path / "copy" / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    fresh = random_model(tiny_config())
+    save_model(fresh, tmp_path / "given", tokenizer=load_tokenizer(tokenizer_dir))
+    save_model(fresh, tmp_path / "named", tokenizer=str(tokenizer_dir))
+    for folder in ("given", "named"):
+        out = subprocess.run([sys.executable, "-m", "neoxko", "generate", "--model", str(tmp_path / folder),
+                              "--max-new-tokens", "3", "--temperature", "0", "안녕"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    save_model(fresh, tmp_path / "bare")
+    with pytest.raises(CheckpointError, match="has no tokenizer.json; save the model with neoxko.save_model"):
+        load_tokenizer(tmp_path / "bare")
+    with pytest.raises(CheckpointError, match="has no tokenizer.json to copy"):
+        save_model(fresh, tmp_path / "x", tokenizer=tmp_path / "bare")

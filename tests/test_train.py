@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import KOREAN_TEXT
-from neoxko.errors import CheckpointError, ConfigError
+from neoxko.errors import CheckpointError, ConfigError, NeoxkoError
 from neoxko.tokenizer import load_tokenizer
 from neoxko.train.config import TrainConfig
 from neoxko.train.loop import train
@@ -242,3 +242,20 @@ def test_state_estimate_is_exact_and_dry_run_refuses_what_cannot_fit(shards, tmp
                          capture_output=True, text=True)
     assert big.returncode == 2 and "this run needs about 366.5 GB per rank" in big.stderr
     assert "80.0 GB is available (device_memory_gb)" in big.stderr and "Traceback" not in big.stderr
+
+
+def test_the_exported_model_gets_a_tokenizer_by_name_or_from_the_data(shards, tmp_path):
+    cfg = settings(shards, tmp_path / "named", max_steps=1, eval_every=0, tokenizer="ko-small",
+                   model=TINY | {"vocab_size": 30080})
+    train(TrainConfig(**cfg))
+    assert load_tokenizer(tmp_path / "named" / "model").vocab_size == load_tokenizer("ko-small").vocab_size
+    data = tmp_path / "prepared"
+    (data / "tokens").mkdir(parents=True)
+    for f in shards.iterdir():
+        (data / "tokens" / f.name).write_bytes(f.read_bytes())
+    (data / "prepare.json").write_text(json.dumps({"tokenizer": "ko-small"}))
+    train(TrainConfig(**cfg | {"tokenizer": None, "data": [str(data)], "out_dir": str(tmp_path / "from_data")}))
+    assert (tmp_path / "from_data" / "model" / "tokenizer.json").is_file()
+    with pytest.raises(NeoxkoError, match="neither an existing folder nor a valid hub id"):
+        train(TrainConfig(**cfg | {"tokenizer": "no/such/tokenizer/here", "out_dir": str(tmp_path / "bad")}))
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before training

@@ -121,12 +121,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from neoxko.checkpoint import load_model, resolve, save_model
-    from neoxko.tokenizer import copy_tokenizer_files
+    from neoxko.checkpoint import load_model, save_model
 
     model = load_model(args.model, dtype=args.dtype, quantize="int8")
-    out = save_model(model, args.output)
-    copy_tokenizer_files(resolve(args.model), out)
+    out = save_model(model, args.output)  # with the tokenizer of the folder it came from
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"neoxko: wrote {out} ({size / 1e6:.1f} MB of int8 weights and {args.dtype} scales)")
     return 0

@@ -171,7 +171,6 @@ def export(folder: Path, dest: Path, tokenizer: str | Path | None = None) -> Pat
     """Write a Hugging Face folder from a sharded checkpoint in this process alone, reading the model's
     tensors only (never the optimizer state). The folder appears complete or not at all."""
     from neoxko.checkpoint import save_model
-    from neoxko.tokenizer import copy_tokenizer_files
 
     meta = read_meta(folder)
     verify(folder, meta, alone=True)
@@ -185,9 +184,7 @@ def export(folder: Path, dest: Path, tokenizer: str | Path | None = None) -> Pat
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    if tokenizer:
-        copy_tokenizer_files(tokenizer, tmp)
+    save_model(model, tmp, tokenizer=tokenizer)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest

@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from neoxko.errors import NeoxkoError
 from neoxko.train import checkpoint
 from neoxko.train.build import build_model, build_optimizer
 from neoxko.train.config import TrainConfig
@@ -47,6 +48,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"neoxko: {dims}, {accumulation} micro-batch(es) of {cfg.micro_batch} per rank per step, on {device}",
               file=sys.stderr, flush=True)
 
+    tokenizer = tokenizer_for_export(cfg)
+
     # 2. model (built sharded, never whole), parallelism, optimizer
     model = build_model(cfg, dims, mesh, device)
     wrapped = apply_ddp(model, mesh, device) if world > 1 and not dims.sharded else model
@@ -62,7 +65,7 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             trim_log(out / "log.jsonl", start)
     if start >= cfg.max_steps:  # finished before: export again if that is what failed
-        return finish(out, cfg, rank, found, start)
+        return finish(out, tokenizer, rank, found, start)
     stop = _stop_on_sigterm()
 
     # 4. the loop
@@ -131,18 +134,45 @@ def train(cfg: TrainConfig) -> dict:
 
     # 5. the final model in Hugging Face format, from the last checkpoint
     if last.get("step") == cfg.max_steps:
-        finish(out, cfg, rank, saved, cfg.max_steps)
+        finish(out, tokenizer, rank, saved, cfg.max_steps)
     return last
 
 
-def finish(out: Path, cfg: TrainConfig, rank: int, final: Path, step: int) -> dict:
+def tokenizer_for_export(cfg: TrainConfig) -> str | None:
+    """The tokenizer OUT/model gets: cfg.tokenizer, else the one the first data folder was prepared with.
+    Checked now, so that a wrong name fails before training, not at its end."""
+    from neoxko.checkpoint import resolve
+    from neoxko.tokenizer import TOKENIZER_FILES
+
+    tokenizer = cfg.tokenizer
+    if tokenizer is None and cfg.data:
+        folder = Path(cfg.data[0])
+        record = next((p / "prepare.json" for p in (folder, folder.parent) if (p / "prepare.json").is_file()), None)
+        tokenizer = json.loads(record.read_text(encoding="utf-8")).get("tokenizer") if record else None
+        if tokenizer is None:
+            return None
+    elif tokenizer is None:
+        return None
+    path = Path(tokenizer)
+    found = path.parent if path.is_file() else resolve(tokenizer, allow_patterns=TOKENIZER_FILES)
+    if not (found / "tokenizer.json").is_file():
+        raise NeoxkoError(f"tokenizer {tokenizer!r} has no tokenizer.json; set tokenizer= to a tokenizer folder "
+                          "or a built-in name such as ko-small")
+    return str(tokenizer)
+
+
+def finish(out: Path, tokenizer: str | None, rank: int, final: Path, step: int) -> dict:
     """Rank 0 writes OUT/model from the final checkpoint unless that step's export is there (OUT/export.json
     says which step OUT/model holds); returns the last log row."""
     record = out / "export.json"
     done = record.is_file() and json.loads(record.read_text()).get("step") == step and (out / "model").is_dir()
     if rank == 0 and not done:
-        checkpoint.export(final, out / "model", cfg.tokenizer)
+        checkpoint.export(final, out / "model", tokenizer)
         record.write_text(json.dumps({"step": step, "checkpoint": final.name, "model": "model"}) + "\n")
+        with_tokenizer = f"with the tokenizer of {tokenizer}" if tokenizer else \
+            "without a tokenizer (set tokenizer= to add one)"
+        print(f"neoxko: wrote the model after step {step} to {out / 'model'} (Hugging Face format, "
+              f"{with_tokenizer})", file=sys.stderr, flush=True)
     rows = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").is_file() else []
     return json.loads(rows[-1]) if rows else {}
 
