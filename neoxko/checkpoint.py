@@ -1,6 +1,7 @@
 """Hugging Face checkpoints in and out: folders, hub ids, safetensors (single or sharded) and .bin."""
 
 import json
+import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,13 +86,15 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
         raise CheckpointError(f"{folder} is quantized with {method!r}, which neoxko cannot read; "
                               f"load the unquantized checkpoint (and pass --quantize int8)")
     dtype = parse_dtype(dtype)
+    tied_head = _quant_config(folder).get("tied_head", "int8")  # files from before 0.2 have an int8 tied head
     with torch.device("meta"):
         model = GPTNeoX(config)
         if method:
-            quantize_model(model, empty=True)
-    tied = config.tie_word_embeddings and not method
+            quantize_model(model, empty=True, tied_head=tied_head)
+    tied = config.tie_word_embeddings and (not method or tied_head == "float")
     shapes = {name: p.shape for name, p in model.state_dict().items()}
-    loaded = {name: tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else tensor.dtype)
+    loaded = {name: _aligned(tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else
+                                       tensor.dtype))
               for name, tensor in checkpoint_tensors(folder, shapes, tied)}
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
@@ -146,9 +149,19 @@ def _save_tokenizer_beside(model: GPTNeoX, folder: Path, tokenizer) -> None:
         copy_tokenizer_files(source, folder)
 
 
-def _quant_method(folder: Path) -> str | None:
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor read in place from a safetensors file starts wherever the header left it; torch's CPU int8
+    kernel (and vector loads generally) want 64-byte aligned data, so such a tensor is copied once."""
+    return tensor.clone() if tensor.device.type == "cpu" and tensor.data_ptr() % 64 else tensor
+
+
+def _quant_config(folder: Path) -> dict:
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return (raw.get("quantization_config") or {}).get("quant_method")
+    return raw.get("quantization_config") or {}
+
+
+def _quant_method(folder: Path) -> str | None:
+    return _quant_config(folder).get("quant_method")
 
 
 def _read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -234,10 +247,22 @@ def save_model(model: GPTNeoX, path: str | Path, tokenizer=None, max_shard_size:
 
     state = {k: v.detach() for k, v in model.state_dict().items()}
     quantized = getattr(model, "quantized", False)
-    if model.config.tie_word_embeddings and not quantized:
-        del state["embed_out.weight"]  # transformers ties it back from embed_in
+    tied_head = getattr(model, "tied_head", None)
+    if model.config.tie_word_embeddings and (not quantized or tied_head == "float"):
+        del state["embed_out.weight"]  # tied back to embed_in on load (transformers does the same)
     dtype = model.gpt_neox.embed_in.weight.dtype
+    quant = QUANTIZATION_CONFIG | ({"tied_head": tied_head} if tied_head else {})
     model.config.save(folder / "config.json", dtype=str(dtype).removeprefix("torch."),
-                      extra={"quantization_config": QUANTIZATION_CONFIG} if quantized else None)
+                      extra={"quantization_config": quant} if quantized else None)
     save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    # huggingface_hub writes through private temporary files (mode 0600): give them the umask's mode
+    mode = 0o666 & ~_umask()
+    for written in (*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")):
+        written.chmod(mode)
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,6 +1,8 @@
 """Int8 weight-only quantization: a state-dict transform plus a module swap.
 
-Every nn.Linear (attention, MLP and the output head) becomes an Int8Linear: int8 weights with one
+Every nn.Linear (attention, MLP and the output head) becomes an Int8Linear, except an output head
+tied to the input embedding, which keeps sharing it (an int8 copy beside the float embedding would make
+the file larger than the unquantized one): int8 weights with one
 float scale per output channel (symmetric, scale = max |w| / 127), dequantized inside the matrix
 product by torch's int8 weight-only kernel. Embedding lookups, LayerNorms and biases stay in float.
 Decoding on a CPU reads every weight once per token, so halving the bytes of the bf16 weights makes
@@ -84,11 +86,16 @@ def dequantize(module: Int8Linear) -> Tensor:
     return module.weight.float() * module.weight_scale.float()[:, None]
 
 
-def quantize_model(model: nn.Module, empty: bool = False) -> nn.Module:
-    """Swap every nn.Linear for an Int8Linear, in place; empty=True only builds the modules (for loading)."""
+def quantize_model(model: nn.Module, empty: bool = False, tied_head: str = "float") -> nn.Module:
+    """Swap every nn.Linear for an Int8Linear, in place; empty=True only builds the modules (for loading).
+
+    tied_head "float" leaves a head tied to the embedding as it is; "int8" quantizes it too (files
+    written before neoxko 0.2 are laid out so)."""
     if getattr(model, "quantized", False):
         return model
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    keep = {"embed_out"} if getattr(model.config, "tie_word_embeddings", False) and tied_head == "float" else set()
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name not in keep]
     for name, linear in targets:
         parent, _, child = name.rpartition(".")
         if empty:
@@ -98,4 +105,5 @@ def quantize_model(model: nn.Module, empty: bool = False) -> nn.Module:
             new = Int8Linear.from_linear(linear)
         setattr(model.get_submodule(parent) if parent else model, child, new)
     model.quantized = True
+    model.tied_head = tied_head if keep or tied_head == "int8" and model.config.tie_word_embeddings else None
     return model
