@@ -1,14 +1,29 @@
-"""neoxko: GPT-NeoX-Ko (Polyglot-Ko) as a Python toolkit."""
+"""neoxko: GPT-NeoX-Ko (Polyglot-Ko) as a Python toolkit.
 
-from neoxko.checkpoint import load_model, save_model
-from neoxko.config import PRESETS, ModelConfig
-from neoxko.errors import NeoxkoError
-from neoxko.generate import Sampling, generate, stream
-from neoxko.model import GPTNeoX
-from neoxko.tokenizer import Tokenizer, load_tokenizer
+The public names load on first use, so `neoxko --help` and other light commands start without torch.
+"""
 
-__all__ = [
-    "GPTNeoX", "ModelConfig", "NeoxkoError", "PRESETS", "Sampling", "Tokenizer",
-    "generate", "load_model", "load_tokenizer", "save_model", "stream",
-]
-__version__ = "0.1.0"
+import importlib
+
+__version__ = "0.2.0"
+_PUBLIC = {
+    "load_model": "neoxko.checkpoint", "save_model": "neoxko.checkpoint",
+    "PRESETS": "neoxko.config", "ModelConfig": "neoxko.config",
+    "NeoxkoError": "neoxko.errors",
+    "Sampling": "neoxko.generate", "generate": "neoxko.generate", "stream": "neoxko.generate",
+    "GPTNeoX": "neoxko.model",
+    "Tokenizer": "neoxko.tokenizer", "load_tokenizer": "neoxko.tokenizer",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'neoxko' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

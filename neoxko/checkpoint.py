@@ -11,6 +11,7 @@ from huggingface_hub import save_torch_state_dict, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 
+from neoxko.builtin import BUILTIN, DEFAULT_MODEL, MODEL_HELP  # noqa: F401 (re-exported)
 from neoxko.config import ModelConfig
 from neoxko.errors import CheckpointError
 from neoxko.model import GPTNeoX
@@ -22,10 +23,6 @@ SKIPPED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_f
 HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", BIN_INDEX,
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Models shipped inside the package, by name; commands use DEFAULT_MODEL when --model is not given.
-BUILTIN = {"ko-small": Path(__file__).parent / "builtin" / "ko-small"}
-DEFAULT_MODEL = "ko-small"
-MODEL_HELP = f"model folder, hub id or built-in name (default: the built-in {DEFAULT_MODEL})"
 
 
 def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> Path:

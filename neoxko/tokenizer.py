@@ -160,6 +160,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 30000, min_frequency
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True,
     )
     tok.train_from_iterator(texts, trainer, length=length)
+    learned = tok.get_vocab_size()
+    if learned < vocab_size:
+        warnings.warn(
+            f"the corpus gave only {learned:,} BPE entries of the {vocab_size:,} asked for, so the PII tokens "
+            f"{', '.join(PII_TOKENS.values())} get ids {learned}-{learned + 2}, not {vocab_size}-{vocab_size + 2} "
+            f"as in Polyglot-Ko; train on more text, or ask for --vocab-size {learned} to make it explicit",
+            stacklevel=2)
     tok.add_special_tokens(list(PII_TOKENS.values()))
     return Tokenizer(tok, EOS)
 

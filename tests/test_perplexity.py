@@ -67,3 +67,16 @@ def test_perplexity_command(model_dir, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "neoxko", "perplexity", str(tmp_path / "none"), "--model",
                               str(model_dir)], capture_output=True, text=True)
     assert missing.returncode == 2 and "no token shards (*.ds)" in missing.stderr
+    assert "not checked that" in run.stderr  # no prepare.json beside these shards
+
+
+def test_data_from_another_tokenizer_is_refused(model_dir, tmp_path):
+    write_shard(tmp_path / "run" / "heldout" / "tokens", "a", list(range(4, 100)))
+    cmd = [sys.executable, "-m", "neoxko", "perplexity", str(tmp_path / "run" / "heldout"), "--model", str(model_dir),
+           "--seq-len", "32", "--json"]
+    (tmp_path / "run" / "prepare.json").write_text(json.dumps({"tokenizer": "ko-small"}))
+    other = subprocess.run(cmd, capture_output=True, text=True)
+    assert other.returncode == 2 and "which is not the model's tokenizer" in other.stderr
+    (tmp_path / "run" / "prepare.json").write_text(json.dumps({"tokenizer": str(model_dir)}))
+    same = subprocess.run(cmd, capture_output=True, text=True)
+    assert same.returncode == 0 and "not checked" not in same.stderr, same.stderr

@@ -106,6 +106,13 @@ def test_cli_trains_a_tokenizer(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "403 tokens (embedding rows: 512)" in out.stdout
     assert load_tokenizer(tmp_path / "tok").token_to_id("<|rrn|>") == 402
+    assert "warning" not in out.stderr
+    small = subprocess.run([sys.executable, "-m", "neoxko", "tokenizer", "train", str(tmp_path / "a.txt"),
+                            "--output", str(tmp_path / "small"), "--vocab-size", "30000"], capture_output=True, text=True)
+    learned = load_tokenizer(tmp_path / "small").vocab_size - 3
+    assert small.returncode == 0 and learned < 30000
+    assert (f"neoxko: warning: the corpus gave only {learned:,} BPE entries of the 30,000 asked for, so the PII "
+            f"tokens <|acc|>, <|tel|>, <|rrn|> get ids {learned}-{learned + 2}, not 30000-30002") in small.stderr
     out = subprocess.run([sys.executable, "-m", "neoxko", "tokenizer", "train", str(tmp_path / "nope.txt"),
                           "--output", str(tmp_path / "x")], capture_output=True, text=True)
     assert out.returncode == 2 and "input file(s) not found" in out.stderr

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from neoxko import __version__
 from neoxko.cli import data, evaluate, models, train
 from neoxko.errors import NeoxkoError
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neoxko", description="GPT-NeoX-Ko (Polyglot-Ko) toolkit")
+    parser.add_argument("--version", action="version", version=f"neoxko {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for stage in (models, evaluate, train, data):

@@ -58,7 +58,13 @@ def run_tokenizer_train(args: argparse.Namespace) -> int:
     absent = [p for p in args.inputs if not Path(p).is_file()]
     if absent:
         raise NeoxkoError(f"input file(s) not found: {', '.join(absent)}")
-    tokenizer = train_tokenizer(read_texts(args.inputs, args.text_key), args.vocab_size, args.min_frequency)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokenizer = train_tokenizer(read_texts(args.inputs, args.text_key), args.vocab_size, args.min_frequency)
+    for warning in caught:
+        print(f"neoxko: warning: {warning.message}", file=sys.stderr)
     save_tokenizer(tokenizer, args.output)
     rows = pad_vocab_size(tokenizer.vocab_size)
     print(f"wrote {args.output}: {tokenizer.vocab_size} tokens (embedding rows: {rows})")

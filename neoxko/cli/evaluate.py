@@ -3,8 +3,9 @@
 import argparse
 import json
 import os
+import sys
 
-from neoxko.checkpoint import DEFAULT_MODEL, MODEL_HELP
+from neoxko.builtin import DEFAULT_MODEL, MODEL_HELP
 from neoxko.errors import NeoxkoError
 
 
@@ -64,10 +65,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_perplexity(args: argparse.Namespace) -> int:
     from neoxko.checkpoint import load_model
-    from neoxko.evaluate.perplexity import perplexity, stream_tokens, unigram_perplexity
+    from neoxko.evaluate.perplexity import check_tokenizer, perplexity, stream_tokens, unigram_perplexity
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokens = stream_tokens(args.data, args.max_tokens)
+    note = check_tokenizer(args.data, args.model)
+    if note:
+        print(f"neoxko: {note}", file=sys.stderr)
     result = {"model": str(args.model), "data": args.data}
     result["model_ppl"] = perplexity(model, tokens, args.seq_len or model.config.max_position_embeddings,
                                      args.batch_size)
