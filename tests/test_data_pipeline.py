@@ -274,3 +274,11 @@ def test_holdout_with_numeric_document_ids(tokenizer, tmp_path):
 def test_bad_holdout_is_refused(corpus, tokenizer, tmp_path):
     with pytest.raises(NeoxkoError, match="--holdout is a share of documents between 0 and 0.5"):
         prepare(config(corpus, tokenizer, tmp_path / "out", holdout=0.7))
+
+
+def test_an_empty_shard_reads_as_no_tokens(tmp_path):
+    """A task that got no documents (a small held-out share over several tasks) leaves an empty shard."""
+    from neoxko.data.shards import read_tokens
+
+    (tmp_path / "00001.ds").write_bytes(b"")
+    assert len(read_tokens(tmp_path / "00001.ds")) == 0

@@ -19,7 +19,10 @@ def token_shards(folder: str | Path) -> list[Path]:
 
 
 def read_tokens(shard: str | Path) -> np.ndarray:
-    """The shard's token ids as a read-only memory map (no copy in memory)."""
+    """The shard's token ids as a read-only memory map (no copy in memory); an empty shard (a task that
+    got no documents) is an empty array."""
+    if Path(shard).stat().st_size == 0:
+        return np.zeros(0, dtype="<u2")
     return np.memmap(shard, dtype="<u2", mode="r")
 
 
