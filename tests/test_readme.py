@@ -97,5 +97,5 @@ def test_readme_block_runs_as_written(workdir, index):
 def test_the_readme_has_blocks_to_run_and_says_why_it_skips_the_others():
     assert len(BLOCKS) >= 15
     assert sum(not mark.startswith("skip:") for _, _, mark in BLOCKS) >= 8
-    for _, code, mark in BLOCKS:
+    for _, _, mark in BLOCKS:
         assert mark in ("", "server") or (mark.startswith("skip:") and len(mark) > 10), mark
