@@ -58,3 +58,25 @@ def test_errors_are_one_line_without_traceback(tmp_path, model_dir):
     assert "Traceback" not in out.stderr
     out = neoxko("generate", "--model", str(model_dir), "--top-p", "2", "hi")
     assert out.returncode == 2 and "top_p must be in (0, 1]" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_io_errors_and_closed_pipes_are_one_line(tmp_path):
+    out = neoxko("data", "pii-eval", str(tmp_path / "nope.jsonl"))
+    assert out.returncode == 2 and out.stderr.strip() == f"neoxko: error: No such file or directory: {tmp_path / 'nope.jsonl'}"
+    (tmp_path / "big.txt").write_text("내 번호는 010-1234-5678 이야\n" * 100000, encoding="utf-8")
+    piped = subprocess.run(["bash", "-c", f"{sys.executable} -m neoxko data pii {tmp_path / 'big.txt'} | head -1"],
+                           capture_output=True, text=True)
+    assert piped.stdout == "내 번호는 <|tel|> 이야\n" and piped.stderr == ""
+    (tmp_path / "afile").write_text("")
+    out = neoxko("train", "max_steps=1", f"out_dir={tmp_path / 'afile' / 'run'}", "model=" + json.dumps(
+        {"vocab_size": 384, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "intermediate_size": 64, "max_position_embeddings": 64}), "data=[]")
+    assert out.returncode == 2 and out.stderr.startswith("neoxko: error: Not a directory:") and "Traceback" not in out.stderr
+
+
+def test_an_unreachable_hub_dataset_is_reported_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "neoxko", "data", "prepare", "--hf-dataset", "someone/no-such-data",
+                          "--output", str(tmp_path / "out"), "--tokenizer", "ko-small"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "cannot open the dataset 'someone/no-such-data'" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()

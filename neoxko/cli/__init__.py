@@ -1,6 +1,7 @@
 """The `neoxko` command line: one subcommand per stage."""
 
 import argparse
+import os
 import sys
 
 from neoxko import __version__
@@ -18,6 +19,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"neoxko: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

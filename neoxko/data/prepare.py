@@ -255,7 +255,7 @@ def prepare(config: PrepareConfig) -> dict:
     if config.hf_dataset and config.inputs:
         raise NeoxkoError("give input files or --hf-dataset, not both")
     if config.hf_dataset:
-        _check_datasets()
+        _check_datasets(config.hf_dataset, config.hf_options)
     else:
         input_files(config.inputs)
     claim_output(config)
@@ -268,11 +268,18 @@ def prepare(config: PrepareConfig) -> dict:
     return report
 
 
-def _check_datasets() -> None:
+def _check_datasets(name: str, options: dict) -> None:
+    """The datasets library is there and the dataset can be found (on the hub, or in the cache offline)."""
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         raise NeoxkoError("--hf-dataset needs the datasets library: pip install 'neoxko[hf]'") from None
+    try:
+        datasets.load_dataset_builder(name, **{k: v for k, v in options.items() if k == "name"})
+    except (ConnectionError, FileNotFoundError, ValueError) as e:  # offline, unknown id, unknown config
+        raise NeoxkoError(f"cannot open the dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "check the id, or with HF_HUB_OFFLINE=1 download it once with network access first, "
+                          "or pass local files instead") from None
 
 
 def _stats(stage_logs: Path) -> list[dict]:
