@@ -108,3 +108,19 @@ def test_streamed_masking_equals_whole_text_masking_and_never_leaks_early(seed):
         emitted += guard.flush()
         assert emitted == replace_pii(text)
         assert guard.total == len(spans) == sum(replace_pii_counted(text)[1].values())
+
+
+@pytest.mark.parametrize("prompt,continuation", [
+    ("주민번호 850315-1234567", "12 입니다"), ("연락처 010-1234-5678", "1 로"), ("계좌번호 3333-01-1234567", "99"),
+    ("전화 010-1234-", "5678 로 주세요"),  # a number split across the prompt and the continuation
+])
+def test_an_echoed_prompt_keeps_its_pii_masked_whatever_the_model_adds(prompt, continuation):
+    """`echo` with `mask_pii`: digits the model appends must not turn the prompt's number into a non-match."""
+    from neoxko.data.pii import PIIStream
+
+    guard = PIIStream()
+    out = guard.push_prompt(prompt) + "".join(guard.push(c) for c in continuation) + guard.flush()
+    digits = [c for c in prompt if c.isdigit()]
+    assert "<|" in out and "".join(c for c in out if c.isdigit()) != "".join(digits) + "".join(
+        c for c in continuation if c.isdigit()), out
+    assert not any(prompt[i:i + 4] in out for i in range(len(prompt) - 3) if prompt[i:i + 4].isdigit()), out

@@ -238,7 +238,16 @@ class PIIStream:
     def __init__(self):
         self.raw = ""  # text seen, from CONTEXT characters before the emitted point on
         self.done = 0  # how much of raw has been emitted
+        self.base = 0  # where raw starts in the whole text
+        self.forced: list[Span] = []  # spans of a pushed prompt, in whole-text offsets
         self.masked: Counter = Counter()
+
+    def push_prompt(self, prompt: str) -> str:
+        """Take text that is complete in itself (an echoed prompt): its PII is masked as it stands, even
+        when what the model writes next (more digits) would make the whole no longer look like PII."""
+        start = self.base + len(self.raw)
+        self.forced += [Span(start + s.start, start + s.end, s.label) for s in find_pii(prompt)]
+        return self.push(prompt)
 
     def push(self, piece: str) -> str:
         self.raw += piece
@@ -257,7 +266,7 @@ class PIIStream:
         return sum(self.masked.values())
 
     def _emit(self, cut: int) -> str:
-        spans = [s for s in find_pii(self.raw) if s.start >= self.done]
+        spans = self._spans()
         for span in spans:
             if span.start < cut < span.end:
                 cut = span.start
@@ -269,5 +278,12 @@ class PIIStream:
                 self.masked[span.label] += 1
         parts.append(self.raw[last:cut])
         keep = max(0, cut - self.CONTEXT)
-        self.raw, self.done = self.raw[keep:], cut - keep
+        self.raw, self.done, self.base = self.raw[keep:], cut - keep, self.base + keep
+        self.forced = [f for f in self.forced if f.end > self.base + self.done]
         return "".join(parts)
+
+    def _spans(self) -> list[Span]:
+        """PII in the text not yet emitted; a prompt's own spans win where they overlap."""
+        forced = [Span(f.start - self.base, f.end - self.base, f.label) for f in self.forced]
+        found = [s for s in find_pii(self.raw) if all(s.end <= f.start or s.start >= f.end for f in forced)]
+        return sorted((s for s in found + forced if s.start >= self.done), key=lambda s: s.start)

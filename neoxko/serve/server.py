@@ -448,8 +448,8 @@ class Choice:
     def feed(self, event) -> tuple[str, dict | None]:
         """Take one engine event; return the new text it makes visible and its logprobs entry."""
         new, mark = "", len(self.lp_tokens)
-        if self.echo is not None:
-            new += self._guarded(self.echo)
+        if self.echo is not None:  # masked as a whole with what follows, its own PII masked whatever follows
+            new += self.guard.push_prompt(self.echo) if self.guard and self.echo else self.echo
             self.echo = None
         if isinstance(event, Finished):
             if self.want_logprobs and event.prompt_logprobs is not None:
