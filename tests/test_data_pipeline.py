@@ -282,3 +282,25 @@ def test_an_empty_shard_reads_as_no_tokens(tmp_path):
 
     (tmp_path / "00001.ds").write_bytes(b"")
     assert len(read_tokens(tmp_path / "00001.ds")) == 0
+
+
+def test_a_rerun_whose_input_files_changed_is_refused(tmp_path, tokenizer):
+    from neoxko.data.prepare import claim_output
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("첫 문서\n", encoding="utf-8")
+    (tmp_path / "in" / "b.txt").write_text("둘째 문서\n", encoding="utf-8")
+    cfg = config(tmp_path / "in", tokenizer, tmp_path / "out")
+    claim_output(cfg)
+    claim_output(cfg)  # the same files: a resume
+    (tmp_path / "in" / "a0.txt").write_text("끼어든 문서\n", encoding="utf-8")
+    (tmp_path / "in" / "b.txt").write_text("둘째 문서가 바뀌었다\n", encoding="utf-8")
+    with pytest.raises(NeoxkoError, match="the input files changed since .* \\(added: a0.txt; changed: b.txt\\)"):
+        claim_output(cfg)
+
+
+def test_input_whose_documents_are_all_dropped_says_so(tmp_path, tokenizer):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("짧다\n응\n", encoding="utf-8")
+    with pytest.raises(NeoxkoError, match="no document survived cleaning and filtering \\(2 read; dropped: too_short 2\\)"):
+        prepare(PrepareConfig(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), tokenizer=str(tokenizer)))

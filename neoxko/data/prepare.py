@@ -110,22 +110,42 @@ def tokenizer_file(path_or_id: str) -> Path:
 
 
 def claim_output(config: PrepareConfig) -> None:
-    """Refuse an output folder that holds a run with other settings; remember ours for resuming."""
+    """Refuse an output folder that holds a run with other settings or other input files; remember ours
+    (with each input file's size) for resuming. Tasks are given files by their place in the sorted list,
+    so a file added, removed or changed between a kill and the rerun would lose or repeat documents."""
     out = Path(config.output)
     marker = out / "prepare.json"
-    settings = config.run_settings()
+    settings = json.loads(json.dumps(config.run_settings()))
+    files = {} if config.hf_dataset else _input_sizes(config.inputs)
     if marker.exists():
         previous = json.loads(marker.read_text(encoding="utf-8"))
-        if previous != json.loads(json.dumps(settings)):
-            changed = sorted(k for k in settings if previous.get(k) != json.loads(json.dumps(settings))[k])
+        before = previous.pop("input_files", None)
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise NeoxkoError(
                 f"{out} already holds a run with other settings ({', '.join(changed)} differ); "
                 "use a new --output folder, or the same settings to resume that run"
             )
+        if before is not None and before != files:
+            added = sorted(set(files) - set(before))
+            removed = sorted(set(before) - set(files))
+            resized = sorted(f for f in set(files) & set(before) if files[f] != before[f])
+            what = "; ".join(f"{label}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5
+                                                                     else "")
+                             for label, names in (("added", added), ("removed", removed), ("changed", resized))
+                             if names)
+            raise NeoxkoError(f"the input files changed since {out} was started ({what}); resuming would lose or "
+                              "repeat documents. Restore them, or start again in a new --output folder")
     elif out.exists() and any(out.iterdir()):
         raise NeoxkoError(f"{out} is not empty and holds no neoxko run; use a new --output folder")
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    record = settings | {"input_files": files}
+    marker.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _input_sizes(inputs: list[str]) -> dict[str, int]:
+    root, files = input_files(inputs)
+    return {name: (root / name).stat().st_size for name in files}
 
 
 def exact_content(doc) -> str:
@@ -260,12 +280,30 @@ def prepare(config: PrepareConfig) -> dict:
         input_files(config.inputs)
     claim_output(config)
     executors = build_executors(config, tokenizer)
+    if config.executor == "local":
+        executors[0].run()
+        _require_survivors(Path(config.output))
     executors[-1].run()  # runs the stages it depends on first, skipping finished tasks
     if config.executor != "local":
         return {}
     report = collect_report(Path(config.output))
     write_report(Path(config.output), report)
     return report
+
+
+def _require_survivors(out: Path) -> None:
+    """Stop with the counts when cleaning and filtering left no document (later stages have nothing to read)."""
+    if any(f.stat().st_size for f in (out / "clean").glob("*.jsonl")):
+        return
+    counts: dict[str, float] = {}
+    for step in _stats(out / "logs" / f"1-{STAGES[0]}"):
+        for key, value in step["stats"].items():
+            if key == "documents" or key.startswith("dropped_"):
+                counts[key] = counts.get(key, 0) + value
+    read = int(counts.pop("documents", 0))
+    drops = ", ".join(f"{k.removeprefix('dropped_')} {int(v):,}" for k, v in sorted(counts.items())) or "none"
+    raise NeoxkoError(f"no document survived cleaning and filtering ({read:,} read; dropped: {drops}); nothing to "
+                      "deduplicate or tokenise. Check --text-key, the input's language and its lines' length")
 
 
 def _check_datasets(name: str, options: dict) -> None:
