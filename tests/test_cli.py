@@ -23,8 +23,8 @@ def test_generate_streams_the_same_text_as_the_api(model_dir):
 
 def test_generate_reads_the_prompt_from_stdin(model_dir):
     args = ("generate", "--model", str(model_dir), "--max-new-tokens", "8", "--temperature", "0")
-    assert neoxko(*args, stdin="오늘").stdout == neoxko(*args, "오늘").stdout
-    assert neoxko(*args, stdin="오늘\n").stdout == neoxko(*args, "오늘").stdout  # as `echo 오늘 |` sends it
+    direct = neoxko(*args, "오늘").stdout
+    assert neoxko(*args, stdin="오늘\n").stdout == direct  # as `echo 오늘 |` sends it
 
 
 def test_version_and_a_help_that_does_not_load_torch():
