@@ -304,3 +304,14 @@ def test_input_whose_documents_are_all_dropped_says_so(tmp_path, tokenizer):
     (tmp_path / "in" / "a.txt").write_text("짧다\n응\n", encoding="utf-8")
     with pytest.raises(NeoxkoError, match="no document survived cleaning and filtering \\(2 read; dropped: too_short 2\\)"):
         prepare(PrepareConfig(inputs=[str(tmp_path / "in")], output=str(tmp_path / "out"), tokenizer=str(tokenizer)))
+
+
+def test_a_damaged_parquet_and_a_huge_line_are_counted_and_skipped(tmp_path, tokenizer):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.txt").write_text("\n".join(documents()[:20]) + "\n" + "가나다 " * 400_000 + "\n", encoding="utf-8")
+    (folder / "broken.parquet").write_bytes(b"PAR1 this is not really parquet")
+    report = prepare(PrepareConfig(inputs=[str(folder)], output=str(tmp_path / "out"), tokenizer=str(tokenizer),
+                                   tasks=1, workers=1, minhash_buckets=4))
+    assert report["read"]["unreadable_files"] == 1 and report["read"]["too_long_documents"] == 1
+    assert report["output"]["documents"] == 20

@@ -349,7 +349,8 @@ def collect_report(out: Path) -> dict:
     return {
         "read": {"documents": reader.get("documents", 0), "bytes": reader.get("bytes_read", 0),
                  "invalid_utf8_lines": reader.get("invalid_utf8", 0), "bad_json_lines": reader.get("bad_json", 0),
-                 "unreadable_files": reader.get("unreadable_files", 0)},
+                 "unreadable_files": reader.get("unreadable_files", 0),
+                 "too_long_documents": reader.get("too_long", 0)},
         "clean": {"documents_in": clean.get("total", 0), "documents_out": clean.get("forwarded", 0),
                   "dropped_empty": clean.get("dropped_empty", 0), "bytes_in": clean.get("bytes_in", 0),
                   "bytes_out": clean.get("bytes_out", 0)},

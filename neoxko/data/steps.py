@@ -22,10 +22,13 @@ class KoreanTextReader(BaseDiskReader):
     """Reads .txt (a document a line), .jsonl and .jsonl.gz (a text field), and .parquet files.
 
     Lines that are not valid UTF-8 or not valid JSON are counted (invalid_utf8, bad_json) and
-    logged with file and line, never crash the run; files that cannot be opened are counted too.
+    logged with file and line, never crash the run; files that cannot be opened or parsed (a damaged
+    .parquet) are counted too (unreadable_files). Documents over MAX_CHARS characters are skipped and
+    counted (too_long): the cleaning and PII steps would need hundreds of times their size in memory.
     """
 
     name = "📖 Korean text"
+    MAX_CHARS = 1_000_000  # the longest document of the shared corpus (a law) has 276,450
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         try:
@@ -35,9 +38,16 @@ class KoreanTextReader(BaseDiskReader):
             with self.data_folder.open(filepath, "rb") as f:
                 raw = gzip.open(f) if filepath.endswith(".gz") else f
                 yield from self._read_lines(filepath, raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, gzip.BadGzipFile, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
             self.stat_update("unreadable_files")
             logger.warning(f"skipping unreadable file {filepath}: {e}")
+
+    def _fits(self, text: str, where: str) -> bool:
+        if len(text) <= self.MAX_CHARS:
+            return True
+        self.stat_update("too_long")
+        logger.warning(f"{where}: a document of {len(text):,} characters (over {self.MAX_CHARS:,}); skipped")
+        return False
 
     def _read_lines(self, filepath: str, raw: Iterable[bytes]) -> DocumentsPipeline:
         is_json = ".jsonl" in filepath or ".json" in filepath
@@ -51,13 +61,16 @@ class KoreanTextReader(BaseDiskReader):
             if is_json:
                 try:
                     data = json.loads(text)
-                    data[self.text_key]
+                    if not isinstance(data[self.text_key], str):
+                        raise TypeError
                 except (json.JSONDecodeError, KeyError, TypeError):
                     self.stat_update("bad_json")
                     logger.warning(f"{filepath}:{n}: not a JSON object with a {self.text_key!r} field; skipped")
                     continue
             else:
                 data = {self.text_key: text.rstrip("\r\n")}
+            if not self._fits(data[self.text_key], f"{filepath}:{n}"):
+                continue
             document = self.get_document_from_dict(data, filepath, n - 1)
             if document:
                 self.stat_update("bytes_read", value=len(line))
@@ -72,8 +85,10 @@ class KoreanTextReader(BaseDiskReader):
             n = 0
             for batch in pq.ParquetFile(f).iter_batches(columns=None):
                 for row in batch.to_pylist():
-                    document = self.get_document_from_dict(row, filepath, n)
                     n += 1
+                    if not self._fits(str(row.get(self.text_key) or ""), f"{filepath} row {n}"):
+                        continue
+                    document = self.get_document_from_dict(row, filepath, n - 1)
                     if document:
                         self.stat_update("bytes_read", value=len(document.text.encode()))
                         yield document
