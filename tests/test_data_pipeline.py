@@ -315,3 +315,18 @@ def test_a_damaged_parquet_and_a_huge_line_are_counted_and_skipped(tmp_path, tok
                                    tasks=1, workers=1, minhash_buckets=4))
     assert report["read"]["unreadable_files"] == 1 and report["read"]["too_long_documents"] == 1
     assert report["output"]["documents"] == 20
+
+
+def test_the_command_shows_its_stages_and_keeps_datatrove_logs_in_a_file(tmp_path, tokenizer):
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("\n".join(documents()) + "\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "neoxko", "data", "prepare", str(tmp_path / "in"), "--tokenizer",
+                          str(tokenizer), "--output", str(tmp_path / "out"), "--minhash-buckets", "2"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 14 and all(line.startswith("neoxko: data prepare ") for line in lines), lines[:5]
+    assert "Launching pipeline" in (tmp_path / "out" / "logs" / "datatrove.log").read_text(encoding="utf-8")

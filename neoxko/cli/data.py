@@ -46,6 +46,8 @@ def add_commands(commands) -> None:
     prep.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
     prep.add_argument("--slurm-partition", default=None)
     prep.add_argument("--slurm-time", default="24:00:00")
+    prep.add_argument("--verbose", action="store_true",
+                      help="datatrove's log lines on stderr (default: in OUTPUT/logs/datatrove.log)")
     prep.set_defaults(run=run_prepare)
 
 
@@ -78,7 +80,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, tasks=args.tasks or args.workers,
         workers=args.workers, text_key=args.text_key, kobest_dir=args.kobest_dir, executor=args.executor,
         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time, minhash_buckets=args.minhash_buckets,
-        holdout=args.holdout, hf_dataset=args.hf_dataset,
+        holdout=args.holdout, hf_dataset=args.hf_dataset, verbose=args.verbose,
         hf_options={"split": args.hf_split} | ({"name": args.hf_config} if args.hf_config else {}),
     )
     prepare(config)

@@ -17,7 +17,10 @@ is the same in every stage.
 """
 
 import json
+import os
 import re
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +65,7 @@ class PrepareConfig:
     executor: str = "local"  # local, slurm or ray
     slurm_partition: str | None = None
     slurm_time: str = "24:00:00"
+    verbose: bool = False  # datatrove's own log lines on stderr (else in OUTPUT/logs/datatrove.log)
 
     def run_settings(self) -> dict:
         settings = asdict(self)
@@ -280,15 +284,44 @@ def prepare(config: PrepareConfig) -> dict:
         input_files(config.inputs)
     claim_output(config)
     executors = build_executors(config, tokenizer)
-    if config.executor == "local":
-        executors[0].run()
-        _require_survivors(Path(config.output))
-    executors[-1].run()  # runs the stages it depends on first, skipping finished tasks
     if config.executor != "local":
+        executors[-1].run()  # submits every stage, each depending on the one before
         return {}
+    out = Path(config.output)
+    for n, executor in enumerate(executors):  # finished tasks of a resumed run are skipped
+        _run_stage(executor, n, out, config.verbose)
+        if n == 0:
+            _require_survivors(out)
     report = collect_report(Path(config.output))
     write_report(Path(config.output), report)
     return report
+
+
+def _run_stage(executor, n: int, out: Path, verbose: bool) -> None:
+    """One stage, saying so on stderr; datatrove's own log lines go to OUTPUT/logs/datatrove.log unless verbose."""
+    print(f"neoxko: data prepare {n + 1}/{len(STAGES)} {STAGES[n]} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    if verbose:
+        executor.run()
+    else:
+        log = out / "logs" / "datatrove.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        saved = os.dup(2)
+        try:
+            with log.open("a", encoding="utf-8") as f:
+                sys.stderr.flush()
+                os.dup2(f.fileno(), 2)  # worker processes inherit it
+                try:
+                    executor.run()
+                finally:
+                    sys.stderr.flush()
+                    os.dup2(saved, 2)
+        except Exception as e:  # a stage's tasks failed: the details are in the log
+            raise NeoxkoError(f"stage {STAGES[n]} failed ({type(e).__name__}: {str(e)[:200]}); see {log}") from e
+        finally:
+            os.close(saved)
+    print(f"neoxko: data prepare {n + 1}/{len(STAGES)} {STAGES[n]} done in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr, flush=True)
 
 
 def _require_survivors(out: Path) -> None:
