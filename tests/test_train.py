@@ -130,6 +130,9 @@ def test_corrupted_partial_and_foreign_checkpoints_are_refused(shards, tmp_path)
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="is corrupted: __0_0.distcp do\\(es\\) not match the digests"):
         train(longer)
+    (step / "meta.json").write_text('{"format": "neoxko-dcp-1", "step": 4}')
+    with pytest.raises(CheckpointError, match="lacks model_config, files \\(or holds the wrong type\\)"):
+        train(longer)
     (step / "meta.json").unlink()
     with pytest.raises(CheckpointError, match="is incomplete"):
         train(longer)

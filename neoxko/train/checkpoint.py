@@ -125,8 +125,14 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{meta_file} is not valid JSON; the checkpoint is damaged") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_file} is not a neoxko sharded checkpoint (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{meta_file} is not a neoxko sharded checkpoint (format {found!r})")
+    missing = [k for k, kind in (("step", int), ("model_config", dict), ("files", dict))
+               if not isinstance(meta.get(k), kind)]
+    if missing:
+        raise CheckpointError(f"{meta_file} lacks {', '.join(missing)} (or holds the wrong type); the checkpoint is "
+                              "damaged: delete it and point checkpoints/latest at an earlier one")
     return meta
 
 
