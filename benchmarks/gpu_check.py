@@ -147,19 +147,10 @@ def decode_speed(config_name: str | dict, device: torch.device, new_tokens: int 
     """Greedy decode tokens/s (64-token prompt), neoxko against transformers, bf16, same random weights."""
     import transformers
 
-    from neoxko.config import PRESETS, ModelConfig
     from neoxko.generate import generate_tokens
-    from neoxko.model import GPTNeoX
 
-    config = PRESETS[config_name] if isinstance(config_name, str) else ModelConfig(**config_name)
-    with torch.device("meta"):
-        ours = GPTNeoX(config)
-    ours.to_empty(device=device)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0, 0.02)
-    ours = ours.to(torch.bfloat16).eval()
-    ours.setup_rope(device)
+    ours = random_bf16_model(config_name, device)
+    config = ours.config
     hf = transformers.GPTNeoXForCausalLM._from_config(transformers.GPTNeoXConfig(**config.to_hf()),
                                                       dtype=torch.bfloat16).to(device).eval()
     hf.load_state_dict(ours.state_dict(), strict=False)
@@ -186,21 +177,11 @@ def decode_speed(config_name: str | dict, device: torch.device, new_tokens: int 
 def kobest_speed(config_name: str | dict, device: torch.device, data_dir: Path) -> dict:
     """Documents/s scoring the five KoBEST tasks at 5 shots with the 1.3B shape (random weights)."""
     from neoxko.checkpoint import BUILTIN
-    from neoxko.config import PRESETS, ModelConfig
     from neoxko.evaluate.kobest import EvalSettings, evaluate
     from neoxko.evaluate.scoring import NeoxkoScorer
-    from neoxko.model import GPTNeoX
     from neoxko.tokenizer import load_tokenizer
 
-    config = PRESETS[config_name] if isinstance(config_name, str) else ModelConfig(**config_name)
-    with torch.device("meta"):
-        model = GPTNeoX(config)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model = model.to(torch.bfloat16).eval()
-    model.setup_rope(device)
+    model = random_bf16_model(config_name, device)
     scorer = NeoxkoScorer(model, load_tokenizer(BUILTIN["ko-small"]), batch_tokens=16384)
     tasks = ["kobest_boolq", "kobest_copa", "kobest_wic", "kobest_hellaswag", "kobest_sentineg"]
     settings = EvalSettings(tasks=tasks, shots=[5], data_dir=str(data_dir), limit=100)
@@ -211,6 +192,23 @@ def kobest_speed(config_name: str | dict, device: torch.device, data_dir: Path) 
     sync(device)
     return {"kobest_5shot_docs_per_s": len(samples) / (time.perf_counter() - t), "docs": len(samples),
             "data": str(data_dir)}
+
+
+def random_bf16_model(config_name: str | dict, device: torch.device):
+    """A preset (or a dict of fields) with normal(0, 0.02) weights in bf16 on the device, built there directly."""
+    from neoxko.config import PRESETS, ModelConfig
+    from neoxko.model import GPTNeoX
+
+    config = PRESETS[config_name] if isinstance(config_name, str) else ModelConfig(**config_name)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model = model.to(torch.bfloat16).eval()
+    model.setup_rope(device)
+    return model
 
 
 def timed(fn, device: torch.device, repeat: int = 3) -> float:

@@ -85,3 +85,21 @@ def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, tokenizer_dir) -> Path:
+    """A token shard in the layout `neoxko data prepare` writes (uint16 ids and document ends), from the fixture text."""
+    import numpy as np
+
+    from neoxko.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    folder = tmp_path_factory.mktemp("shards")
+    ids, ends = [], []
+    for line in KOREAN_TEXT.splitlines() * 40:
+        ids += tok.encode(line) + [tok.eos_id]
+        ends.append(len(ids))
+    np.array(ids, dtype="<u2").tofile(folder / "00000_unshuffled.ds")
+    np.array(ends, dtype="<u8").tofile(folder / "00000_unshuffled.ds.index")
+    return folder

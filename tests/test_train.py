@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KOREAN_TEXT
 from neoxko.errors import CheckpointError, ConfigError, NeoxkoError
 from neoxko.tokenizer import load_tokenizer
 from neoxko.train.config import TrainConfig
@@ -19,20 +18,6 @@ from neoxko.train.loop import train
 
 TINY = {"vocab_size": 384, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 128, "max_position_embeddings": 64}
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, tokenizer_dir) -> Path:
-    """A token shard in the layout `neoxko data prepare` writes, from the fixture text."""
-    tok = load_tokenizer(tokenizer_dir)
-    folder = tmp_path_factory.mktemp("shards")
-    ids, ends = [], []
-    for line in KOREAN_TEXT.splitlines() * 40:
-        ids += tok.encode(line) + [tok.eos_id]
-        ends.append(len(ids))
-    np.array(ids, dtype="<u2").tofile(folder / "00000_unshuffled.ds")
-    np.array(ends, dtype="<u8").tofile(folder / "00000_unshuffled.ds.index")
-    return folder
 
 
 def settings(shards: Path, out: Path, **changes) -> dict:

@@ -11,13 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import KOREAN_TEXT
 from neoxko.errors import ConfigError
-from neoxko.tokenizer import load_tokenizer
 from neoxko.train.config import TrainConfig
 from neoxko.train.loop import train
 from neoxko.train.parallel import ParallelDims
@@ -27,19 +24,6 @@ pytestmark = pytest.mark.distributed
 TINY = {"vocab_size": 384, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 128, "max_position_embeddings": 64}
 COUNTER = Path(__file__).parent / "helpers" / "count_reductions.py"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, tokenizer_dir) -> Path:
-    tok = load_tokenizer(tokenizer_dir)
-    folder = tmp_path_factory.mktemp("shards")
-    ids, ends = [], []
-    for line in KOREAN_TEXT.splitlines() * 40:
-        ids += tok.encode(line) + [tok.eos_id]
-        ends.append(len(ids))
-    np.array(ids, dtype="<u2").tofile(folder / "00000_unshuffled.ds")
-    np.array(ends, dtype="<u8").tofile(folder / "00000_unshuffled.ds.index")
-    return folder
 
 
 def settings(shards: Path, out: Path, **changes) -> dict:
