@@ -120,6 +120,28 @@ def test_several_prompts_n_echo_stop_and_logprobs(served):
     assert cut["choices"][0]["finish_reason"] == "stop"
 
 
+def test_prompt_positions_carry_top_logprobs_as_lm_eval_local_completions_reads_them(served, model_dir):
+    """lm-eval sends token ids with echo, logprobs 1, max_tokens 1 and reads token_logprobs[ctxlen:-1] and
+    top_logprobs[ctxlen:-1] (it crashed on the nulls the server used to send for prompt positions)."""
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    context, continuation = tokenizer.encode("오늘은"), tokenizer.encode(" 날씨가 좋다")
+    ids = context + continuation
+    body = {"prompt": [ids], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    status, _, payload = post(served, body)
+    assert status == 200, payload
+    lp = json.loads(payload)["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["top_logprobs"][0] is None
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)  # (T, vocab)
+    for i in range(len(context), len(ids)):  # the slice lm-eval scores
+        top = lp["top_logprobs"][i]
+        assert isinstance(top, dict) and len(top) == 1
+        assert lp["token_logprobs"][i] == pytest.approx(expected[i - 1, ids[i]].item(), abs=1e-4)
+        assert next(iter(top.values())) == pytest.approx(expected[i - 1].max().item(), abs=1e-4)
+        is_greedy = next(iter(top)) == lp["tokens"][i]
+        assert is_greedy == (expected[i - 1].argmax().item() == ids[i])
+
+
 def test_openai_client(served):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{served}/v1", api_key="unused")

@@ -56,6 +56,7 @@ class Finished:
     reason: str  # "stop" (end of text), "length" (max_tokens), "cancelled" or "error: ..."
     prompt_logprobs: list[float | None] | None = None
     index: int = 0
+    prompt_top: list[list[tuple[int, float]] | None] | None = None  # the top alternatives at each prompt position
 
 
 class _Running:
@@ -72,6 +73,7 @@ class _Running:
         self.last = -1  # the token sampled last, fed at the next step
         self.done: str | None = None  # why it ends, once it does
         self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top: list[list[tuple[int, float]] | None] | None = None
 
 
 class Engine:
@@ -158,8 +160,12 @@ class Engine:
                                           rows=torch.tensor([row], device=self.device), kv_len=T)
         prompt_logprobs = None
         if request.prompt_logprobs:
-            lp = torch.log_softmax(self.model.embed_out(hidden[0, :-1]).float(), dim=-1)
+            lp = torch.log_softmax(self.model.embed_out(hidden[0, :-1]).float(), dim=-1)  # (T - 1, vocab)
             prompt_logprobs = [None] + lp.gather(1, idx[0, 1:, None])[:, 0].tolist()
+            if request.logprobs:  # what lm-eval's local-completions reads to tell a greedy continuation
+                values, ids = lp.topk(request.logprobs, dim=-1)  # (T - 1, k)
+                run.prompt_top = [None] + [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(),
+                                                                                        strict=True)]
         logits = self.model.embed_out(hidden[:, -1])
         self.stats["prompt_tokens"] += T
         self.running.append(run)
@@ -229,4 +235,4 @@ class Engine:
             self.running[row] = self.running[last]
         self.running.pop()
         self.stats[f"finished_{reason}"] += 1
-        run.request.events.put(Finished(reason, run.prompt_logprobs, run.request.index))
+        run.request.events.put(Finished(reason, run.prompt_logprobs, run.request.index, run.prompt_top))

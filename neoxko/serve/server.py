@@ -453,7 +453,7 @@ class Choice:
             self.echo = None
         if isinstance(event, Finished):
             if self.want_logprobs and event.prompt_logprobs is not None:
-                self._prepend_prompt_logprobs(event.prompt_logprobs)
+                self._prepend_prompt_logprobs(event.prompt_logprobs, event.prompt_top)
                 mark = 0
             self.finish_reason = "stop" if self.stops.stopped else event.reason.replace("cancelled", "stop")
             tail = "" if self.stops.stopped else self.stops.push(self.pieces.flush()) + self.stops.flush()
@@ -483,7 +483,7 @@ class Choice:
     def _guarded(self, text: str) -> str:
         return self.guard.push(text) if self.guard and text else text
 
-    def _prepend_prompt_logprobs(self, values: list) -> None:
+    def _prepend_prompt_logprobs(self, values: list, tops: list | None) -> None:
         ids = self.request.prompt
         pieces = [self._token_text(t) for t in ids]
         offsets, at = [], 0
@@ -491,7 +491,8 @@ class Choice:
             offsets.append(at)
             at += len(piece)
         self.lp_tokens[:0], self.lp_values[:0] = pieces, values
-        self.lp_top[:0] = [None] * len(ids)
+        self.lp_top[:0] = [{self._token_text(t): v for t, v in top} if top else None
+                           for top in (tops or [None] * len(ids))]
         self.lp_offsets = offsets + [o + at for o in self.lp_offsets]
 
     def logprobs_body(self, start: int = 0) -> dict | None:
