@@ -338,6 +338,35 @@ def test_a_failing_forward_ends_its_requests_not_the_server(model_dir):
         server.close()
 
 
+def test_an_error_outside_a_step_ends_the_running_requests_and_the_engine_goes_on(model_dir):
+    """Before, only a failing decode step was caught; anything else killed the engine thread and clients hung."""
+    engine = Engine(load_model(model_dir), eos_id=None, max_batch=2)
+    real, failures = engine._drop_cancelled, {"left": 0}
+
+    def flaky():
+        if failures["left"] and engine.running:
+            failures["left"] -= 1
+            raise RuntimeError("simulated bookkeeping failure")
+        return real()
+
+    engine._drop_cancelled = flaky
+    try:
+        failures["left"] = 1
+        request = engine.submit(Request(prompt=[5, 6, 7], max_tokens=8))
+        event = request.events.get(timeout=30)
+        while not isinstance(event, Finished):
+            event = request.events.get(timeout=30)
+        assert event.reason == "error: simulated bookkeeping failure"
+        assert engine.thread.is_alive() and engine.stats["engine_errors"] == 1
+        again = engine.submit(Request(prompt=[5, 6, 7], max_tokens=3))
+        tokens = []
+        while not isinstance(event := again.events.get(timeout=30), Finished):
+            tokens.append(event.id)
+        assert event.reason == "length" and len(tokens) == 3
+    finally:
+        engine.close()
+
+
 def test_a_burst_of_concurrent_clients_is_all_served(served):
     import threading
 

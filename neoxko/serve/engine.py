@@ -122,19 +122,23 @@ class Engine:
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
-                self._drop_cancelled()
-                self._admit()
-                self._drop_cancelled()  # requests that ended at their first token
-                if not self.running:
-                    self.wake.wait(timeout=0.5)
-                    self.wake.clear()
-                    continue
                 try:
-                    self._step()
-                except Exception as e:  # a failing step ends its requests, never the engine
+                    self._iteration()
+                except Exception as e:  # whatever fails ends the running requests, never the engine
+                    self.stats["engine_errors"] += 1
                     for run in self.running:
                         run.request.events.put(Finished(f"error: {e}", index=run.request.index))
                     self.running.clear()
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._drop_cancelled()  # requests that ended at their first token
+        if not self.running:
+            self.wake.wait(timeout=0.5)
+            self.wake.clear()
+            return
+        self._step()
 
     def _admit(self) -> None:
         while len(self.running) < self.max_batch:
