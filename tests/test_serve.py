@@ -367,6 +367,36 @@ def test_an_error_outside_a_step_ends_the_running_requests_and_the_engine_goes_o
         engine.close()
 
 
+def test_a_non_streaming_client_that_leaves_frees_its_row_while_tokens_keep_coming(model_dir):
+    model = load_model(model_dir)
+    real_forward = model.forward
+
+    def slow(*args, **kwargs):  # 20 ms a step: 100 tokens would take 2 s
+        time.sleep(0.02)
+        return real_forward(*args, **kwargs)
+
+    model.forward = slow
+    server, port = start(model, load_tokenizer(model_dir), model_name="tiny")
+    try:
+        body = json.dumps({"prompt": "가", "max_tokens": 100, "temperature": 1.0, "seed": 0}).encode()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        engine = server.engine
+        deadline = time.time() + 10
+        while engine.busy_rows == 0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.busy_rows == 1
+        client.close()  # gone after a few tokens
+        left = time.time()
+        while engine.busy_rows and time.time() - left < 5:
+            time.sleep(0.02)
+        assert engine.busy_rows == 0 and time.time() - left < 1.0  # freed, well before its 2 s of tokens
+        assert engine.stats["generated_tokens"] < 60
+    finally:
+        server.close()
+
+
 def test_a_burst_of_concurrent_clients_is_all_served(served):
     import threading
 

@@ -233,12 +233,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def _events(self, events: queue.Queue, n_choices: int):
         """The engine's events until every choice has finished; BrokenPipeError if the client goes away."""
+        checked = time.monotonic()
         while n_choices:
             try:
                 event = events.get(timeout=0.2)
             except queue.Empty:
+                event = None
+            # looked at every 0.2 s even while tokens keep coming: a client that left frees its row
+            if time.monotonic() - checked >= 0.2:
+                checked = time.monotonic()
                 if self._client_gone():
-                    raise BrokenPipeError("client disconnected") from None
+                    raise BrokenPipeError("client disconnected")
+            if event is None:
                 continue
             n_choices -= isinstance(event, Finished)
             yield event
