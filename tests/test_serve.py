@@ -142,6 +142,24 @@ def test_prompt_positions_carry_top_logprobs_as_lm_eval_local_completions_reads_
         assert is_greedy == (expected[i - 1].argmax().item() == ids[i])
 
 
+def test_tokenizer_endpoints_as_lm_eval_s_remote_tokenizer_uses_them(served, model_dir):
+    """lm-eval's check_remote_tokenizer_support: GET /tokenizer_info with an eos_token, POST /tokenize
+    {"prompt", "add_special_tokens": false} -> {"tokens": [...]}, POST /detokenize {"tokens"} -> {"prompt"}."""
+    tokenizer = load_tokenizer(model_dir)
+    status, payload = get(served, "/tokenizer_info")
+    info = json.loads(payload)
+    assert status == 200 and info["eos_token"] == tokenizer.eos_token and info["model_max_length"] == 128
+    status, _, payload = post(served, {"prompt": "오늘은 날씨가", "add_special_tokens": False}, path="/tokenize")
+    tokens = json.loads(payload)
+    assert status == 200 and tokens["tokens"] == tokenizer.encode("오늘은 날씨가") and tokens["count"] == len(tokens["tokens"])
+    status, _, payload = post(served, {"tokens": tokens["tokens"]}, path="/detokenize")
+    assert status == 200 and json.loads(payload)["prompt"] == "오늘은 날씨가"
+    for path, body, field in (("/tokenize", {"prompt": 3}, "prompt"), ("/detokenize", {"tokens": [1, -2]}, "tokens"),
+                              ("/detokenize", {"tokens": "12"}, "tokens")):
+        status, _, payload = post(served, body, path=path)
+        assert status == 400 and json.loads(payload)["error"]["param"] == field
+
+
 def test_openai_client(served):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{served}/v1", api_key="unused")
@@ -198,6 +216,8 @@ def test_api_key(model_dir):
         assert status == 401 and "Authorization: Bearer" in json.loads(payload)["error"]["message"]
         assert post(port, {"prompt": "가", "max_tokens": 2}, headers={"Authorization": "Bearer nope"})[0] == 401
         assert post(port, {"prompt": "가", "max_tokens": 2}, headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert post(port, {"prompt": "가"}, path="/tokenize")[0] == 401  # the tokenizer routes too
+        assert post(port, {"prompt": "가"}, path="/tokenize", headers={"Authorization": "Bearer s3cret"})[0] == 200
         assert get(port, "/health")[0] == 200  # health checks need no key
     finally:
         server.close()

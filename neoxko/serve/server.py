@@ -1,9 +1,11 @@
 """`neoxko serve`: an OpenAI-compatible HTTP server over the continuous-batching engine.
 
-Endpoints: POST /v1/completions (JSON or server-sent events), GET /v1/models, GET /health and
-GET /metrics (Prometheus text). Python's own threading HTTP server: a thread per connection turns
-the engine's token events into text (UTF-8-safe detokenising, stop strings, the PII guard), while
-the one engine thread runs the batched forwards. Every error is an OpenAI-shaped JSON body.
+Endpoints: POST /v1/completions (JSON or server-sent events), GET /v1/models, GET /health,
+GET /metrics (Prometheus text), and vLLM's GET /tokenizer_info, POST /tokenize and POST /detokenize
+(lm-eval's local-completions finds a remote tokenizer through them). Python's own threading HTTP
+server: a thread per connection turns the engine's token events into text (UTF-8-safe detokenising,
+stop strings, the PII guard), while the one engine thread runs the batched forwards. Every error is
+an OpenAI-shaped JSON body.
 """
 
 import dataclasses
@@ -146,15 +148,18 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
         routes = {("GET", "/health"): self._health, ("GET", "/metrics"): self._metrics,
-                  ("GET", "/v1/models"): self._models, ("POST", "/v1/completions"): self._completions}
+                  ("GET", "/v1/models"): self._models, ("POST", "/v1/completions"): self._completions,
+                  ("GET", "/tokenizer_info"): self._tokenizer_info, ("POST", "/tokenize"): self._tokenize,
+                  ("POST", "/detokenize"): self._detokenize}
         try:
             if (method, path) not in routes:
                 known = {p for _, p in routes}
                 if path in known:
                     raise ApiError(405, f"{method} is not allowed on {path}")
                 raise ApiError(404, f"no route {method} {path}; the routes are POST /v1/completions, "
-                                    "GET /v1/models, GET /health and GET /metrics", code="not_found")
-            if path.startswith("/v1/"):
+                                    "GET /v1/models, GET /health, GET /metrics, GET /tokenizer_info, POST /tokenize "
+                                    "and POST /detokenize", code="not_found")
+            if path.startswith("/v1/") or path in ("/tokenizer_info", "/tokenize", "/detokenize"):
                 self._authorise()
             routes[(method, path)]()
         except ApiError as e:
@@ -187,6 +192,29 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, {"object": "list", "data": [{"id": name, "object": "model", "created": self.server.started,
                                                       "owned_by": "neoxko",
                                                       "max_model_len": self.server.engine.max_len}]})
+
+    def _tokenizer_info(self) -> None:
+        tokenizer = self.server.tokenizer
+        self._json(200, {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+                         "bos_token": None, "pad_token": None, "vocab_size": tokenizer.vocab_size,
+                         "model_max_length": self.server.engine.max_len})
+
+    def _tokenize(self) -> None:
+        body = self._read_json()
+        prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+        if not isinstance(prompt, str):
+            raise ApiError(400, "prompt must be a string", "prompt")
+        if not isinstance(special, bool):
+            raise ApiError(400, "add_special_tokens must be true or false", "add_special_tokens")
+        tokens = self.server.tokenizer.encode(prompt, add_special_tokens=special)
+        self._json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": self.server.engine.max_len})
+
+    def _detokenize(self) -> None:
+        tokens, size = self._read_json().get("tokens"), self.server.tokenizer.vocab_size
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < size
+                                                   for t in tokens):
+            raise ApiError(400, f"tokens must be a list of token ids from 0 to {size - 1}", "tokens")
+        self._json(200, {"prompt": self.server.tokenizer.decode(tokens)})
 
     # -- completions --------------------------------------------------------------------------
     def _completions(self) -> None:
