@@ -1,7 +1,6 @@
 """Hugging Face checkpoints in and out: folders, hub ids, safetensors (single or sharded) and .bin."""
 
 import json
-import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,14 +251,9 @@ def save_model(model: GPTNeoX, path: str | Path, tokenizer=None, max_shard_size:
     model.config.save(folder / "config.json", dtype=str(dtype).removeprefix("torch."),
                       extra={"quantization_config": quant} if quantized else None)
     save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    # huggingface_hub writes through private temporary files (mode 0600): give them the umask's mode
-    mode = 0o666 & ~_umask()
+    # huggingface_hub writes through private temporary files (mode 0600): give them config.json's mode
+    mode = (folder / "config.json").stat().st_mode & 0o777
     for written in (*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")):
         written.chmod(mode)
     return folder
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

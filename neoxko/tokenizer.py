@@ -171,16 +171,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 30000, min_frequency
     return Tokenizer(tok, EOS)
 
 
-def copy_tokenizer_files(source: str | Path, target: str | Path) -> None:
-    """Copy the tokenizer files (TOKENIZER_FILES) of source into target, next to a model's weights.
-
-    source: a folder, its tokenizer.json, a built-in model name or a hub id; one without tokenizer.json
-    is refused, never skipped in silence."""
+def tokenizer_folder(source: str | Path) -> Path:
+    """The folder holding the tokenizer of source: a folder, its tokenizer.json, a built-in model name or
+    a hub id (only its tokenizer files are fetched). One without tokenizer.json is refused."""
     path = Path(source)
     folder = path.parent if path.is_file() else resolve(source, allow_patterns=TOKENIZER_FILES)
     if not (folder / "tokenizer.json").is_file():
-        raise CheckpointError(f"{source} has no tokenizer.json to copy; pass a tokenizer folder, a model folder "
+        raise CheckpointError(f"{source} has no tokenizer.json; pass a tokenizer folder, a model folder "
                               "with one, or a built-in name such as ko-small")
+    return folder
+
+
+def copy_tokenizer_files(source: str | Path, target: str | Path) -> None:
+    """Copy the tokenizer files (TOKENIZER_FILES) of source (see tokenizer_folder) into target, next to a
+    model's weights; a source without tokenizer.json is refused, never skipped in silence."""
+    folder = tokenizer_folder(source)
     for name in TOKENIZER_FILES:
         if (folder / name).is_file() and (folder / name).resolve() != (Path(target) / name).resolve():
             shutil.copy(folder / name, Path(target) / name)

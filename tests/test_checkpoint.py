@@ -296,5 +296,5 @@ def test_save_model_writes_a_complete_folder_with_its_tokenizer(tmp_path, model_
     save_model(fresh, tmp_path / "bare")
     with pytest.raises(CheckpointError, match="has no tokenizer.json; save the model with neoxko.save_model"):
         load_tokenizer(tmp_path / "bare")
-    with pytest.raises(CheckpointError, match="has no tokenizer.json to copy"):
+    with pytest.raises(CheckpointError, match="has no tokenizer.json; pass a tokenizer folder, a model folder with one"):
         save_model(fresh, tmp_path / "x", tokenizer=tmp_path / "bare")

@@ -11,6 +11,18 @@ import numpy as np
 from neoxko.errors import NeoxkoError
 
 
+def prepare_record(folder: str | Path) -> dict | None:
+    """The settings `neoxko data prepare` recorded (prepare.json) for a folder of its output: the folder
+    itself, its tokens/ or heldout/ (up to two levels below the run folder); None if there is none."""
+    import json
+
+    folder = Path(folder).resolve()
+    for candidate in (folder, *list(folder.parents)[:2]):
+        if (candidate / "prepare.json").is_file():
+            return json.loads((candidate / "prepare.json").read_text(encoding="utf-8"))
+    return None
+
+
 def token_shards(folder: str | Path) -> list[Path]:
     shards = sorted(Path(folder).glob("*.ds"))
     if not shards:

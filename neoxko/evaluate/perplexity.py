@@ -37,26 +37,20 @@ def check_tokenizer(data: str | Path, model_source: str | Path) -> str | None:
     The data's tokenizer is the one its `neoxko data prepare` run recorded in prepare.json (in the
     folder or up to two above it). Returns a note when that cannot be checked."""
     from neoxko.checkpoint import resolve
-    from neoxko.tokenizer import TOKENIZER_FILES, Tokenizer
+    from neoxko.data.shards import prepare_record
+    from neoxko.tokenizer import Tokenizer, tokenizer_folder
 
-    folder = Path(data).resolve()
-    record = next((p / "prepare.json" for p in (folder, *list(folder.parents)[:2]) if (p / "prepare.json").is_file()),
-                  None)
-    model_tokenizer = resolve(model_source) / "tokenizer.json"
-    if record is None or not model_tokenizer.is_file():
+    record = prepare_record(data)
+    model_folder = resolve(model_source)
+    if record is None or not (model_folder / "tokenizer.json").is_file():
         return f"not checked that {data} was tokenized with the model's tokenizer (no prepare.json beside it)"
-    import json
-
-    recorded = json.loads(record.read_text(encoding="utf-8"))["tokenizer"]
-    path = Path(recorded)
-    data_tokenizer = (path if path.is_file() else resolve(recorded, allow_patterns=TOKENIZER_FILES) /
-                      "tokenizer.json")
-    theirs = Tokenizer.from_dir(data_tokenizer.parent).tokenizer.get_vocab()
-    ours = Tokenizer.from_dir(model_tokenizer.parent).tokenizer.get_vocab()
+    data_folder = tokenizer_folder(record["tokenizer"])
+    theirs = Tokenizer.from_dir(data_folder).tokenizer.get_vocab()
+    ours = Tokenizer.from_dir(model_folder).tokenizer.get_vocab()
     if theirs != ours:
         differ = len(set(theirs.items()) ^ set(ours.items())) // 2
         raise NeoxkoError(
-            f"{data} was tokenized with {data_tokenizer.parent} ({len(theirs):,} tokens), which is not the model's "
+            f"{data} was tokenized with {data_folder} ({len(theirs):,} tokens), which is not the model's "
             f"tokenizer ({len(ours):,} tokens, about {differ:,} entries differ); its perplexity would mean nothing. "
             "Run `neoxko data prepare` again with --tokenizer set to the model's folder"
         )

@@ -16,7 +16,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from neoxko.errors import NeoxkoError
 from neoxko.train import checkpoint
 from neoxko.train.build import build_model, build_optimizer
 from neoxko.train.config import TrainConfig
@@ -141,24 +140,15 @@ def train(cfg: TrainConfig) -> dict:
 def tokenizer_for_export(cfg: TrainConfig) -> str | None:
     """The tokenizer OUT/model gets: cfg.tokenizer, else the one the first data folder was prepared with.
     Checked now, so that a wrong name fails before training, not at its end."""
-    from neoxko.checkpoint import resolve
-    from neoxko.tokenizer import TOKENIZER_FILES
+    from neoxko.data.shards import prepare_record
+    from neoxko.tokenizer import tokenizer_folder
 
     tokenizer = cfg.tokenizer
     if tokenizer is None and cfg.data:
-        folder = Path(cfg.data[0])
-        record = next((p / "prepare.json" for p in (folder, folder.parent) if (p / "prepare.json").is_file()), None)
-        tokenizer = json.loads(record.read_text(encoding="utf-8")).get("tokenizer") if record else None
-        if tokenizer is None:
-            return None
-    elif tokenizer is None:
-        return None
-    path = Path(tokenizer)
-    found = path.parent if path.is_file() else resolve(tokenizer, allow_patterns=TOKENIZER_FILES)
-    if not (found / "tokenizer.json").is_file():
-        raise NeoxkoError(f"tokenizer {tokenizer!r} has no tokenizer.json; set tokenizer= to a tokenizer folder "
-                          "or a built-in name such as ko-small")
-    return str(tokenizer)
+        tokenizer = (prepare_record(cfg.data[0]) or {}).get("tokenizer")
+    if tokenizer is not None:
+        tokenizer_folder(tokenizer)
+    return tokenizer
 
 
 def finish(out: Path, tokenizer: str | None, rank: int, final: Path, step: int) -> dict:
