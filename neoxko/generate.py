@@ -45,8 +45,12 @@ class Sampling:
 NUCLEUS_PROBE = 256
 
 
-def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
-    """Pick one token per row from logits (B, vocab); returns (B,)."""
+def sample(logits: Tensor, sampling: Sampling,
+           generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    """Pick one token per row from logits (B, vocab); returns (B,).
+
+    generator may be one per row: each row then draws from its own, exactly as it would alone (the server
+    samples the rows of a batch together, each request with its own seed)."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
     # Shifted so the best logit is 0 before dividing: any positive temperature, however small, gives
@@ -69,7 +73,10 @@ def sample(logits: Tensor, sampling: Sampling, generator: torch.Generator | None
     # rounding never moves a boundary noticeably); no host sync, and far cheaper on a CPU than drawing
     # a noise value for every vocabulary entry. right=True never lands on a zero-probability token.
     cdf = probs.double().cumsum(dim=-1)  # (B, V)
-    u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device, dtype=torch.float64)
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand((1, 1), generator=g, device=probs.device, dtype=torch.float64) for g in generator])
+    else:
+        u = torch.rand((probs.size(0), 1), generator=generator, device=probs.device, dtype=torch.float64)
     choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.size(-1) - 1)[:, 0]
     return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
 

@@ -34,8 +34,10 @@ class KVCache(nn.Module):
             r = rows if rows is not None else torch.arange(k.size(0), device=k.device)
             self.k[r[:, None], :, pos] = k.transpose(1, 2)  # (B, T, n_head, head_size) into (B, n_head, S, ...)
             self.v[r[:, None], :, pos] = v.transpose(1, 2)
-            # rows None: the batch is cache rows 0..B-1, a view; else a gathered copy of the rows
-            keys, values = (self.k[:k.size(0)], self.v[:k.size(0)]) if rows is None else (self.k[rows], self.v[rows])
+            if rows is not None:  # a gathered copy of those rows, of the slots in use only
+                n = kv_len or self.k.size(2)
+                return self.k[rows, :, :n], self.v[rows, :, :n]
+            keys, values = self.k[:k.size(0)], self.v[:k.size(0)]  # the batch is cache rows 0..B-1: a view
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         return keys, values

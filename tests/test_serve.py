@@ -82,6 +82,41 @@ def test_engine_batches_give_each_request_what_it_gets_alone():
         engine.close()
 
 
+def _collect(request):
+    got = []
+    while not isinstance(event := request.events.get(timeout=60), Finished):
+        got.append(event.id)
+    return got, event
+
+
+def test_chunked_batched_prefill_and_prefix_reuse_give_what_each_request_gets_alone():
+    """Prompts longer than a chunk, several prefilled together, and prompts that reuse a kept prefix: the same
+    tokens as `generate` alone and the same prompt log-probabilities as one plain forward."""
+    model = random_model(tiny_config()).eval()
+    header = list(range(30, 60))  # a shared few-shot header
+    prompts = [header + [5, 6, 7], header + [8, 9], list(range(100, 123)), header + [10], [3, 4]]
+    sampling = Sampling(temperature=1.0, top_k=20, seed=5)
+    alone = [[int(t[0]) for t in generate_tokens(model, [p], 6, sampling)] for p in prompts]
+    engine = Engine(model, eos_id=None, max_batch=3, prefill_chunk=7, prefix_rows=2, prefix_min=8)
+    try:
+        first = engine.submit(Request(prompts[0], 6, sampling, logprobs=2, prompt_logprobs=True))
+        assert _collect(first)[0] == alone[0]  # its prompt is now kept
+        requests = [engine.submit(Request(p, 6, sampling, logprobs=2, prompt_logprobs=True)) for p in prompts[1:]]
+        for request, expected in zip(requests, alone[1:], strict=True):
+            got, end = _collect(request)
+            assert got == expected and end.reason == "length"
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([request.prompt]))[0].float(), dim=-1)
+            want = [None] + [lp[i - 1, t].item() for i, t in enumerate(request.prompt) if i]
+            assert end.prompt_logprobs[0] is None and len(end.prompt_logprobs) == len(want)
+            assert end.prompt_logprobs[1:] == pytest.approx(want[1:], abs=1e-4)
+            assert [top[0][0] for top in end.prompt_top[1:]] == lp[:-1].argmax(-1).tolist()
+        assert engine.stats["prefix_hits"] >= 2 and engine.stats["prefix_cached_tokens"] >= 2 * 29
+        assert engine.stats["prefill_chunks"] < sum(-(-len(p) // 7) for p in prompts)  # prompts shared chunks
+    finally:
+        engine.close()
+
+
 def test_completions_equal_neoxko_generate(served, model_dir):
     cli = subprocess.run([sys.executable, "-m", "neoxko", "generate", "--model", str(model_dir), "--max-new-tokens",
                           "24", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--seed", "11", "오늘은"],

@@ -1,17 +1,22 @@
-"""Continuous batching: concurrent requests share the decode steps of one batched forward.
+"""Continuous batching: concurrent requests share the forwards of one engine thread.
 
-One engine thread owns the model and its KV cache of max_batch rows. Running requests hold rows
-0..n-1 (a leaving request's row is refilled by moving the last one into it), so a decode step reads
-the cache as a view, with no gather. Between steps, waiting requests are prefilled into free rows
-and finished or cancelled ones leave. Each request keeps its own sampling settings, generator,
-repetition-penalty memory and position; its tokens go to its own queue as events.
+The KV cache has max_batch rows for requests plus a few rows that keep the prompts of earlier requests
+(the prefix cache). Decoding requests hold rows 0..n-1 (a leaving request's row is refilled by moving
+the last one into it), so a decode step reads the cache as a view, with no gather. Each iteration runs
+one decode step for every decoding row and one prefill chunk: up to prefill_chunk prompt tokens of the
+waiting prompts, several prompts together, so a long prompt holds the decoding rows back by at most one
+chunk. A prompt that starts like a kept one copies those slots instead of computing them.
+
+Each request keeps its own sampling settings, generator, repetition-penalty memory and position; rows
+with the same settings are sampled together, each from its own generator, so every request gets the
+tokens it gets alone. Tokens go to each request's own queue as events.
 """
 
 import queue
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -20,10 +25,11 @@ from torch import Tensor
 from neoxko.errors import NeoxkoError
 from neoxko.generate import Sampling, apply_repetition_penalty, sample
 from neoxko.model import GPTNeoX
+from neoxko.serve.prefix import PrefixCache
 
 
 class QueueFull(NeoxkoError):
-    """The engine's waiting queue is at its bound; retry later."""
+    """The engine's waiting queue is at its bound (or the engine is stopping); retry later."""
 
 
 @dataclass
@@ -33,7 +39,7 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     logprobs: int | None = None  # top alternatives to report per token (0: only the chosen token's)
     prompt_logprobs: bool = False  # also the log-probabilities of the prompt tokens (for echo)
-    events: queue.Queue = field(default_factory=queue.Queue)
+    events: queue.Queue = field(default_factory=queue.Queue)  # anything with put(event)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     index: int = 0  # which choice of a response it is; events carry it, so choices can share one queue
@@ -53,45 +59,58 @@ class Token:
 
 @dataclass
 class Finished:
-    reason: str  # "stop" (end of text), "length" (max_tokens), "cancelled" or "error: ..."
+    reason: str  # "stop" (end of text), "length" (max_tokens), "cancelled", "abort" (shutdown) or "error: ..."
     prompt_logprobs: list[float | None] | None = None
     index: int = 0
     prompt_top: list[list[tuple[int, float]] | None] | None = None  # the top alternatives at each prompt position
 
 
-class _Running:
-    def __init__(self, request: Request, vocab_size: int, device):
+class _Run:
+    def __init__(self, request: Request, row: int, vocab_size: int, device):
         self.request = request
-        self.position = len(request.prompt)  # the cache slot the next token takes
+        self.row = row
+        self.prefilled = 0  # prompt tokens in the cache
+        self.position = len(request.prompt)  # the cache slot the next token takes, once decoding
         self.generated = 0
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seen = None
         if request.sampling.repetition_penalty != 1:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, request.prompt] = True
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[request.prompt] = True
         self.last = -1  # the token sampled last, fed at the next step
         self.done: str | None = None  # why it ends, once it does
-        self.prompt_logprobs: list[float | None] | None = None
-        self.prompt_top: list[list[tuple[int, float]] | None] | None = None
+        self.reused = 0  # prompt tokens copied from the prefix cache
+        self.prompt_logprobs: list[float | None] | None = [None] if request.prompt_logprobs else None
+        self.prompt_top: list | None = [None] if request.prompt_logprobs and request.logprobs else None
+
+    @property
+    def top_k(self) -> int:
+        return self.request.logprobs or 0
 
 
 class Engine:
     def __init__(self, model: GPTNeoX, eos_id: int | None, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None):
+                 max_len: int | None = None, prefill_chunk: int = 512, prefix_rows: int = 2, prefix_min: int = 16):
+        if prefill_chunk < 1:
+            raise NeoxkoError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model
         self.eos_id = eos_id
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = max_len or model.config.max_position_embeddings
         self.device = model.gpt_neox.embed_in.weight.device
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.running: list[_Running] = []  # row i of the cache belongs to running[i]
+        self.running: list[_Run] = []  # decoding; running[i] holds cache row i
+        self.prefilling: list[_Run] = []  # in any free rows, in arrival order
         self.stats = Counter()  # requests, finished_<reason>, prompt_tokens, generated_tokens, decode_steps, ...
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self._stop = threading.Event()
+        self._abort: str | None = None
+        self.accepting = True
+        self.model.setup_cache(max_batch + prefix_rows, self.max_len)
+        self.prefix = PrefixCache(self._layers_kv(), first_row=max_batch, rows=prefix_rows, min_tokens=prefix_min)
         self.thread = threading.Thread(target=self._loop, name="neoxko-engine", daemon=True)
-        self.model.setup_cache(max_batch, self.max_len)
         self.thread.start()
 
     # -- client side --------------------------------------------------------------------------
@@ -100,6 +119,8 @@ class Engine:
             raise NeoxkoError(f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) is more "
                               f"than the {self.max_len}-token context")
         with self.lock:
+            if not self.accepting:
+                raise QueueFull("the server is shutting down")
             if self.waiting.qsize() >= self.max_queue:
                 self.stats["rejected_queue_full"] += 1
                 raise QueueFull(f"{self.waiting.qsize()} requests are waiting (the bound is {self.max_queue})")
@@ -107,6 +128,15 @@ class Engine:
             self.stats["requests"] += 1
         self.wake.set()
         return request
+
+    def stop_accepting(self) -> None:
+        with self.lock:
+            self.accepting = False
+
+    def abort_all(self, reason: str = "abort") -> None:
+        """End every waiting and running request with `reason` at the next iteration (a shutdown's deadline)."""
+        self._abort = reason
+        self.wake.set()
 
     def close(self) -> None:
         self._stop.set()
@@ -116,7 +146,11 @@ class Engine:
 
     @property
     def busy_rows(self) -> int:
-        return len(self.running)
+        return len(self.running) + len(self.prefilling)
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy_rows and self.waiting.empty()
 
     # -- engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -124,24 +158,48 @@ class Engine:
             while not self._stop.is_set():
                 try:
                     self._iteration()
-                except Exception as e:  # whatever fails ends the running requests, never the engine
+                except Exception as e:  # whatever fails ends the requests it touched, never the engine
                     self.stats["engine_errors"] += 1
-                    for run in self.running:
-                        run.request.events.put(Finished(f"error: {e}", index=run.request.index))
-                    self.running.clear()
+                    self._end_all(self.running + self.prefilling, f"error: {e}")
 
     def _iteration(self) -> None:
+        if self._abort is not None:
+            self._end_all(self.running + self.prefilling, self._abort)
+            while not self.waiting.empty():
+                request = self.waiting.get_nowait()
+                request.events.put(Finished(self._abort, index=request.index))
+            self._abort = None
         self._drop_cancelled()
         self._admit()
-        self._drop_cancelled()  # requests that ended at their first token
-        if not self.running:
+        if not self.running and not self.prefilling:
             self.wake.wait(timeout=0.5)
             self.wake.clear()
             return
-        self._step()
+        if self.running:
+            try:
+                self._step()
+            except Exception as e:
+                self.stats["engine_errors"] += 1
+                self._end_all(self.running, f"error: {e}")
+        if self.prefilling:
+            try:
+                self._prefill_chunk()
+            except Exception as e:
+                self.stats["engine_errors"] += 1
+                self._end_all(self.prefilling, f"error: {e}")
+
+    def _end_all(self, runs: list[_Run], reason: str) -> None:
+        for run in runs:
+            run.request.events.put(Finished(reason, index=run.request.index))
+            self.stats[f"finished_{reason.split(':')[0]}"] += 1
+        self.running = [r for r in self.running if r not in runs]
+        self.prefilling = [r for r in self.prefilling if r not in runs]
+        for i, run in enumerate(self.running):  # keep rows 0..n-1 dense
+            if run.row != i:
+                self._move(run, i)
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch:
+        while self.busy_rows < self.max_batch:
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
@@ -150,31 +208,74 @@ class Engine:
                 self.stats["finished_cancelled"] += 1
                 request.events.put(Finished("cancelled", index=request.index))
                 continue
-            try:
-                self._prefill(request)
-            except Exception as e:
-                request.events.put(Finished(f"error: {e}", index=request.index))
+            used = {r.row for r in self.running + self.prefilling}
+            row = next(i for i in range(self.max_batch) if i not in used)
+            run = _Run(request, row, self.model.config.vocab_size, self.device)
+            reused = self.prefix.lookup(request.prompt, run.top_k if request.prompt_logprobs else None)
+            if reused is not None:
+                entry, n = reused
+                self.prefix.copy_to(entry, row, n)
+                run.prefilled = run.reused = n
+                if run.prompt_logprobs is not None:
+                    run.prompt_logprobs = entry.logprobs[:n + 1]
+                if run.prompt_top is not None:
+                    run.prompt_top = [t[:run.top_k] if t else t for t in entry.top[:n + 1]]
+                self.stats["prefix_hits"] += 1
+                self.stats["prefix_cached_tokens"] += n
+            self.stats["prefix_queries"] += len(request.prompt) >= self.prefix.min_tokens
+            self.prefilling.append(run)
 
-    def _prefill(self, request: Request) -> None:
-        row = len(self.running)
-        run = _Running(request, self.model.config.vocab_size, self.device)
-        idx = torch.tensor([request.prompt], device=self.device)
-        T = idx.size(1)
-        hidden = self.model.hidden_states(idx, torch.arange(T, device=self.device)[None],
-                                          rows=torch.tensor([row], device=self.device), kv_len=T)
-        prompt_logprobs = None
-        if request.prompt_logprobs:
-            lp = torch.log_softmax(self.model.embed_out(hidden[0, :-1]).float(), dim=-1)  # (T - 1, vocab)
-            prompt_logprobs = [None] + lp.gather(1, idx[0, 1:, None])[:, 0].tolist()
-            if request.logprobs:  # what lm-eval's local-completions reads to tell a greedy continuation
-                values, ids = lp.topk(request.logprobs, dim=-1)  # (T - 1, k)
-                run.prompt_top = [None] + [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(),
-                                                                                        strict=True)]
-        logits = self.model.embed_out(hidden[:, -1])
-        self.stats["prompt_tokens"] += T
-        self.running.append(run)
-        run.prompt_logprobs = prompt_logprobs
-        self._emit(run, logits)
+    def _prefill_chunk(self) -> None:
+        """Up to prefill_chunk prompt tokens of the prefilling runs, oldest first, in one forward."""
+        budget, parts = self.prefill_chunk, []
+        for run in self.prefilling:
+            if budget == 0:
+                break
+            n = min(len(run.request.prompt) - run.prefilled, budget)
+            parts.append((run, run.prefilled, n))
+            budget -= n
+        T = max(n for _, _, n in parts)
+        idx = torch.zeros(len(parts), T, dtype=torch.long)
+        pos = torch.empty(len(parts), T, dtype=torch.long)
+        for i, (run, start, n) in enumerate(parts):
+            idx[i, :n] = torch.tensor(run.request.prompt[start:start + n])
+            # padding takes the slots after the chunk (written over later), never one a real token holds
+            pos[i] = torch.arange(start, start + T).clamp_(max=self.max_len - 1)
+        kv_len = int(pos.max()) + 1
+        rows = torch.tensor([run.row for run, _, _ in parts])
+        hidden = self.model.hidden_states(idx.to(self.device), pos.to(self.device), rows=rows.to(self.device),
+                                          kv_len=kv_len)
+        self.stats["prefill_chunks"] += 1
+        done, last_hidden = [], []
+        for i, (run, start, n) in enumerate(parts):
+            prompt = run.request.prompt
+            run.prefilled += n
+            self.stats["prompt_tokens"] += n
+            complete = run.prefilled == len(prompt)
+            if run.prompt_logprobs is not None:  # positions start+1 .. start+n predicted by this chunk
+                scored = n - 1 if complete else n
+                if scored:
+                    lp = torch.log_softmax(self.model.embed_out(hidden[i, :scored]).float(), dim=-1)
+                    target = torch.tensor(prompt[start + 1:start + 1 + scored], device=lp.device)
+                    run.prompt_logprobs += lp.gather(1, target[:, None])[:, 0].tolist()
+                    if run.prompt_top is not None:
+                        values, ids = lp.topk(run.top_k, dim=-1)
+                        run.prompt_top += [list(zip(a, b, strict=True))
+                                           for a, b in zip(ids.tolist(), values.tolist(), strict=True)]
+            if complete:
+                done.append(run)
+                last_hidden.append(hidden[i, n - 1])
+        if not done:
+            return
+        logits = self.model.embed_out(torch.stack(last_hidden))
+        for run in done:
+            self.prefilling.remove(run)
+            if run.reused < len(run.request.prompt) // 2:  # mostly new: keep it for later prompts like it
+                self.prefix.store(run.request.prompt, run.row, run.prompt_logprobs, run.prompt_top)
+            self._move(run, len(self.running))
+            self.running.append(run)
+        self._emit(done, logits)
+        self._drop_finished()
 
     def _step(self) -> None:
         runs = self.running
@@ -186,35 +287,53 @@ class Engine:
         self.stats["decode_rows"] += len(runs)
         for run in runs:
             run.position += 1
-        for i, run in enumerate(list(runs)):
-            self._emit(run, logits[i:i + 1])
+        self._emit(list(runs), logits)
         self._drop_finished()
 
-    def _emit(self, run: _Running, logits: Tensor) -> None:
-        """Sample run's next token from its logits (1, vocab) and send it; mark the run done if it ends."""
-        request = run.request
+    def _emit(self, runs: list[_Run], logits: Tensor) -> None:
+        """Sample each run's next token from its row of logits (B, vocab) and send it; mark the runs that end."""
         raw = logits
-        if run.seen is not None:
-            logits = apply_repetition_penalty(logits, run.seen, request.sampling.repetition_penalty)
-        token = int(sample(logits, request.sampling, run.generator)[0])
-        event = Token(token, index=request.index)
-        if request.logprobs is not None:
-            lp = torch.log_softmax(raw.float(), dim=-1)[0]
-            event.logprob = float(lp[token])
-            if request.logprobs > 0:
-                values, ids = lp.topk(request.logprobs)
-                event.top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        run.generated += 1
-        if token == self.eos_id:
-            run.done = "stop"
-        else:
-            request.events.put(event)
-            self.stats["generated_tokens"] += 1
-            if run.generated >= request.max_tokens:
-                run.done = "length"
-        if run.seen is not None:
-            run.seen[0, token] = True
-        run.last = token
+        penalised = [i for i, r in enumerate(runs) if r.seen is not None]
+        if penalised:
+            logits = logits.clone()
+            for i in penalised:  # each with its own penalty; elementwise, so the same values as alone
+                logits[i:i + 1] = apply_repetition_penalty(logits[i:i + 1], runs[i].seen[None],
+                                                           runs[i].request.sampling.repetition_penalty)
+        groups = defaultdict(list)  # rows with the same settings draw together, each from its own generator
+        for i, run in enumerate(runs):
+            s = run.request.sampling
+            groups[(s.temperature, s.top_k, s.top_p)].append(i)
+        tokens = [0] * len(runs)
+        for members in groups.values():
+            picked = sample(logits[members], runs[members[0]].request.sampling, [runs[i].generator for i in members])
+            for i, token in zip(members, picked.tolist(), strict=True):
+                tokens[i] = token
+        scored = [i for i, r in enumerate(runs) if r.request.logprobs is not None]
+        chosen, tops = {}, {}
+        if scored:
+            lp = torch.log_softmax(raw[scored].float(), dim=-1)
+            picked = lp.gather(1, torch.tensor([tokens[i] for i in scored], device=lp.device)[:, None])[:, 0]
+            chosen = dict(zip(scored, picked.tolist(), strict=True))
+            k = max(runs[i].top_k for i in scored)
+            if k:
+                values, ids = lp.topk(k, dim=-1)
+                for j, i in enumerate(scored):
+                    k_i = runs[i].top_k
+                    if k_i:
+                        tops[i] = list(zip(ids[j, :k_i].tolist(), values[j, :k_i].tolist(), strict=True))
+        for i, (run, token) in enumerate(zip(runs, tokens, strict=True)):
+            request = run.request
+            run.generated += 1
+            if token == self.eos_id:
+                run.done = "stop"
+            else:
+                request.events.put(Token(token, chosen.get(i), tops.get(i), request.index))
+                self.stats["generated_tokens"] += 1
+                if run.generated >= request.max_tokens:
+                    run.done = "length"
+            if run.seen is not None:
+                run.seen[token] = True
+            run.last = token
 
     def _drop_finished(self) -> None:
         for run in list(self.running):
@@ -222,21 +341,44 @@ class Engine:
                 self._leave(run, run.done)
 
     def _drop_cancelled(self) -> None:
+        for run in list(self.prefilling):
+            if run.request.cancelled.is_set():
+                self.prefilling.remove(run)
+                self.stats["finished_cancelled"] += 1
+                run.request.events.put(Finished("cancelled", index=run.request.index))
         for run in list(self.running):
-            if run.done is not None:  # ended at its first token, in _prefill
+            if run.done is not None:
                 self._leave(run, run.done)
             elif run.request.cancelled.is_set():
                 self._leave(run, "cancelled")
 
-    def _leave(self, run: _Running, reason: str) -> None:
-        row, last = self.running.index(run), len(self.running) - 1
-        if row != last:  # keep rows 0..n-1 dense: move the last running request into the freed row
-            used = self.running[last].position
-            for block in self.model.gpt_neox.layers:
-                cache = block.attention.kv_cache
-                cache.k[row, :, :used].copy_(cache.k[last, :, :used])
-                cache.v[row, :, :used].copy_(cache.v[last, :, :used])
-            self.running[row] = self.running[last]
-        self.running.pop()
+    def _leave(self, run: _Run, reason: str) -> None:
+        last = self.running[-1]
+        self.running.remove(run)
+        if last is not run:  # keep rows 0..n-1 dense: move the last decoding request into the freed row
+            self.running.remove(last)
+            self.running.insert(run.row, last)
+            self._move(last, run.row)
         self.stats[f"finished_{reason}"] += 1
         run.request.events.put(Finished(reason, run.prompt_logprobs, run.request.index, run.prompt_top))
+
+    # -- cache rows ---------------------------------------------------------------------------
+    def _layers_kv(self) -> list:
+        return [block.attention.kv_cache for block in self.model.gpt_neox.layers]
+
+    def _move(self, run: _Run, row: int) -> None:
+        """Give run cache row `row`, copying its slots there; a prefilling run that holds that row swaps."""
+        if run.row == row:
+            return
+        other = next((r for r in self.prefilling if r.row == row), None)
+        used = run.position if run.prefilled == len(run.request.prompt) else run.prefilled  # slots it fills
+        for cache in self._layers_kv():
+            for buffer in (cache.k, cache.v):
+                if other is not None:
+                    held = buffer[row, :, :other.prefilled].clone()
+                buffer[row, :, :used].copy_(buffer[run.row, :, :used])
+                if other is not None:
+                    buffer[run.row, :, :other.prefilled].copy_(held)
+        if other is not None:
+            other.row = run.row
+        run.row = row
