@@ -28,7 +28,7 @@ def start(model, tokenizer, **settings):
     engine_options = {k: settings.pop(k) for k in ("max_batch", "max_queue") if k in settings}
     engine = Engine(model, tokenizer.eos_id, **engine_options)
     server = serve(engine, tokenizer, ServeSettings(**settings), port=0)
-    return server, server.server_address[1]
+    return server, server.port
 
 
 def post(port, body, path="/v1/completions", headers=None, raw=None):
@@ -38,7 +38,7 @@ def post(port, body, path="/v1/completions", headers=None, raw=None):
     response = conn.getresponse()
     payload = response.read()
     conn.close()
-    return response.status, dict(response.getheaders()), payload
+    return response.status, response.headers, payload  # case-insensitive
 
 
 def get(port, path):

@@ -3,9 +3,7 @@
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 
 from neoxko.builtin import DEFAULT_MODEL, MODEL_HELP
 from neoxko.errors import NeoxkoError
@@ -46,6 +44,20 @@ def add_commands(commands) -> None:
     srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20)
     srv.add_argument("--mask-pii", action="store_true", help="mask PII in every response")
+    srv.add_argument("--chat-template", default=None,
+                     help="jinja chat template for /v1/chat/completions: a .jinja file or a shipped name (koalpaca: "
+                          "'### 질문: / ### 답변:'); default: the tokenizer's own, if it has one")
+    srv.add_argument("--prefill-chunk", type=int, default=512,
+                     help="prompt tokens per prefill forward: a long prompt holds running streams back by one chunk")
+    srv.add_argument("--prefix-cache-rows", type=int, default=2,
+                     help="KV cache rows that keep recent prompts for reuse (few-shot headers, system prompts)")
+    srv.add_argument("--limit-concurrency", type=int, default=1024,
+                     help="connections and requests beyond this get 503 at once")
+    srv.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection may take to send its request headers")
+    srv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds running requests may finish before they are ended")
     srv.set_defaults(run=run_serve)
 
     qz = commands.add_parser("quantize", help="write an int8 weight-only copy of a model")
@@ -89,39 +101,51 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from neoxko.checkpoint import load_model
-    from neoxko.serve.engine import Engine
-    from neoxko.serve.server import ServeSettings, serve
-    from neoxko.tokenizer import load_tokenizer
+    from neoxko.serve import chat
+    from neoxko.serve.app import State
+    from neoxko.serve.protocol import ServeSettings
+    from neoxko.serve.server import Limits, bind, run
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise NeoxkoError("--max-batch must be at least 1 and --max-queue at least 0")
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
-    engine = Engine(model, tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+    if args.prefill_chunk < 1 or args.prefix_cache_rows < 0 or args.limit_concurrency < 1:
+        raise NeoxkoError("--prefill-chunk and --limit-concurrency must be at least 1, --prefix-cache-rows at least 0")
+    template, stops = chat.load_template(args.chat_template) if args.chat_template else (None, ())
     name = args.served_model_name or str(args.model)
     settings = ServeSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                             mask_pii=args.mask_pii)
-    try:
-        server = serve(engine, tokenizer, settings, args.host, args.port)
-    except OSError as e:
-        engine.close()
-        raise NeoxkoError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port") from None
-    host, port = server.server_address[:2]
-    cache = model.gpt_neox.layers[0].attention.kv_cache
-    cache_gb = 2 * cache.k.numel() * cache.k.element_size() * len(model.gpt_neox.layers) / 1e9
-    print(f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows, KV cache {cache_gb:.2f} GB, "
-          f"{'int8' if args.quantize else str(next(model.parameters()).dtype).removeprefix('torch.')})"
-          + (", API key required" if args.api_key else ""), file=sys.stderr, flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a service manager's stop: finish cleanly
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
+                             mask_pii=args.mask_pii, body_timeout_s=args.body_timeout, chat_template=template,
+                             chat_template_name=args.chat_template, chat_stop=stops)
+    limits = Limits(header_timeout_s=args.header_timeout, limit_concurrency=args.limit_concurrency,
+                    shutdown_timeout_s=args.shutdown_timeout)
+    sock = bind(args.host, args.port)  # a busy port fails now, not after the model has loaded
+    host, port = sock.getsockname()[:2]
+    print(f"neoxko: loading {name!r}; http://{host}:{port}/health answers 503 until it is ready", file=sys.stderr,
+          flush=True)
+    state = State(settings)
+
+    def load():
+        from neoxko.checkpoint import load_model
+        from neoxko.serve.engine import Engine
+        from neoxko.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        eos = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
+        engine = Engine(model, eos, max_batch=args.max_batch, max_queue=args.max_queue,
+                        prefill_chunk=args.prefill_chunk, prefix_rows=args.prefix_cache_rows)
+        return engine, tokenizer
+
+    def ready() -> str:
+        engine = state.engine
+        cache = engine.model.gpt_neox.layers[0].attention.kv_cache
+        cache_gb = 2 * cache.k.numel() * cache.k.element_size() * len(engine.model.gpt_neox.layers) / 1e9
+        dtype = "int8" if args.quantize else str(cache.k.dtype).removeprefix("torch.")
+        return (f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows + "
+                f"{args.prefix_cache_rows} prefix rows, KV cache {cache_gb:.2f} GB, {dtype})"
+                + (f", chat template {args.chat_template}" if args.chat_template else "")
+                + (", API key required" if args.api_key else ""))
+
+    run(state, sock, load, limits, ready)
     return 0
 
 
