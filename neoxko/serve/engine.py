@@ -16,6 +16,7 @@ import queue
 import random
 import threading
 import time
+import traceback
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -55,6 +56,7 @@ class Token:
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
     index: int = 0
+    eos: bool = False  # the end-of-text token: no text, but counted and scored (lm-eval reads its logprob)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class Engine:
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._abort: str | None = None
+        self.last_error: str | None = None  # the traceback of the latest failure, for the log
         self.accepting = True
         self.model.setup_cache(max_batch + prefix_rows, self.max_len)
         self.prefix = PrefixCache(self._layers_kv(), first_row=max_batch, rows=prefix_rows, min_tokens=prefix_min)
@@ -159,7 +162,7 @@ class Engine:
                 try:
                     self._iteration()
                 except Exception as e:  # whatever fails ends the requests it touched, never the engine
-                    self.stats["engine_errors"] += 1
+                    self._failed()
                     self._end_all(self.running + self.prefilling, f"error: {e}")
 
     def _iteration(self) -> None:
@@ -179,14 +182,18 @@ class Engine:
             try:
                 self._step()
             except Exception as e:
-                self.stats["engine_errors"] += 1
+                self._failed()
                 self._end_all(self.running, f"error: {e}")
         if self.prefilling:
             try:
                 self._prefill_chunk()
             except Exception as e:
-                self.stats["engine_errors"] += 1
+                self._failed()
                 self._end_all(self.prefilling, f"error: {e}")
+
+    def _failed(self) -> None:
+        self.stats["engine_errors"] += 1
+        self.last_error = traceback.format_exc()
 
     def _end_all(self, runs: list[_Run], reason: str) -> None:
         for run in runs:
@@ -208,22 +215,31 @@ class Engine:
                 self.stats["finished_cancelled"] += 1
                 request.events.put(Finished("cancelled", index=request.index))
                 continue
-            used = {r.row for r in self.running + self.prefilling}
-            row = next(i for i in range(self.max_batch) if i not in used)
-            run = _Run(request, row, self.model.config.vocab_size, self.device)
-            reused = self.prefix.lookup(request.prompt, run.top_k if request.prompt_logprobs else None)
-            if reused is not None:
-                entry, n = reused
-                self.prefix.copy_to(entry, row, n)
-                run.prefilled = run.reused = n
-                if run.prompt_logprobs is not None:
-                    run.prompt_logprobs = entry.logprobs[:n + 1]
-                if run.prompt_top is not None:
-                    run.prompt_top = [t[:run.top_k] if t else t for t in entry.top[:n + 1]]
-                self.stats["prefix_hits"] += 1
-                self.stats["prefix_cached_tokens"] += n
-            self.stats["prefix_queries"] += len(request.prompt) >= self.prefix.min_tokens
-            self.prefilling.append(run)
+            try:
+                self.prefilling.append(self._start(request))
+            except Exception as e:  # this request ends with the error; the others go on
+                self._failed()
+                self.stats["finished_error"] += 1
+                request.events.put(Finished(f"error: {e}", index=request.index))
+
+    def _start(self, request: Request) -> "_Run":
+        """A run for request in a free row, with what the prefix cache has of its prompt already in place."""
+        used = {r.row for r in self.running + self.prefilling}
+        row = next(i for i in range(self.max_batch) if i not in used)
+        run = _Run(request, row, self.model.config.vocab_size, self.device)
+        reused = self.prefix.lookup(request.prompt, run.top_k if request.prompt_logprobs else None)
+        if reused is not None:
+            entry, n = reused
+            self.prefix.copy_to(entry, row, n)
+            run.prefilled = run.reused = n
+            if run.prompt_logprobs is not None:
+                run.prompt_logprobs = entry.logprobs[:n + 1]
+            if run.prompt_top is not None:
+                run.prompt_top = [t[:run.top_k] if t else t for t in entry.top[:n + 1]]
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_cached_tokens"] += n
+        self.stats["prefix_queries"] += len(request.prompt) > self.prefix.min_tokens
+        return run
 
     def _prefill_chunk(self) -> None:
         """Up to prefill_chunk prompt tokens of the prefilling runs, oldest first, in one forward."""
@@ -324,13 +340,13 @@ class Engine:
         for i, (run, token) in enumerate(zip(runs, tokens, strict=True)):
             request = run.request
             run.generated += 1
-            if token == self.eos_id:
+            eos = token == self.eos_id
+            request.events.put(Token(token, chosen.get(i), tops.get(i), request.index, eos))
+            self.stats["generated_tokens"] += 1
+            if eos:
                 run.done = "stop"
-            else:
-                request.events.put(Token(token, chosen.get(i), tops.get(i), request.index))
-                self.stats["generated_tokens"] += 1
-                if run.generated >= request.max_tokens:
-                    run.done = "length"
+            elif run.generated >= request.max_tokens:
+                run.done = "length"
             if run.seen is not None:
                 run.seen[token] = True
             run.last = token

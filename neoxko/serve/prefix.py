@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-@dataclass
+@dataclass(eq=False)  # entries are compared by identity (their tokens are arrays)
 class Entry:
     tokens: np.ndarray
     row: int

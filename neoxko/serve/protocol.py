@@ -83,7 +83,7 @@ class _Sampled(BaseModel):
     repetition_penalty: Annotated[Float, Field(gt=0)] = 1.0
     seed: Int | None = None
     n: Int = 1  # its bound is the server's --max-n
-    stop: Any = None
+    stop: Any = Field(default_factory=list)
     stream: Bool = False
     stream_options: StreamOptions | None = None
     mask_pii: Bool = False

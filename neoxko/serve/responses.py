@@ -51,16 +51,17 @@ class Choice:
             new += self._guarded(tail) + (self.guard.flush() if self.guard else "")
         elif not self.stops.stopped:
             self.tokens += 1
-            piece = self.tokenizer.decode([event.id])
+            piece = "" if event.eos else self.tokenizer.decode([event.id])
             if self.want_logprobs:
                 self.lp_tokens.append(self._token_text(event.id))
                 self.lp_values.append(event.logprob)
                 self.lp_top.append([(self._token_text(t), v) for t, v in event.top] if event.top else None)
                 self.lp_offsets.append(self.offset)
-            self.offset += len(piece)
-            new += self._guarded(self.stops.push(self.pieces.push(event.id)))
-            if self.stops.stopped:
-                self.request.cancel()
+            if not event.eos:  # the end of text is in the usage and the logprobs, as vLLM has it, not the text
+                self.offset += len(piece)
+                new += self._guarded(self.stops.push(self.pieces.push(event.id)))
+                if self.stops.stopped:
+                    self.request.cancel()
         self.text += new
         return new, mark
 

@@ -1,0 +1,193 @@
+"""`neoxko serve` against clients we did not write: lm-evaluation-harness's local-completions and
+local-chat-completions, and the openai package's chat client."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_model, tiny_config
+from neoxko import load_model, load_tokenizer, save_model
+from neoxko.serve import chat
+from neoxko.serve.engine import Engine
+from neoxko.serve.server import ServeSettings, serve
+
+FIXTURE = Path(__file__).parent / "fixtures" / "kobest"
+TASKS = ["kobest_boolq", "kobest_copa", "kobest_hellaswag", "kobest_sentineg", "kobest_wic"]
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny model with a 2,048-token context: no KoBEST prompt is cut, by lm-eval or by us."""
+    folder = tmp_path_factory.mktemp("long")
+    save_model(random_model(tiny_config(max_position_embeddings=2048), seed=3), folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def start(folder, **settings):
+    template, stops = chat.load_template(settings.pop("chat_template")) if "chat_template" in settings else (None, ())
+    tokenizer = load_tokenizer(folder)
+    engine = Engine(load_model(folder), tokenizer.eos_id, max_batch=4)
+    return serve(engine, tokenizer, ServeSettings(model_name="tiny", chat_template=template, chat_stop=stops,
+                                                  **settings))
+
+
+def _lm_eval_tasks(folder: Path) -> Path:
+    """lm-eval's own KoBEST task files, pointed at the fixture instead of the hub (and f1 without the hub's
+    `evaluate` download; the aggregation is lm-eval's own macro_f1_score)."""
+    import lm_eval
+
+    original = Path(lm_eval.__file__).parent / "tasks" / "kobest"
+    folder.mkdir()
+    (folder / "utils.py").write_text("from lm_eval.tasks.kobest.utils import macro_f1_score  # noqa: F401\n")
+    for task in TASKS:
+        sub = task.removeprefix("kobest_")
+        metrics = ["acc", "acc_norm"] if task == "kobest_hellaswag" else ["acc"]
+        lines = [f"task: neoxko_{task}", f"include: {original / (task + '.yaml')}", "dataset_path: json",
+                 "dataset_name: null", "dataset_kwargs:", "  data_files:",
+                 f"    train: {FIXTURE / sub / 'train.jsonl'}", f"    test: {FIXTURE / sub / 'test.jsonl'}",
+                 "validation_split: null", "metric_list:"]
+        for metric in metrics:
+            lines += [f"  - metric: {metric}", "    aggregation: mean", "    higher_is_better: true"]
+        lines += ["  - metric: f1", "    aggregation: !function utils.macro_f1_score", "    average: macro",
+                  "    higher_is_better: true"]
+        (folder / f"{task}.yaml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_lm_eval_local_completions_scores_kobest_as_neoxko_eval_does(long_model_dir, tmp_path, shots, caplog):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    out = subprocess.run([sys.executable, "-m", "neoxko", "eval", "--model", str(long_model_dir), "--data-dir",
+                          str(FIXTURE), "--shots", str(shots), "--output", str(tmp_path / "ours")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ours = json.loads((tmp_path / "ours" / "results.json").read_text())["results"]
+    server = start(long_model_dir)
+    try:
+        url = f"http://127.0.0.1:{server.port}/v1/completions"
+        with caplog.at_level("INFO"):
+            result = lm_eval.simple_evaluate(
+                model="local-completions", model_args=f"base_url={url},model=tiny,num_concurrent=4,max_retries=1",
+                tasks=[f"neoxko_{t}" for t in TASKS], num_fewshot=shots,
+                task_manager=TaskManager(include_path=str(_lm_eval_tasks(tmp_path / "tasks"))))
+        assert "Auto-detected remote tokenizer support" in caplog.text  # our /tokenizer_info, /tokenize, /detokenize
+        assert server.engine.stats["prefix_hits"] > 0  # each choice shares its document's context
+    finally:
+        server.close()
+    for task in TASKS:
+        theirs = result["results"][f"neoxko_{task}"]
+        assert theirs["acc,none"] == pytest.approx(ours[task][str(shots)]["acc"], abs=1e-6), task
+        assert theirs["f1,none"] == pytest.approx(ours[task][str(shots)]["macro_f1"], abs=1e-6), task
+
+
+def test_lm_eval_local_chat_completions_generates_through_the_chat_template(long_model_dir):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.api_models import JsonChatStr
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    from neoxko.generate import Sampling, generate_tokens
+
+    server = start(long_model_dir, chat_template="koalpaca")
+    try:
+        client = LocalChatCompletion(base_url=f"http://127.0.0.1:{server.port}/v1/chat/completions", model="tiny",
+                                     max_retries=1)
+        messages = [{"role": "system", "content": "친절하게 답하세요."}, {"role": "user", "content": "서울은 어떤 곳인가요?"}]
+        context = JsonChatStr(json.dumps(messages, ensure_ascii=False))
+        [text] = client.generate_until([Instance("generate_until", {}, (context, {"until": ["\n\n"], "max_gen_toks": 12}),
+                                                 0)], disable_tqdm=True)
+    finally:
+        server.close()
+    tokenizer, model = load_tokenizer(long_model_dir), load_model(long_model_dir)
+    prompt = chat.render(chat.load_template("koalpaca")[0], messages)
+    assert prompt == "친절하게 답하세요.\n\n### 질문: 서울은 어떤 곳인가요?\n\n### 답변:"
+    ids = generate_tokens(model, [tokenizer.encode(prompt)], 12, Sampling(), eos_id=tokenizer.eos_id)
+    greedy = tokenizer.decode([int(t[0]) for t in ids])
+    assert text == greedy.split("\n\n")[0].split("### 질문:")[0]
+
+
+def test_openai_chat_plain_streamed_n_and_logprobs(long_model_dir):
+    openai = pytest.importorskip("openai")
+    server = start(long_model_dir, chat_template="koalpaca")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+        messages = [{"role": "user", "content": "김치는 무엇인가요?"}]
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                               logprobs=True, top_logprobs=2)
+        choice = reply.choices[0]
+        assert choice.message.role == "assistant" and reply.usage.prompt_tokens > 0
+        assert len(choice.logprobs.content) == reply.usage.completion_tokens
+        assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob for t in choice.logprobs.content)
+        streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True})
+        chunks = list(streamed)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+        assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+        several = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1.0,
+                                                 n=3, seed=5)
+        assert [c.index for c in several.choices] == [0, 1, 2]
+        with pytest.raises(openai.BadRequestError, match="koalpaca template has no place for a 'tool' message"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x"}], max_tokens=2)
+    finally:
+        server.close()
+
+
+def test_chat_without_a_template_names_chat_template(long_model_dir):
+    openai = pytest.importorskip("openai")
+    server = start(long_model_dir)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+        with pytest.raises(openai.BadRequestError, match="--chat-template koalpaca"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "안녕"}], max_tokens=2)
+    finally:
+        server.close()
+
+
+def test_tokenizer_config_chat_template_is_used(long_model_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(long_model_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    server = start(folder)
+    try:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = {"messages": [{"role": "user", "content": "안녕"}]}
+        conn.request("POST", "/tokenize", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        tokens = json.loads(conn.getresponse().read())["tokens"]
+        assert load_tokenizer(folder).decode(tokens) == "<user>안녕\n<assistant>"
+    finally:
+        server.close()
+
+
+def test_an_end_of_text_token_is_scored_in_echoed_logprobs(long_model_dir):
+    """lm-eval reads token_logprobs[ctxlen:-1]: the generated token must be there even when it is the end of text."""
+    import http.client
+
+    tokenizer, model = load_tokenizer(long_model_dir), load_model(long_model_dir)
+    ids = tokenizer.encode("오늘은 날씨가")
+    with torch.no_grad():
+        greedy = int(model(torch.tensor([ids]))[0, -1].argmax())
+    engine = Engine(model, eos_id=greedy, max_batch=2)  # the greedy next token ends the text
+    server = serve(engine, tokenizer, ServeSettings(model_name="tiny"))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        body = {"prompt": [ids], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        choice = json.loads(conn.getresponse().read())["choices"][0]
+    finally:
+        server.close()
+    assert choice["finish_reason"] == "stop" and len(choice["logprobs"]["token_logprobs"]) == len(ids) + 1
+    assert choice["text"] == tokenizer.decode(ids)  # the end of text adds no text
