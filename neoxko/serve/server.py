@@ -144,9 +144,10 @@ class Served:
             self.engine.close()
 
 
-def serve(engine: Engine, tokenizer: Tokenizer, settings: ServeSettings, host: str = "127.0.0.1", port: int = 0,
-          limits: Limits = Limits()) -> Served:
-    """Start serving in a background thread; returns once it accepts connections."""
+def serve(engine: Engine | None, tokenizer: Tokenizer | None, settings: ServeSettings, host: str = "127.0.0.1",
+          port: int = 0, limits: Limits = Limits()) -> Served:
+    """Start serving in a background thread; returns once it accepts connections. With engine None it answers
+    503 (loading) until .state.tokenizer and then .state.engine are set."""
     state = State(settings, engine, tokenizer)
     sock = bind(host, port)
     server = make_server(state, limits)
