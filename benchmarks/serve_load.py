@@ -1,22 +1,36 @@
-"""Load test of `neoxko serve`: N concurrent clients against a local server, the built-in model by default.
+"""Load test of `neoxko serve`: concurrent clients against a local server, the built-in model by default.
 
-Starts the server as a subprocess (so clients and server do not share one interpreter), then for each
-concurrency level runs that many client threads, each sending completions back to back until the
-level's requests are done. Prints requests/s, generated tokens/s, latency p50/p99, the speedup of
-throughput over one client at a time (the sequential baseline), and failures (there should be none).
+Starts the server as a subprocess (clients and server do not share an interpreter). Part 1: for each
+completion length (24 and 128 tokens) and each concurrency level, that many client threads send
+completions back to back; level 1 is the same requests sent one after another, the baseline of the
+speedup. Prints requests/s, tokens/s, latency p50/p99 and failures (there should be none).
 
-    python benchmarks/serve_load.py [--model ko-small] [--levels 1,4,16,64] [--requests 64] [--max-tokens 64]
+Part 2, a long prompt arriving while streams decode: 8 clients stream 128-token completions; then a
+1,500-token prompt arrives, and right after it a short one. Prints the long prompt's time to first token,
+the short one's, and the longest gap between two tokens of the running streams, for chunked prefill
+(--prefill-chunk 128, 256 (the default), 512) and for the whole prompt in one forward. ko-small's context is 512
+tokens, so this part serves a model of ko-small's shape with a 2,048-token context and random weights
+(the time of a forward does not depend on the weights).
+
+    python benchmarks/serve_load.py [--model ko-small] [--levels 1,4,16,64] [--lengths 24,128] [--skip-long]
 """
 
 import argparse
+import dataclasses
 import http.client
 import json
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
 
 PROMPTS = ["대한민국의 수도는", "오늘 날씨가 좋아서", "이 영화는 정말", "국회는 법률안을", "대법원은 원심 판결을",
            "청원인은 다음과 같이", "민법 제1조에 따르면", "우리 동네에는"]
@@ -28,22 +42,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the server exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.5)
-    sys.exit("the server did not come up")
+class Server:
+    def __init__(self, model: str, *extra: str):
+        self.port = free_port()
+        command = [sys.executable, "-m", "neoxko", "serve", "--model", model, "--port", str(self.port),
+                   "--max-queue", "1024", *extra]
+        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"the server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        else:
+            sys.exit("the server did not come up")
+        complete(self.port, {"prompt": "워밍업", "max_tokens": 4})
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
 
 
-def complete(port: int, body: dict) -> tuple[int, float, int]:
+def complete(port: int, body: dict) -> tuple:
     """(status, seconds, completion tokens) of one request."""
     t = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -55,21 +81,31 @@ def complete(port: int, body: dict) -> tuple[int, float, int]:
     return response.status, time.perf_counter() - t, tokens
 
 
+def stream(port: int, body: dict) -> list[float]:
+    """The arrival time of each token event of a streamed completion."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/completions", body=json.dumps(body | {"stream": True}),
+                 headers={"Content-Type": "application/json"})
+    response, times = conn.getresponse(), []
+    for line in response:
+        if line.startswith(b"data: {"):
+            times.append(time.perf_counter())
+    conn.close()
+    return times
+
+
 def run_level(port: int, clients: int, requests: int, max_tokens: int) -> dict:
     results, lock, counter = [], threading.Lock(), iter(range(requests))
 
     def client() -> None:
-        while True:
-            with lock:
-                n = next(counter, None)
-            if n is None:
-                return
+        while (n := next(counter, None)) is not None:
+            # temperature 0.8 with its own seed, and no end of text: every request makes max_tokens tokens
             body = {"prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40,
-                    "seed": n}
+                    "seed": n, "ignore_eos": True}
             try:
                 outcome = complete(port, body)
             except OSError as e:
-                outcome = (f"{type(e).__name__}", 0.0, 0)
+                outcome = (type(e).__name__, 0.0, 0)
             with lock:
                 results.append(outcome)
 
@@ -81,43 +117,123 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - start
     ok = [r for r in results if r[0] == 200]
-    latencies = sorted(r[1] for r in ok)
-    failures = sorted({str(r[0]) for r in results if r[0] != 200})
-    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok), "why": failures,
-            "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r[2] for r in ok) / wall,
-            "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+    latencies = sorted(r[1] for r in ok) or [float("nan")]
+    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok),
+            "why": sorted({str(r[0]) for r in results if r[0] != 200}), "requests_per_s": len(ok) / wall,
+            "tokens_per_s": sum(r[2] for r in ok) / wall, "p50": statistics.median(latencies),
+            "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def load_table(args) -> None:
+    server = Server(args.model, "--max-batch", str(args.max_batch), *args.extra.split())
+    try:
+        print(f"\n## Throughput: {args.model}, server --max-batch {args.max_batch} {args.extra}\n")
+        print("| tokens | clients | requests | failed | requests/s | tokens/s | p50 s | p99 s | p99/p50 | speedup over "
+              "sequential |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for length in map(int, args.lengths.split(",")):
+            base = None
+            for clients in map(int, args.levels.split(",")):
+                requests = args.sequential if clients == 1 else max(args.requests, 2 * clients)
+                r = run_level(server.port, clients, requests, length)
+                base = base or r["tokens_per_s"]
+                print(f"| {length} | {clients} | {r['requests']} | {r['failed']} | {r['requests_per_s']:.2f} | "
+                      f"{r['tokens_per_s']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['p99'] / r['p50']:.2f} | "
+                      f"{r['tokens_per_s'] / base:.1f}x |" + (f" failures: {', '.join(r['why'])}" if r["why"] else ""),
+                      flush=True)
+    finally:
+        server.close()
+
+
+def long_prompt_folder(tmp: Path) -> Path:
+    """ko-small's shape with a 2,048-token context, random weights, the built-in tokenizer."""
+    from neoxko.builtin import BUILTIN
+    from neoxko.checkpoint import read_config, resolve, save_model
+    from neoxko.model import GPTNeoX, init_weights
+
+    source = resolve("ko-small")
+    config = read_config(source)
+    config = dataclasses.replace(config, max_position_embeddings=2048)
+    model = GPTNeoX(config)
+    init_weights(model)
+    save_model(model, tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(source) / name).exists():
+            shutil.copy(Path(source) / name, tmp / name)
+    assert "ko-small" in BUILTIN
+    return tmp
+
+
+def long_prompt_row(port: int, long_tokens: int) -> dict:
+    streams, results = 8, {}
+    background = [None] * streams
+
+    def run(i):
+        background[i] = stream(port, {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 128, "temperature": 0.8,
+                                      "seed": i, "ignore_eos": True})
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the streams are decoding
+    long_prompt = [100 + (i * 7) % 29000 for i in range(long_tokens)]
+    arrived = time.perf_counter()
+
+    def long_request():
+        results["long"] = stream(port, {"prompt": [long_prompt], "max_tokens": 8, "temperature": 0})
+
+    def short_request():
+        time.sleep(0.01)  # just after the long one
+        results["short_sent"] = time.perf_counter()
+        results["short"] = stream(port, {"prompt": "짧은 질문", "max_tokens": 8, "temperature": 0})
+
+    extra = [threading.Thread(target=long_request), threading.Thread(target=short_request)]
+    for t in extra:
+        t.start()
+    for t in threads + extra:
+        t.join()
+    window = [b - a for times in background for a, b in zip(times, times[1:], strict=False) if b > arrived]
+    gaps = sorted(b - a for times in background for a, b in zip(times, times[1:], strict=False))
+    return {"long_ttft": results["long"][0] - arrived, "short_ttft": results["short"][0] - results["short_sent"],
+            "max_gap": max(window or [0]), "median_gap": statistics.median(gaps)}
+
+
+def long_prompt_table(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = long_prompt_folder(Path(tmp))
+        print(f"\n## A {args.long_tokens}-token prompt arriving while 8 streams decode (ko-small shape, 2,048 "
+              "context, random weights)\n")
+        print("| prefill | long prompt TTFT s | short prompt TTFT s | longest stall of a running stream s | "
+              "median token gap s |")
+        print("|---|---:|---:|---:|---:|")
+        chunks = [(f"chunks of {c}", c) for c in map(int, args.chunks.split(","))] + [("one forward", 4096)]
+        for label, chunk in chunks:
+            server = Server(str(folder), "--max-batch", "16", "--prefill-chunk", str(chunk))
+            try:
+                r = long_prompt_row(server.port, args.long_tokens)
+            finally:
+                server.close()
+            print(f"| {label} | {r['long_ttft']:.2f} | {r['short_ttft']:.2f} | {r['max_gap']:.3f} | "
+                  f"{r['median_gap']:.3f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ko-small")
     parser.add_argument("--levels", default="1,4,16,64")
-    parser.add_argument("--requests", type=int, default=64, help="requests per level (the sequential level: 16)")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--lengths", default="24,128", help="completion lengths in tokens")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level (at least 2 per client)")
+    parser.add_argument("--sequential", type=int, default=16, help="requests of the one-client level")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--extra", default="", help="more `neoxko serve` arguments, e.g. '--quantize int8'")
+    parser.add_argument("--long-tokens", type=int, default=1500)
+    parser.add_argument("--chunks", default="128,256,512", help="--prefill-chunk values to compare")
+    parser.add_argument("--skip-long", action="store_true", help="only the throughput table")
     args = parser.parse_args()
-    port = free_port()
-    command = [sys.executable, "-m", "neoxko", "serve", "--model", args.model, "--port", str(port),
-               "--max-batch", str(args.max_batch), "--max-queue", "1024", *args.extra.split()]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(port, proc)
-        complete(port, {"prompt": "워밍업", "max_tokens": 4})
-        print(f"model {args.model}, max_tokens {args.max_tokens}, server --max-batch {args.max_batch} {args.extra}\n")
-        print("| clients | requests | failed | requests/s | tokens/s | p50 s | p99 s | speedup over sequential |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        base = None
-        for clients in map(int, args.levels.split(",")):
-            requests = 16 if clients == 1 else max(args.requests, clients)
-            r = run_level(port, clients, requests, args.max_tokens)
-            base = base or r["tokens_per_s"]
-            print(f"| {clients} | {r['requests']} | {r['failed']} | {r['requests_per_s']:.2f} | "
-                  f"{r['tokens_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['tokens_per_s'] / base:.2f}x |"
-                  + (f" failures: {', '.join(r['why'])}" if r["why"] else ""), flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    print(describe())
+    load_table(args)
+    if not args.skip_long:
+        long_prompt_table(args)
 
 
 if __name__ == "__main__":

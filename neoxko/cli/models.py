@@ -47,7 +47,7 @@ def add_commands(commands) -> None:
     srv.add_argument("--chat-template", default=None,
                      help="jinja chat template for /v1/chat/completions: a .jinja file or a shipped name (koalpaca: "
                           "'### 질문: / ### 답변:'); default: the tokenizer's own, if it has one")
-    srv.add_argument("--prefill-chunk", type=int, default=512,
+    srv.add_argument("--prefill-chunk", type=int, default=256,
                      help="prompt tokens per prefill forward: a long prompt holds running streams back by one chunk")
     srv.add_argument("--prefix-cache-rows", type=int, default=2,
                      help="KV cache rows that keep recent prompts for reuse (few-shot headers, system prompts)")

@@ -285,7 +285,7 @@ async def _respond(state: State, request: Request, job: Job) -> Response:
                 sampling = job.sampling if seed is None or c == 0 else dataclasses.replace(job.sampling, seed=seed + c)
                 requests.append(engine.submit(EngineRequest(
                     prompt, job.max_tokens, sampling, job.logprobs, events=sink, index=p * job.n + c,
-                    prompt_logprobs=job.echo and job.logprobs is not None)))
+                    prompt_logprobs=job.echo and job.logprobs is not None, ignore_eos=job.ignore_eos)))
     except QueueFull as e:
         for r in requests:
             r.cancel()

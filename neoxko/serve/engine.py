@@ -44,6 +44,7 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     index: int = 0  # which choice of a response it is; events carry it, so choices can share one queue
+    ignore_eos: bool = False  # the end-of-text token is a token like any other
 
     def cancel(self) -> None:
         """Stop generating (a stop string was seen, or the client went away); the row frees at the next step."""
@@ -93,7 +94,7 @@ class _Run:
 
 class Engine:
     def __init__(self, model: GPTNeoX, eos_id: int | None, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, prefill_chunk: int = 512, prefix_rows: int = 2, prefix_min: int = 16):
+                 max_len: int | None = None, prefill_chunk: int = 256, prefix_rows: int = 2, prefix_min: int = 16):
         if prefill_chunk < 1:
             raise NeoxkoError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model
@@ -340,7 +341,7 @@ class Engine:
         for i, (run, token) in enumerate(zip(runs, tokens, strict=True)):
             request = run.request
             run.generated += 1
-            eos = token == self.eos_id
+            eos = token == self.eos_id and not request.ignore_eos
             request.events.put(Token(token, chosen.get(i), tops.get(i), request.index, eos))
             self.stats["generated_tokens"] += 1
             if eos:

@@ -6,7 +6,7 @@ tokenise and check the request against the model's context.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import annotated_types
@@ -87,6 +87,7 @@ class _Sampled(BaseModel):
     stream: Bool = False
     stream_options: StreamOptions | None = None
     mask_pii: Bool = False
+    ignore_eos: Bool = False  # vLLM's: generate past the end of text (benchmarks want every request max_tokens long)
     best_of: Any = None
     logit_bias: Any = None
     suffix: Any = None
@@ -220,7 +221,7 @@ class Job:
     include_usage: bool = False
     mask_pii: bool = False
     chat: bool = False
-    extra: dict = field(default_factory=dict)
+    ignore_eos: bool = False
 
 
 def completion_job(request: CompletionRequest, tokenizer, settings: ServeSettings, max_len: int, vocab: int) -> Job:
@@ -236,7 +237,8 @@ def completion_job(request: CompletionRequest, tokenizer, settings: ServeSetting
     if request.stream and request.echo and request.logprobs is not None:
         raise ApiError(400, "echo with logprobs is not supported when streaming; send stream: false", "echo")
     return Job(ids, texts, max_tokens, _sampling(request), request.stop, _n(request, settings), request.echo,
-               request.logprobs, request.stream, _usage_wanted(request), request.mask_pii or settings.mask_pii)
+               request.logprobs, request.stream, _usage_wanted(request), request.mask_pii or settings.mask_pii,
+               ignore_eos=request.ignore_eos)
 
 
 def chat_job(request: ChatRequest, prompt_ids: list[int], settings: ServeSettings, max_len: int) -> Job:
@@ -254,7 +256,7 @@ def chat_job(request: ChatRequest, prompt_ids: list[int], settings: ServeSetting
     stop = request.stop + [s for s in settings.chat_stop if s not in request.stop]
     return Job([prompt_ids], [""], max_tokens, _sampling(request), stop, _n(request, settings), logprobs=logprobs,
                stream=request.stream, include_usage=_usage_wanted(request),
-               mask_pii=request.mask_pii or settings.mask_pii, chat=True)
+               mask_pii=request.mask_pii or settings.mask_pii, chat=True, ignore_eos=request.ignore_eos)
 
 
 def _check_model(request: _Sampled, settings: ServeSettings) -> None:
