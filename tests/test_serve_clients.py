@@ -61,11 +61,12 @@ def _lm_eval_tasks(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("shots", [0, 2])
-def test_lm_eval_local_completions_scores_kobest_as_neoxko_eval_does(long_model_dir, tmp_path, shots, caplog):
+def test_lm_eval_local_completions_scores_kobest_as_neoxko_eval_does(long_model_dir, tmp_path, caplog):
+    """Two shots: lm-eval's own few-shot draws and prompts, sent as token ids with echo and logprobs."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
+    shots = 2
     out = subprocess.run([sys.executable, "-m", "neoxko", "eval", "--model", str(long_model_dir), "--data-dir",
                           str(FIXTURE), "--shots", str(shots), "--output", str(tmp_path / "ours")],
                          capture_output=True, text=True, timeout=300)

@@ -243,7 +243,7 @@ async def read_json(request: Request, settings: ServeSettings) -> dict:
 
     try:
         raw = await asyncio.wait_for(read(), settings.body_timeout_s)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # builtin TimeoutError only from 3.11
         raise ApiError(408, f"the body did not arrive within {settings.body_timeout_s:g} s",
                        headers={"Connection": "close"}) from None
     try:
@@ -324,7 +324,7 @@ async def _events(queue: asyncio.Queue, n_choices: int, request: Request | None 
         except asyncio.QueueEmpty:
             try:
                 event = await asyncio.wait_for(queue.get(), 0.2)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # builtin TimeoutError only from 3.11
                 event = None
         if request is not None and loop.time() - checked >= 0.2:
             checked = loop.time()
