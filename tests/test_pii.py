@@ -42,8 +42,8 @@ def test_dev_set_meets_the_issue_thresholds():
     report = score(read_labelled(DEV))
     for label in ("rrn", "tel", "acc"):
         counts = report.strict[label]
-        assert counts.precision >= 0.97 and counts.recall >= 0.97, (label, report.table())
-    assert report.negative_changed / report.negative_lines <= 0.02
+        assert counts.precision >= 0.98 and counts.recall >= 0.98, (label, report.table())
+    assert report.negative_changed / report.negative_lines <= 0.005
 
 
 def test_tokens_and_counts():
@@ -124,3 +124,79 @@ def test_an_echoed_prompt_keeps_its_pii_masked_whatever_the_model_adds(prompt, c
     assert "<|" in out and "".join(c for c in out if c.isdigit()) != "".join(digits) + "".join(
         c for c in continuation if c.isdigit()), out
     assert not any(prompt[i:i + 4] in out for i in range(len(prompt) - 3) if prompt[i:i + 4].isdigit()), out
+
+
+# -- issue 13: text the rules were not tuned on --------------------------------------------------------------
+def _generated(seed: int, lines: int):
+    from neoxko.data.pii_synth import generate
+
+    records = generate(seed, lines)
+    items = [(r["text"], [Span(s["start"], s["end"], "tel" if s["label"] == "tell" else s["label"]) for s in r["spans"]])
+             for r in records]
+    return records, items
+
+
+def test_the_generator_is_seeded_labelled_by_construction_and_covers_every_kind():
+    from neoxko.data.pii_synth import KINDS
+
+    records, items = _generated(5, 1400)
+    assert records == _generated(5, 1400)[0] and records != _generated(6, 1400)[0]
+    assert {r["kind"] for r in records} == set(KINDS)
+    assert sum(not r["spans"] for r in records) / len(records) >= 0.40
+    dev = {json.loads(line)["text"] for line in DEV.open(encoding="utf-8")} if DEV.exists() else set()
+    assert not dev & {r["text"] for r in records}  # not written from the dev set's lines
+    for text, spans in items:
+        for a, b in zip(spans, spans[1:], strict=False):
+            assert a.end <= b.start
+        for s in spans:
+            value = text[s.start:s.end].translate(str.maketrans("０１２３４５６７８９", "0123456789"))
+            assert value[0] in "0123456789+(" and value[-1].isdigit(), (text, s)
+            assert not (s.start and text[s.start - 1].isdigit()) and not (s.end < len(text) and text[s.end].isdigit())
+
+
+def test_held_out_generated_text_meets_the_targets():
+    """Tuned on seed 1; seed 2 is held out: strict P and R >= 0.98 per label, <= 0.5% negative lines touched,
+    text outside the tokens unchanged."""
+    records, items = _generated(2, 2800)
+    report = score(items)
+    for label in ("rrn", "tel", "acc"):
+        counts = report.strict[label]
+        assert counts.precision >= 0.98 and counts.recall >= 0.98, (label, report.table())
+    assert report.negative_changed / report.negative_lines <= 0.005
+    assert report.collateral_chars == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("이름,연락처,주민등록번호\n김민수,010-1234-5678,850315.1234567\n", "이름,연락처,주민등록번호\n김민수,<|tel|>,<|rrn|>\n"),
+    ("| 이름 | 계좌 | 은행 |\n|---|---|---|\n| 김민수 | 110123456789 | 신한 |", "| 이름 | 계좌 | 은행 |\n|---|---|---|\n| 김민수 | <|acc|> | 신한 |"),
+    ("이름\t휴대폰\t주문번호\n이서연\t01098765432\t230629-3488523", "이름\t휴대폰\t주문번호\n이서연\t<|tel|>\t230629-3488523"),
+    ("2024-03-05T10:22:13 INFO sms.send to=01012345678 status=200", "2024-03-05T10:22:13 INFO sms.send to=<|tel|> status=200"),
+    ('{"tel": "0505-1234-5678", "order_no": "8801234567890"}', '{"tel": "<|tel|>", "order_no": "8801234567890"}'),
+    ("예약 변경/취소 1588-1234", "예약 변경/취소 <|tel|>"), ("사무실 0215551234 / Fax 0319998888", "사무실 <|tel|> / Fax <|tel|>"),
+    ("입금은 기업은행 123-456789-01-012 예금주 김민수, 문자 010-2345-6789 로", "입금은 기업은행 <|acc|> 예금주 김민수, 문자 <|tel|> 로"),
+    ("기업은행 평생계좌 010-1234-5678 로 보내 주세요", "기업은행 평생계좌 <|acc|> 로 보내 주세요"),
+    ("외국인등록번호 850315-5234567", "외국인등록번호 <|rrn|>"),
+    ("농협중앙회 301-1234-5678-91 로 입금", "<|acc|>".join(["농협중앙회 ", " 로 입금"])),
+    ("송금: 도이치은행 123-456789-012", "송금: 도이치은행 <|acc|>"),
+    ("의약품 표준코드 8806123456781 재고", "의약품 표준코드 8806123456781 재고"),
+    ("승인번호 16422062, ISSN 1598-1234, 이순신(1545-1598)", "승인번호 16422062, ISSN 1598-1234, 이순신(1545-1598)"),
+])
+def test_structure_and_the_new_kinds(text, expected):
+    assert replace_pii(text) == expected
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_stream_guard_equals_whole_text_masking_on_tables_and_machine_text(seed):
+    from neoxko.data.pii import PIIStream
+
+    records, _ = _generated(11, 140)
+    rng = random.Random(seed)
+    for record in records:
+        text = record["text"]
+        guard, emitted, i = PIIStream(), "", 0
+        while i < len(text):
+            n = rng.randint(1, 9)
+            emitted += guard.push(text[i:i + n])
+            i += n
+            assert replace_pii(text).startswith(emitted), (text, emitted)
+        assert emitted + guard.flush() == replace_pii(text), record["kind"]

@@ -29,6 +29,13 @@ def add_commands(commands) -> None:
     pii_eval.add_argument("labelled", help='JSONL of {"text": ..., "spans": [{"start", "end", "label"}]}')
     pii_eval.add_argument("--errors", action="store_true", help="print every line the replacer gets wrong")
     pii_eval.set_defaults(run=run_pii_eval)
+    pii_gen = data_commands.add_parser("pii-generate",
+                                       help="write a seeded, labelled PII set (every format x every context kind)")
+    pii_gen.add_argument("--seed", type=int, default=0, help="tune on one seed, report on another")
+    pii_gen.add_argument("--lines", type=int, default=3000)
+    pii_gen.add_argument("--negative-share", type=float, default=0.45, help="share of lines with only hard negatives")
+    pii_gen.add_argument("--output", required=True, help="JSONL file to write")
+    pii_gen.set_defaults(run=run_pii_generate)
     prep = data_commands.add_parser("prepare", help="clean, filter, PII, dedup and tokenise text into token shards")
     prep.add_argument("inputs", nargs="*", help=".txt (a document a line), .jsonl(.gz), .parquet files or folders")
     prep.add_argument("--hf-dataset", default=None, help="read a Hugging Face dataset instead of files")
@@ -130,11 +137,27 @@ def _open(path: str, mode: str):
         raise NeoxkoError(f"cannot open {path}: {e.strerror}") from None
 
 
+def run_pii_generate(args: argparse.Namespace) -> int:
+    from neoxko.data.pii_synth import generate, write
+
+    if args.lines < 1 or not 0 <= args.negative_share <= 1:
+        raise NeoxkoError("--lines must be at least 1 and --negative-share between 0 and 1")
+    records = generate(args.seed, args.lines, args.negative_share)
+    path = write(args.output, records)
+    negative = sum(not r["spans"] for r in records)
+    print(f"neoxko: wrote {len(records)} labelled lines to {path} ({negative / len(records):.0%} without PII, "
+          f"seed {args.seed})", file=sys.stderr)
+    return 0
+
+
 def run_pii_eval(args: argparse.Namespace) -> int:
-    from neoxko.data.pii_score import errors, read_labelled, score
+    from neoxko.data.pii_score import errors, kind_table, read_kinds, read_labelled, score
 
     items = read_labelled(args.labelled)
     print(score(items).table())
+    kinds = read_kinds(args.labelled)
+    if set(kinds) != {"-"}:
+        print("\nby context kind (strict):\n" + kind_table(items, kinds))
     if args.errors:
         print("\n".join(errors(items)))
     return 0

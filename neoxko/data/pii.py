@@ -15,6 +15,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from neoxko.data.pii_context import Structure, open_keys
+
 TOKENS = {"rrn": "<|rrn|>", "tel": "<|tel|>", "acc": "<|acc|>"}
 
 # One-to-one character map (offsets are kept): full-width digits and look-alike dashes to ASCII.
@@ -43,35 +45,41 @@ _PHONE = re.compile(
     + r"(?P<mid>[0-9]{3,4})(?P<sep2>" + _OPT + r")[0-9]{4}" + _END
 )
 _REPRESENTATIVE = re.compile(_START + r"1(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})" + r"[ ]?-[ ]?[0-9]{4}" + _END)
-_DIGIT_GROUPS = re.compile(_START + r"[0-9]{2,16}(?:" + _SEP + r"[0-9]{1,8}){0,4}" + _END)
+_DIGIT_GROUPS = re.compile(_START + r"[0-9]{1,16}(?:" + _SEP + r"[0-9]{1,9}){0,4}" + _END)
 
 _BANKS = (
     r"KEB하나|하나|국민|KB|신한|우리|NH|농협|단위농협|지역농협|기업|IBK|SC제일|제일|씨티|시티|카카오뱅크|카뱅|카카오|"
     r"토스뱅크|토스|케이뱅크|K뱅크|우체국|새마을금고|새마을|MG|신협|수협|Sh|부산|BNK|대구|DGB|iM뱅크|경남|광주|전북|"
-    r"제주|산업|KDB|외환|[가-힣A-Za-z]{1,6}은행|[가-힣]{1,4}銀"
+    r"제주|산업|KDB|외환|뱅크오브아메리카|HSBC|[가-힣A-Za-z]{1,6}은행|[가-힣]{1,4}銀"
 )
 # A bank name must end its word: 국민 in 국민신문고 or 하나 in 하나의 is not a bank.
-_BANK = rf"(?:{_BANKS})+(?:은행|銀)?(?![가-힣])"
+_BANK = rf"(?:{_BANKS})+(?:은행|銀|중앙회|회원조합)?(?![가-힣])"
 _ACCOUNT_WORDS = (
     r"계좌|입금|송금|이체|예금주|통장|환불|보내실\s?곳|받는\s?계좌|마음\s?전하실\s?곳|축의금|조의금|부조금|회비|후원|"
-    r"가상계좌|모임통장|평생계좌|무통장"
+    r"가상계좌|모임통장|평생계좌|무통장|환급|(?i:account|acct|bank)"
 )
 _CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
 _ACC_BEFORE = re.compile(rf"(?:{_ACCOUNT_WORDS}|{_BANK})")
 _BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{_BANK}")
+_TIMESTAMP = re.compile(r"(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9]"
+                        r"(?:[0-5][0-9])?")
 _DATE_LIKE = re.compile(
     r"(?:19|20)[0-9]{2}[ ]?[-.][ ]?(?:0?[1-9]|1[0-2])[ ]?[-.][ ]?(?:0?[1-9]|[12][0-9]|3[01])(?![0-9])")
 _PHONE_WORDS = re.compile(
     r"전화|연락|휴대|핸드폰|폰|HP|H\.P|[Tt][Ee][Ll]|Mobile|Phone|Fax|FAX|팩스|☎|☏|📞|문의|상담|대표번호|고객센터|콜센터|"
-    r"직통|안심번호|문자|카톡|기사님"
+    r"직통|안심번호|문자|카톡|기사님|사무실|회사|자택|직장|T\.|F\.|T\)|(?:내|제|저의|나의)\s?번호|"
+    r"(?<![A-Za-z])(?i:msisdn|mobile|phone|caller|callee|sender|receiver|contact|cell|hp|to|from)(?![A-Za-z])"
 )
-_RRN_WORDS = re.compile(r"주민|외국인|(?<!법인)(?<!사업자)(?<!차량)등록번호|RRN")
+# Representative numbers (15XX-XXXX) come after service words as well
+_REPRESENTATIVE_WORDS = re.compile(_PHONE_WORDS.pattern + r"|예약|변경|취소|견적|접수|안내|주문")
+_RRN_WORDS = re.compile(r"주민|외국인|(?<!법인)(?<!사업자)(?<!차량)등록번호|RRN|(?i:rrn|jumin|resident|ssn)")
 # Numbers of these kinds share the shapes above and are not PII (POLICY.md).
 _NOT_PII = re.compile(
-    r"사업자|법인|주문|송장|운송장|택배|승인|바코드|회원|고객번호|ISBN|ISSN|DOI|특허|고유번호|예약|카드|학번|수험|"
-    r"지로|납부|모델|시리얼|일련|내선|국번"
+    r"사업자|법인|주문|송장|운송장|택배|승인|바코드|회원|고객번호|ISBN|ISSN|DOI|특허|고유번호|예약\s?번호|카드|학번|수험|"
+    r"지로|납부|모델|시리얼|일련|내선|국번|코드|EAN|GTIN"
 )
 _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
+_CANDIDATE = re.compile(r"[0-9](?:[-. ()+]{0,3}[0-9]){7,}")  # 8 or more digits with short separators between
 _ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
 
 
@@ -87,7 +95,22 @@ def find_pii(text: str) -> list[Span]:
     if not _ANY_DIGIT.search(text):  # most text has no digits: skip everything else
         return []
     folded = text.translate(_FOLD) if _NEEDS_FOLD.search(text) else text
-    candidates = _accounts(folded) + _rrns(folded) + _phones(folded)
+    # The pre-scan: only numbers of 8 or more digits can be PII, and most of those that are dates are not.
+    windows: list[tuple[int, int]] = []
+    for m in _CANDIDATE.finditer(folded):
+        if _DATE_LIKE.fullmatch(m.group()):
+            continue
+        a, b = max(m.start() - 4, 0), m.end() + 4
+        while b < len(folded) and folded[b - 1].isdigit():  # never end a window inside a number
+            b += 1
+        if windows and a <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], b)
+        else:
+            windows.append((a, b))
+    if not windows:
+        return []
+    ctx = _Context(open_keys(folded), windows)
+    candidates = _accounts(ctx) + _rrns(ctx) + _phones(ctx)
     return _resolve(candidates)
 
 
@@ -109,58 +132,78 @@ def replace_pii_counted(text: str) -> tuple[str, Counter]:
     return "".join(parts), Counter(s.label for s in spans)
 
 
-def _last_match(pattern: re.Pattern, text: str, pos: int, window: int) -> re.Match | None:
-    """The last match of pattern in the window characters before pos."""
-    matches = list(pattern.finditer(text, max(pos - window, 0), pos))
-    return matches[-1] if matches else None
+class _Context:
+    """The text being searched and where each number's cues are (the text before it, or its table header)."""
+
+    def __init__(self, text: str, windows: list[tuple[int, int]]):
+        self.structure = Structure(text)
+        self.text = self.structure.text
+        self.windows = windows  # where the numbers of 8 or more digits are; the rules look only there
+
+    def finditer(self, pattern: re.Pattern):
+        end = -1
+        for a, b in self.windows:
+            for m in pattern.finditer(self.text, max(a, end), b):
+                end = m.end()
+                yield m
+
+    def last(self, pattern: re.Pattern, pos: int, window: int) -> tuple[re.Match, str] | None:
+        """The last match of pattern in the number's cue text (window characters before pos, or its cell)."""
+        before = self.structure.before(self.text, pos, window)
+        matches = list(pattern.finditer(before))
+        return (matches[-1], before) if matches else None
+
+    def near(self, pattern: re.Pattern, pos: int, window: int) -> int | None:
+        """Distance from the last cue match to the number at pos, or None."""
+        found = self.last(pattern, pos, window)
+        return None if found is None else len(found[1]) - found[0].end()
+
+    def vetoed(self, start: int, cue: int | None = None) -> bool:
+        """A not-PII word (order number, barcode...) closer to the number than its cue word."""
+        veto = self.near(_NOT_PII, start, _VETO_WINDOW)
+        return veto is not None and (cue is None or veto < cue)
 
 
-def _near(pattern: re.Pattern, text: str, pos: int, window: int) -> int | None:
-    """Distance from the last match before pos (within window) to pos, or None."""
-    m = _last_match(pattern, text, pos, window)
-    return None if m is None else pos - m.end()
-
-
-def _vetoed(text: str, start: int, cue: int | None = None) -> bool:
-    """A not-PII word (order number, barcode...) closer to the number than its cue word."""
-    veto = _near(_NOT_PII, text, start, _VETO_WINDOW)
-    return veto is not None and (cue is None or veto < cue)
-
-
-def _account_cue(text: str, start: int, end: int, phone_shaped: bool) -> int | None:
+def _account_cue(ctx: _Context, start: int, end: int, phone_shaped: bool) -> int | None:
     """Distance to the account word or bank name before the number, 0 for a bank name just after it.
 
     A phone-shaped number (평생계좌) needs more than a bank that is also a city name: 부산 051-...
-    is a phone number in Busan.
+    is a phone number in Busan, and it is a phone if a phone word is nearer than the account cue.
     """
-    before = _last_match(_ACC_BEFORE, text, start, _ACC_WINDOW)
-    if before is not None and not (phone_shaped and _CITY.fullmatch(before.group())):
-        return start - before.end()
-    after = _BANK_AFTER.match(text[end:end + 12])
-    if after is not None and not (phone_shaped and _CITY.search(after.group())):
-        return 0
-    return None
+    found = ctx.last(_ACC_BEFORE, start, _ACC_WINDOW)
+    cue = None
+    if found is not None and not (phone_shaped and _CITY.fullmatch(found[0].group())):
+        cue = len(found[1]) - found[0].end()
+    elif not ctx.structure.in_cell(start):
+        after = _BANK_AFTER.match(ctx.text[end:end + 12])
+        if after is not None and not (phone_shaped and _CITY.search(after.group())):
+            cue = 0
+    if cue is not None and phone_shaped and "평생" not in (found[1] if found else ""):
+        phone_cue = ctx.near(_PHONE_WORDS, start, _ACC_WINDOW)
+        if phone_cue is not None and phone_cue < cue:
+            return None
+    return cue
 
 
-def _accounts(text: str) -> list[tuple[Span, int]]:
+def _accounts(ctx: _Context) -> list[tuple[Span, int]]:
     found = []
-    for m in _DIGIT_GROUPS.finditer(text):
+    for m in ctx.finditer(_DIGIT_GROUPS):
         digits = re.sub(r"[^0-9]", "", m.group())
         groups = [len(g) for g in re.split(r"[^0-9]+", m.group())]
         if not 10 <= len(digits) <= 16 or groups == [3, 2, 5]:  # 3-2-5 is a business registration number
             continue
-        if ". " in m.group() or _DATE_LIKE.match(m.group()):  # "2016. 7. 23. 2013" is dates, not an account
-            continue
-        cue = _account_cue(text, m.start(), m.end(), _PHONE.fullmatch(m.group()) is not None)
-        if cue is None or _vetoed(text, m.start(), cue):
+        if ". " in m.group() or _DATE_LIKE.match(m.group()) or _TIMESTAMP.fullmatch(m.group()):
+            continue  # "2016. 7. 23. 2013" is dates and 20021008011100 a time, not accounts
+        cue = _account_cue(ctx, m.start(), m.end(), _PHONE.fullmatch(m.group()) is not None)
+        if cue is None or ctx.vetoed(m.start(), cue):
             continue
         found.append((Span(m.start(), m.end(), "acc"), 3 if cue <= _NEAR_WINDOW else 1))
     return found
 
 
-def _rrns(text: str) -> list[tuple[Span, int]]:
+def _rrns(ctx: _Context) -> list[tuple[Span, int]]:
     found = []
-    for m in _RRN.finditer(text):
+    for m in ctx.finditer(_RRN):
         yy, mm, dd, s = (int(g) for g in m.groups())
         century = 1900 if s in (1, 2, 5, 6) else 2000
         try:
@@ -169,10 +212,10 @@ def _rrns(text: str) -> list[tuple[Span, int]]:
             continue
         if born > datetime.date.today():
             continue
-        cue = _near(_RRN_WORDS, text, m.start(), 20)
+        cue = ctx.near(_RRN_WORDS, m.start(), 20)
         digits = re.sub(r"[^0-9]", "", m.group())
         junk = len(set(digits)) <= 3  # 1010101010110 is a pattern, not a person's number
-        if _vetoed(text, m.start(), cue) or cue is None and (junk or _is_korean_ean13(digits, m.group())):
+        if ctx.vetoed(m.start(), cue) or cue is None and (junk or _is_korean_ean13(digits, m.group())):
             continue
         context = cue is not None
         found.append((Span(m.start(), m.end(), "rrn"), 4 if context else 2))
@@ -187,22 +230,22 @@ def _is_korean_ean13(digits: str, raw: str) -> bool:
     return (10 - total % 10) % 10 == int(digits[12])
 
 
-def _phones(text: str) -> list[tuple[Span, int]]:
-    found = []
-    for m in _PHONE.finditer(text):
+def _phones(ctx: _Context) -> list[tuple[Span, int]]:
+    found, text = [], ctx.text
+    for m in ctx.finditer(_PHONE):
         contiguous = m.group("plain") and not m.group("sep1") and not m.group("sep2")
         mobile = (m.group("plain") or m.group("intl") or "").lstrip("0").startswith("1")
-        cue = _near(_PHONE_WORDS, text, m.start(), 20)
+        cue = ctx.near(_PHONE_WORDS, m.start(), 20)
         phone_word = cue is not None
         if contiguous and not mobile and not phone_word:
             continue  # 10-digit customer numbers starting with 0 look like landlines
-        if _vetoed(text, m.start(), cue):
+        if ctx.vetoed(m.start(), cue):
             continue
         found.append((Span(m.start(), m.end(), "tel"), 2 + phone_word))
-    for m in _REPRESENTATIVE.finditer(text):
+    for m in ctx.finditer(_REPRESENTATIVE):
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
-        cue = _near(_PHONE_WORDS, text, m.start(), 12)
-        if cue is not None and not _vetoed(text, m.start(), cue) and not text.startswith("년", m.end()):
+        cue = ctx.near(_REPRESENTATIVE_WORDS, m.start(), 12)
+        if cue is not None and not ctx.vetoed(m.start(), cue) and not text.startswith("년", m.end()):
             found.append((Span(m.start(), m.end(), "tel"), 2))
     return found
 
@@ -234,6 +277,7 @@ class PIIStream:
 
     LOOKAHEAD = 16
     CONTEXT = 64
+    BLOCK = 4096
 
     def __init__(self):
         self.raw = ""  # text seen, from CONTEXT characters before the emitted point on
@@ -278,6 +322,11 @@ class PIIStream:
                 self.masked[span.label] += 1
         parts.append(self.raw[last:cut])
         keep = max(0, cut - self.CONTEXT)
+        if "\n" in self.raw[:cut]:  # keep the block since the last blank line: a table's header stays in view
+            blank = self.raw.rfind("\n\n", 0, cut)
+            block = blank + 2 if blank >= 0 else 0
+            if cut - block <= self.BLOCK:
+                keep = min(keep, block)
         self.raw, self.done, self.base = self.raw[keep:], cut - keep, self.base + keep
         self.forced = [f for f in self.forced if f.end > self.base + self.done]
         return "".join(parts)

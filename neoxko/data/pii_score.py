@@ -74,6 +74,27 @@ def read_labelled(path: str | Path) -> list[tuple[str, list[Span]]]:
     return items
 
 
+def read_kinds(path: str | Path) -> list[str]:
+    """Each line's context kind ("kind", as `neoxko data pii-generate` writes it; "-" where a line has none)."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [str(json.loads(line).get("kind", "-")) for line in f]
+
+
+def kind_table(items: list[tuple[str, list[Span]]], kinds: list[str],
+               find: Callable[[str], list[Span]] = find_pii) -> str:
+    """Strict precision / recall per label and negative lines touched, for each context kind."""
+    groups: dict[str, list] = {}
+    for item, kind in zip(items, kinds, strict=True):
+        groups.setdefault(kind, []).append(item)
+    rows = ["| kind | lines | rrn P | rrn R | tel P | tel R | acc P | acc R | no-PII lines changed |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kind, group in sorted(groups.items()):
+        r = score(group, find)
+        cells = " | ".join(f"{r.strict[label].precision:.3f} | {r.strict[label].recall:.3f}" for label in LABELS)
+        rows.append(f"| {kind} | {r.lines} | {cells} | {r.negative_changed}/{r.negative_lines} |")
+    return "\n".join(rows)
+
+
 def score(items: list[tuple[str, list[Span]]], find: Callable[[str], list[Span]] = find_pii) -> Report:
     report = Report()
     for text, gold in items:
