@@ -79,6 +79,7 @@ _NOT_PII = re.compile(
     r"지로|납부|모델|시리얼|일련|내선|국번|코드|EAN|GTIN"
 )
 _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
+_NON_DIGITS = re.compile("[^0-9]+")
 _CANDIDATE = re.compile(r"[0-9](?:[-. ()+]{0,3}[0-9]){7,}")  # 8 or more digits with short separators between
 _ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
 
@@ -96,17 +97,19 @@ def find_pii(text: str) -> list[Span]:
         return []
     folded = text.translate(_FOLD) if _NEEDS_FOLD.search(text) else text
     # The pre-scan: only numbers of 8 or more digits can be PII, and most of those that are dates are not.
-    windows: list[tuple[int, int]] = []
+    windows: list[tuple[int, int, int]] = []
     for m in _CANDIDATE.finditer(folded):
-        if _DATE_LIKE.fullmatch(m.group()):
+        number = m.group()
+        if _DATE_LIKE.fullmatch(number):
             continue
+        digits = len(number) - len(_NON_DIGITS.findall(number))  # (each separator run is short: about right)
         a, b = max(m.start() - 4, 0), m.end() + 4
         while b < len(folded) and folded[b - 1].isdigit():  # never end a window inside a number
             b += 1
         if windows and a <= windows[-1][1]:
-            windows[-1] = (windows[-1][0], b)
+            windows[-1] = (windows[-1][0], b, max(windows[-1][2], digits))
         else:
-            windows.append((a, b))
+            windows.append((a, b, digits))
     if not windows:
         return []
     ctx = _Context(open_keys(folded), windows)
@@ -135,28 +138,30 @@ def replace_pii_counted(text: str) -> tuple[str, Counter]:
 class _Context:
     """The text being searched and where each number's cues are (the text before it, or its table header)."""
 
-    def __init__(self, text: str, windows: list[tuple[int, int]]):
+    def __init__(self, text: str, windows: list[tuple[int, int, int]]):
         self.structure = Structure(text)
         self.text = self.structure.text
-        self.windows = windows  # where the numbers of 8 or more digits are; the rules look only there
+        self.windows = windows  # (start, end, digits) around the numbers of 8 or more digits; rules look only there
 
-    def finditer(self, pattern: re.Pattern):
-        end = -1
-        for a, b in self.windows:
-            for m in pattern.finditer(self.text, max(a, end), b):
-                end = m.end()
-                yield m
+    def finditer(self, pattern: re.Pattern, min_digits: int) -> list[re.Match]:
+        """pattern's matches inside the windows that hold a number of min_digits or more (windows never
+        overlap, nor end inside a number)."""
+        text = self.text
+        return [m for a, b, n in self.windows if n >= min_digits for m in pattern.finditer(text, a, b)]
 
-    def last(self, pattern: re.Pattern, pos: int, window: int) -> tuple[re.Match, str] | None:
-        """The last match of pattern in the number's cue text (window characters before pos, or its cell)."""
+    def last(self, pattern: re.Pattern, pos: int, window: int) -> tuple[str, int, str] | None:
+        """The last cue before the number at pos: (its text, its distance, the text searched). The cue text is
+        the window characters before pos, or in a table the number's column header and its own cell."""
         before = self.structure.before(self.text, pos, window)
-        matches = list(pattern.finditer(before))
-        return (matches[-1], before) if matches else None
+        m = None
+        for m in pattern.finditer(before):  # noqa: B007 - the last one
+            pass
+        return None if m is None else (m.group(), len(before) - m.end(), before)
 
     def near(self, pattern: re.Pattern, pos: int, window: int) -> int | None:
         """Distance from the last cue match to the number at pos, or None."""
         found = self.last(pattern, pos, window)
-        return None if found is None else len(found[1]) - found[0].end()
+        return None if found is None else found[1]
 
     def vetoed(self, start: int, cue: int | None = None) -> bool:
         """A not-PII word (order number, barcode...) closer to the number than its cue word."""
@@ -172,13 +177,13 @@ def _account_cue(ctx: _Context, start: int, end: int, phone_shaped: bool) -> int
     """
     found = ctx.last(_ACC_BEFORE, start, _ACC_WINDOW)
     cue = None
-    if found is not None and not (phone_shaped and _CITY.fullmatch(found[0].group())):
-        cue = len(found[1]) - found[0].end()
+    if found is not None and not (phone_shaped and _CITY.fullmatch(found[0])):
+        cue = found[1]
     elif not ctx.structure.in_cell(start):
         after = _BANK_AFTER.match(ctx.text[end:end + 12])
         if after is not None and not (phone_shaped and _CITY.search(after.group())):
             cue = 0
-    if cue is not None and phone_shaped and "평생" not in (found[1] if found else ""):
+    if cue is not None and phone_shaped and "평생" not in (found[2] if found else ""):
         phone_cue = ctx.near(_PHONE_WORDS, start, _ACC_WINDOW)
         if phone_cue is not None and phone_cue < cue:
             return None
@@ -187,12 +192,14 @@ def _account_cue(ctx: _Context, start: int, end: int, phone_shaped: bool) -> int
 
 def _accounts(ctx: _Context) -> list[tuple[Span, int]]:
     found = []
-    for m in ctx.finditer(_DIGIT_GROUPS):
-        digits = re.sub(r"[^0-9]", "", m.group())
-        groups = [len(g) for g in re.split(r"[^0-9]+", m.group())]
-        if not 10 <= len(digits) <= 16 or groups == [3, 2, 5]:  # 3-2-5 is a business registration number
+    for m in ctx.finditer(_DIGIT_GROUPS, 10):
+        number = m.group()
+        if len(number) < 10:  # fewer than 10 characters cannot hold 10 digits
             continue
-        if ". " in m.group() or _DATE_LIKE.match(m.group()) or _TIMESTAMP.fullmatch(m.group()):
+        groups = [len(g) for g in _NON_DIGITS.split(number)]
+        if not 10 <= sum(groups) <= 16 or groups == [3, 2, 5]:  # 3-2-5 is a business registration number
+            continue
+        if ". " in number or _DATE_LIKE.match(number) or _TIMESTAMP.fullmatch(number):
             continue  # "2016. 7. 23. 2013" is dates and 20021008011100 a time, not accounts
         cue = _account_cue(ctx, m.start(), m.end(), _PHONE.fullmatch(m.group()) is not None)
         if cue is None or ctx.vetoed(m.start(), cue):
@@ -202,18 +209,18 @@ def _accounts(ctx: _Context) -> list[tuple[Span, int]]:
 
 
 def _rrns(ctx: _Context) -> list[tuple[Span, int]]:
-    found = []
-    for m in ctx.finditer(_RRN):
+    found, today = [], datetime.date.today()
+    for m in ctx.finditer(_RRN, 13):
         yy, mm, dd, s = (int(g) for g in m.groups())
         century = 1900 if s in (1, 2, 5, 6) else 2000
         try:
             born = datetime.date(century + yy, mm, dd)
         except ValueError:
             continue
-        if born > datetime.date.today():
+        if born > today:
             continue
         cue = ctx.near(_RRN_WORDS, m.start(), 20)
-        digits = re.sub(r"[^0-9]", "", m.group())
+        digits = _NON_DIGITS.sub("", m.group())
         junk = len(set(digits)) <= 3  # 1010101010110 is a pattern, not a person's number
         if ctx.vetoed(m.start(), cue) or cue is None and (junk or _is_korean_ean13(digits, m.group())):
             continue
@@ -232,7 +239,7 @@ def _is_korean_ean13(digits: str, raw: str) -> bool:
 
 def _phones(ctx: _Context) -> list[tuple[Span, int]]:
     found, text = [], ctx.text
-    for m in ctx.finditer(_PHONE):
+    for m in ctx.finditer(_PHONE, 8):
         contiguous = m.group("plain") and not m.group("sep1") and not m.group("sep2")
         mobile = (m.group("plain") or m.group("intl") or "").lstrip("0").startswith("1")
         cue = ctx.near(_PHONE_WORDS, m.start(), 20)
@@ -242,7 +249,7 @@ def _phones(ctx: _Context) -> list[tuple[Span, int]]:
         if ctx.vetoed(m.start(), cue):
             continue
         found.append((Span(m.start(), m.end(), "tel"), 2 + phone_word))
-    for m in ctx.finditer(_REPRESENTATIVE):
+    for m in ctx.finditer(_REPRESENTATIVE, 8):
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
         cue = ctx.near(_REPRESENTATIVE_WORDS, m.start(), 12)
         if cue is not None and not ctx.vetoed(m.start(), cue) and not text.startswith("년", m.end()):

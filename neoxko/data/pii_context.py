@@ -81,22 +81,24 @@ def _table_cells(text: str, commas: list[int]) -> list[Cell]:
             while j < len(lines) and (_RULE.match(lines[j][1]) or _count(lines[j][1], name, splitter) == n):
                 j += 1
             rows = [k for k in range(i + 1, j) if not _RULE.match(lines[k][1])]
-            if rows and all(len(c[2]) <= MAX_CELL for k in [i, *rows] for c in _split(lines[k], splitter, name)):
-                found = (name, splitter, j, rows)
+            if not rows:
+                continue
+            splits = {k: _split(lines[k], splitter, name) for k in [i, *rows]}
+            if all(len(c[2]) <= MAX_CELL for row in splits.values() for c in row):
+                found = (name, j, rows, splits)
                 break
         if found is None:
             i += 1
             continue
-        name, splitter, j, rows = found
-        header = _split(lines[i], splitter, name)
+        name, j, rows, splits = found
+        header = splits[i]
         if any(ch.isdigit() for c in header for ch in c[2]):
             i = j  # no header row (or a form whose first line holds a value): the text before each number is its cue
             continue
         if name == ",":
-            self_commas = [c[1] for k in [i, *rows] for c in _split(lines[k], splitter, name)[:-1]]
-            commas.extend(self_commas)
+            commas.extend(c[1] for k in [i, *rows] for c in splits[k][:-1])
         for k in rows:
-            row = _split(lines[k], splitter, name)
+            row = splits[k]
             for column, (start, end, _) in enumerate(row):
                 head = header[column][2] if column < len(header) else ""
                 if len(header) == 2 and column == 1:  # a label / value form reads as a 2-column table: both count
