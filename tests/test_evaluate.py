@@ -192,6 +192,13 @@ def test_hub_dataset_offline_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    import datasets
+    import huggingface_hub
+
+    # both read the variables when first imported (conftest's imports came first): set what they read
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
     with pytest.raises(NeoxkoError, match="could not load skt/kobest_v1/copa .*pass --data-dir"):
         load_split("kobest_copa", "test", None)
 
