@@ -142,6 +142,7 @@ class _Context:
         self.structure = Structure(text)
         self.text = self.structure.text
         self.windows = windows  # (start, end, digits) around the numbers of 8 or more digits; rules look only there
+        self.seen: dict = {}
 
     def finditer(self, pattern: re.Pattern, min_digits: int) -> list[re.Match]:
         """pattern's matches inside the windows that hold a number of min_digits or more (windows never
@@ -152,11 +153,15 @@ class _Context:
     def last(self, pattern: re.Pattern, pos: int, window: int) -> tuple[str, int, str] | None:
         """The last cue before the number at pos: (its text, its distance, the text searched). The cue text is
         the window characters before pos, or in a table the number's column header and its own cell."""
+        key = (pattern, pos, window)
+        if key in self.seen:  # the rules ask about the same number (a veto, a phone word) more than once
+            return self.seen[key]
         before = self.structure.before(self.text, pos, window)
         m = None
         for m in pattern.finditer(before):  # noqa: B007 - the last one
             pass
-        return None if m is None else (m.group(), len(before) - m.end(), before)
+        found = self.seen[key] = None if m is None else (m.group(), len(before) - m.end(), before)
+        return found
 
     def near(self, pattern: re.Pattern, pos: int, window: int) -> int | None:
         """Distance from the last cue match to the number at pos, or None."""
