@@ -3,8 +3,6 @@ local-chat-completions, and the openai package's chat client."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -66,12 +64,12 @@ def test_lm_eval_local_completions_scores_kobest_as_neoxko_eval_does(long_model_
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    shots = 2
-    out = subprocess.run([sys.executable, "-m", "neoxko", "eval", "--model", str(long_model_dir), "--data-dir",
-                          str(FIXTURE), "--shots", str(shots), "--output", str(tmp_path / "ours")],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    ours = json.loads((tmp_path / "ours" / "results.json").read_text())["results"]
+    from neoxko.evaluate.kobest import EvalSettings, evaluate
+    from neoxko.evaluate.scoring import NeoxkoScorer
+
+    shots = 2  # `neoxko eval`'s own engine, in process (its command line is tested in test_evaluate.py)
+    scorer = NeoxkoScorer(load_model(long_model_dir), load_tokenizer(long_model_dir))
+    ours, _ = evaluate(scorer, EvalSettings(tasks=TASKS, shots=[shots], data_dir=str(FIXTURE)), progress=False)
     server = start(long_model_dir)
     try:
         url = f"http://127.0.0.1:{server.port}/v1/completions"
@@ -88,6 +86,7 @@ def test_lm_eval_local_completions_scores_kobest_as_neoxko_eval_does(long_model_
         theirs = result["results"][f"neoxko_{task}"]
         assert theirs["acc,none"] == pytest.approx(ours[task][str(shots)]["acc"], abs=1e-6), task
         assert theirs["f1,none"] == pytest.approx(ours[task][str(shots)]["macro_f1"], abs=1e-6), task
+    assert ours[TASKS[0]][str(shots)]["n"] == 4  # the fixture's test documents, all scored
 
 
 def test_lm_eval_local_chat_completions_generates_through_the_chat_template(long_model_dir):
