@@ -1,4 +1,4 @@
-"""Prefill and decode speed of neoxko against transformers on the Polyglot-Ko 1.3B shape, CPU, and int8.
+"""Prefill and decode speed of neoxko against transformers on the Polyglot-Ko 1.3B shape, CPU, int8 and int4.
 
 Both models share the same random weights. Decode tokens/s is measured as transformers users see it:
 generate(N + 1 tokens) minus generate(1 token), greedy, so prefill is not counted. Two ceilings are
@@ -6,8 +6,9 @@ printed for batch 1: the memory-bandwidth ceiling (bytes of weights read per tok
 read bandwidth) and the matrix-vector ceiling (torch's own F.linear time on the model's shapes).
 
 With bfloat16 in --dtypes, a second table sets int8 weight-only decoding (neoxko.quantize, eager and
-compiled) against transformers and neoxko in bfloat16 at batch 1, each with its bandwidth ceiling,
-and reports int8's logit agreement with bfloat16 on a 64-token prompt.
+compiled) and int4 (groups of 64, torch's CPU int4 kernel, eager) against transformers and neoxko in
+bfloat16 at batch 1, each with its bandwidth ceiling, and reports their logit agreement with bfloat16
+on a 64-token prompt.
 
     python benchmarks/decode.py [--threads 2] [--prompt 64] [--new-tokens 16] [--dtypes float32,bfloat16]
 """
@@ -146,14 +147,20 @@ def int8_table(ours, prompts, args, rows: dict, bandwidth: float) -> str:
     c1, cn = time_ours(quantized, prompts, args.new_tokens, args.repeat, compile=True)
     rows = rows | {"neoxko int8": (args.new_tokens / (on - o1), int8_bytes),
                    "neoxko int8 compiled": (args.new_tokens / (cn - c1), int8_bytes)}
+    del quantized
+    int4 = quantize_model(copy.deepcopy(ours), bits=4, group_size=64)  # torch's CPU int4 kernel, eager
+    f1, fn = time_ours(int4, prompts, args.new_tokens, args.repeat)
+    rows["neoxko int4 (groups of 64)"] = (args.new_tokens / (fn - f1), weight_bytes_read(int4))
+    quantized = quantize_model(copy.deepcopy(ours))
     with torch.inference_mode():
-        reference, got = ours(prompts).float(), quantized(prompts).float()
+        reference, got, got4 = ours(prompts).float(), quantized(prompts).float(), int4(prompts).float()
     agree = (reference.argmax(-1) == got.argmax(-1)).float().mean().item()
+    agree4 = (reference.argmax(-1) == got4.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), reference.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1).mean().item()
     error = ((got - reference).abs().max() / reference.abs().max()).item()
     base = rows["transformers bf16"][0]
-    lines = ["", "Batch-1 decoding, bfloat16 and int8 weight-only:", "",
+    lines = ["", "Batch-1 decoding, bfloat16, int8 and int4 weight-only:", "",
              "| model | decode tok/s | weights read GB | bandwidth ceiling tok/s | of ceiling | vs transformers bf16 |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, (speed, nbytes) in rows.items():
@@ -161,7 +168,8 @@ def int8_table(ours, prompts, args, rows: dict, bandwidth: float) -> str:
         lines.append(f"| {name} | {speed:.2f} | {nbytes / 1e9:.2f} | {ceiling:.1f} | {speed / ceiling:.0%} | "
                      f"{speed / base:.2f}x |")
     lines += ["", f"int8 vs bfloat16 logits over {prompts.numel()} prompt positions: top-1 agreement {agree:.4f}, "
-                  f"mean KL {kl:.2e} nats, max |difference| {error:.2%} of max |logit|"]
+                  f"mean KL {kl:.2e} nats, max |difference| {error:.2%} of max |logit|; int4: top-1 agreement "
+                  f"{agree4:.4f} (random weights: the built-in model's numbers are in tests/test_quantize.py)"]
     return "\n".join(lines)
 
 

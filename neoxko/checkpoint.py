@@ -63,18 +63,18 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", quantize: str | None = None) -> GPTNeoX:
+               device: str | torch.device = "cpu", quantize: str | None = None, group_size: int = 64) -> GPTNeoX:
     """Load a GPT-NeoX checkpoint in Hugging Face layout from a folder or a hub id.
 
     dtype None keeps the dtype the weights are stored in. Tensors go one at a time from the file
     into the model, which is built without memory of its own, so the weights are held only once.
-    quantize "int8" swaps the linear layers for int8 weight-only ones after loading; checkpoints
-    written quantized (`neoxko quantize`) load as such.
+    quantize "int8" swaps the linear layers for int8 weight-only ones after loading, "int4" for int4 ones with
+    groups of group_size input features (CPU only); checkpoints written quantized (`neoxko quantize`) load as such.
     """
     from neoxko.quantize import QUANT_METHOD, quantize_model
 
-    if quantize not in (None, "int8"):
-        raise CheckpointError(f"unknown quantization {quantize!r}; the one supported is int8")
+    if quantize not in (None, "int8", "int4"):
+        raise CheckpointError(f"unknown quantization {quantize!r}; the ones supported are int8 and int4")
     folder = resolve(path_or_id)
     config = read_config(folder)
     method = _quant_method(folder)
@@ -98,6 +98,10 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
     model.setup_rope(device)
     if quantize == "int8":
         quantize_model(model)
+    elif quantize == "int4":
+        if method:
+            raise CheckpointError(f"{folder} is already int8; int4 quantizes from the float checkpoint")
+        quantize_model(model, bits=4, group_size=group_size)
     model.source_folder = folder  # save_model copies the tokenizer from here
     return model.eval()
 
@@ -241,6 +245,9 @@ def save_model(model: GPTNeoX, path: str | Path, tokenizer=None, max_shard_size:
     _save_tokenizer_beside(model, folder, tokenizer)
     from neoxko.quantize import QUANTIZATION_CONFIG
 
+    if getattr(model, "quant_bits", 8) == 4:
+        raise CheckpointError("int4 models cannot be saved yet (torch's packed layout is not a file format); save "
+                              "the float model and load it with quantize='int4' (--quantize int4)")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     quantized = getattr(model, "quantized", False)
     tied_head = getattr(model, "tied_head", None)

@@ -25,7 +25,9 @@ def add_commands(commands) -> None:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--compile", action="store_true",
                      help="compile the decode step: a one-off wait, then about 2x faster decoding on CPU")
-    gen.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
+    gen.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                     help="weight-only linear layers: int8 per channel, or int4 in groups (CPU)")
+    gen.add_argument("--group-size", type=int, default=64, help="int4: input features per scale (32, 64, 128, 256)")
     gen.add_argument("--mask-pii", action="store_true",
                      help="replace phone, account and resident registration numbers in the output with tokens")
     gen.set_defaults(run=run_generate)
@@ -37,7 +39,9 @@ def add_commands(commands) -> None:
     srv.add_argument("--api-key", default=os.environ.get("NEOXKO_API_KEY"),
                      help="require 'Authorization: Bearer KEY' (default: $NEOXKO_API_KEY, else none)")
     srv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    srv.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only linear layers")
+    srv.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                     help="weight-only linear layers: int8 per channel, or int4 in groups (CPU)")
+    srv.add_argument("--group-size", type=int, default=64, help="int4: input features per scale (32, 64, 128, 256)")
     srv.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     srv.add_argument("--device", default="cpu")
     srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
@@ -84,7 +88,8 @@ def run_generate(args: argparse.Namespace) -> int:
     # a piped prompt loses the newline(s) echo and editors end it with, which the model would continue
     prompt = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                       group_size=args.group_size)
     guard = PIIStream() if args.mask_pii else None
     if args.compile:
         print("neoxko: compiling the decode step (once per model and prompt length bucket: about 30 s for "
@@ -129,7 +134,8 @@ def run_serve(args: argparse.Namespace) -> int:
         from neoxko.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                           group_size=args.group_size)
         eos = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
         engine = Engine(model, eos, max_batch=args.max_batch, max_queue=args.max_queue,
                         prefill_chunk=args.prefill_chunk, prefix_rows=args.prefix_cache_rows)
@@ -139,7 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
         engine = state.engine
         cache = engine.model.gpt_neox.layers[0].attention.kv_cache
         cache_gb = 2 * cache.k.numel() * cache.k.element_size() * len(engine.model.gpt_neox.layers) / 1e9
-        dtype = "int8" if args.quantize else str(cache.k.dtype).removeprefix("torch.")
+        dtype = args.quantize or str(cache.k.dtype).removeprefix("torch.")
         return (f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows + "
                 f"{args.prefix_cache_rows} prefix rows, KV cache {cache_gb:.2f} GB, {dtype})"
                 + (f", chat template {args.chat_template}" if args.chat_template else "")
