@@ -200,3 +200,15 @@ def test_the_stream_guard_equals_whole_text_masking_on_tables_and_machine_text(s
             i += n
             assert replace_pii(text).startswith(emitted), (text, emitted)
         assert emitted + guard.flush() == replace_pii(text), record["kind"]
+
+
+def test_pii_generate_refuses_bad_counts(tmp_path):
+    import argparse
+
+    from neoxko.cli.data import run_pii_generate
+    from neoxko.errors import NeoxkoError
+
+    for lines, share in ((0, 0.45), (10, 1.5)):
+        args = argparse.Namespace(seed=0, lines=lines, negative_share=share, output=str(tmp_path / "x.jsonl"))
+        with pytest.raises(NeoxkoError, match="--lines must be at least 1 and --negative-share between 0 and 1"):
+            run_pii_generate(args)

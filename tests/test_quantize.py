@@ -152,6 +152,9 @@ def test_int4_refusals_name_the_problem(tmp_path):
     with pytest.raises(NeoxkoError, match="int4 runs on the CPU only"):
         from neoxko.quantize import check_int4
         check_int4(model, 64, "cuda")
+    save_model(quantize_model(random_model(tiny_config())), tmp_path / "int8")
+    with pytest.raises(CheckpointError, match="is already int8; int4 quantizes from the float checkpoint"):
+        load_model(tmp_path / "int8", quantize="int4")
     quantize_model(model, bits=4, group_size=32)
     with pytest.raises(CheckpointError, match="int4 models cannot be saved yet"):
         save_model(model, tmp_path / "q")

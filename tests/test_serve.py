@@ -469,6 +469,8 @@ def test_a_burst_of_concurrent_clients_is_all_served(served):
 
 
 def test_engine_and_serve_refuse_bad_settings(model_dir):
+    with pytest.raises(NeoxkoError, match="prefill_chunk must be at least 1, got 0"):
+        Engine(random_model(tiny_config()), eos_id=None, max_batch=1, prefill_chunk=0)
     engine = Engine(random_model(tiny_config()), eos_id=None, max_batch=1)
     try:
         with pytest.raises(NeoxkoError, match=r"prompt \(120 tokens\) \+ max_tokens \(20\) is more than the 128-token"):

@@ -136,6 +136,11 @@ def test_openai_chat_plain_streamed_n_and_logprobs(long_model_dir):
         several = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=1.0,
                                                  n=3, seed=5)
         assert [c.index for c in several.choices] == [0, 1, 2]
+        with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
+            client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, top_logprobs=2)
+        with pytest.raises(openai.BadRequestError, match=r"content parts of type \['image_url'\] are not supported"):
+            client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
         with pytest.raises(openai.BadRequestError, match="koalpaca template has no place for a 'tool' message"):
             client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x"}], max_tokens=2)
     finally:
@@ -191,3 +196,29 @@ def test_an_end_of_text_token_is_scored_in_echoed_logprobs(long_model_dir):
         server.close()
     assert choice["finish_reason"] == "stop" and len(choice["logprobs"]["token_logprobs"]) == len(ids) + 1
     assert choice["text"] == tokenizer.decode(ids)  # the end of text adds no text
+
+
+def test_chat_template_option_refusals(tmp_path):
+    from neoxko.errors import NeoxkoError
+
+    with pytest.raises(NeoxkoError, match="--chat-template 'nope' is neither a file nor a shipped template"):
+        chat.load_template("nope")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(NeoxkoError, match="the chat template is not valid jinja"):
+        chat.load_template(str(broken))
+
+
+def test_tokenize_takes_a_prompt_or_messages_not_both(long_model_dir):
+    import http.client
+
+    server = start(long_model_dir, chat_template="koalpaca")
+    try:
+        for body in ({}, {"prompt": "가", "messages": [{"role": "user", "content": "가"}]}):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request("POST", "/tokenize", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            error = json.loads(response.read())["error"]
+            assert response.status == 400 and "send either prompt (a string) or messages" in error["message"]
+    finally:
+        server.close()

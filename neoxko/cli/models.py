@@ -119,7 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or str(args.model)
     settings = ServeSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                              mask_pii=args.mask_pii, body_timeout_s=args.body_timeout, chat_template=template,
-                             chat_template_name=args.chat_template, chat_stop=stops)
+                             chat_stop=stops)
     limits = Limits(header_timeout_s=args.header_timeout, limit_concurrency=args.limit_concurrency,
                     shutdown_timeout_s=args.shutdown_timeout)
     sock = bind(args.host, args.port)  # a busy port fails now, not after the model has loaded

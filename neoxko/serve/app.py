@@ -153,8 +153,9 @@ def build_app(state: State) -> FastAPI:
         tokenizer = state.tokenizer
         info = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token, "bos_token": None,
                 "pad_token": None, "vocab_size": tokenizer.vocab_size, "model_max_length": state.engine.max_len}
-        if _template(state, required=False):
-            info["chat_template"] = _template(state)
+        template = _template(state, required=False)
+        if template:
+            info["chat_template"] = template
         return JSONResponse(info)
 
     @route("POST", "/tokenize")

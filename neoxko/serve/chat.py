@@ -32,6 +32,7 @@ def load_template(spec: str) -> tuple[str, tuple[str, ...]]:
     return source, ()
 
 
+@functools.lru_cache(maxsize=8)  # read once, not at every chat request
 def tokenizer_template(folder: Path | None) -> str | None:
     """The chat_template of a tokenizer folder's tokenizer_config.json (transformers' convention), if any."""
     if folder is None or not (folder / "tokenizer_config.json").is_file():

@@ -180,17 +180,17 @@ class Engine:
             self.wake.clear()
             return
         if self.running:
-            try:
-                self._step()
-            except Exception as e:
-                self._failed()
-                self._end_all(self.running, f"error: {e}")
+            self._guarded(self._step, lambda: self.running)
         if self.prefilling:
-            try:
-                self._prefill_chunk()
-            except Exception as e:
-                self._failed()
-                self._end_all(self.prefilling, f"error: {e}")
+            self._guarded(self._prefill_chunk, lambda: self.prefilling)
+
+    def _guarded(self, stage, runs) -> None:
+        """Run one stage; if it fails, end the runs it works on (runs() after the failure) with the error."""
+        try:
+            stage()
+        except Exception as e:
+            self._failed()
+            self._end_all(runs(), f"error: {e}")
 
     def _failed(self) -> None:
         self.stats["engine_errors"] += 1

@@ -37,7 +37,6 @@ class ServeSettings:
     mask_pii: bool = False  # mask PII in every response (a request can also ask with "mask_pii": true)
     body_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408
     chat_template: str | None = None  # jinja source; None: the tokenizer's own, if it has one
-    chat_template_name: str | None = None  # what --chat-template named, for messages
     chat_stop: tuple[str, ...] = ()  # stop strings the template implies (the next turn's header)
 
 
