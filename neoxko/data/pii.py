@@ -11,9 +11,10 @@ Digits are matched with explicit look-arounds, never \\b, which fails next to Ha
 """
 
 import datetime
+import functools
 import re
 from collections import Counter
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from neoxko.data.pii_context import Structure, open_keys
 
@@ -30,62 +31,113 @@ _NEEDS_FOLD = re.compile("[\uff10-\uff19\uff0d\u2010-\u2014\u2212\u3161\u1173\uf
 
 _SEP = r"(?:[ ]?[-.][ ]?|[ ])"  # one separator: dash or dot (spaces around allowed), or one space
 _OPT = rf"{_SEP}?"
-# Not inside a number, a code like DWG-02-..., a URL or an e-mail address.
-_START = r"(?<![0-9])(?<![A-Za-z]-)(?<![0-9][-.])(?<![/=#?&_@])"
+# Not inside a number, a code like DWG-02-..., a URL or an e-mail address. Checked after a number's first
+# character (each look-behind one character wider), so that every shape below opens with a literal or a
+# class and re jumps from possible start to possible start instead of trying every position.
+_START = r"(?<![0-9].)(?<![A-Za-z]-.)(?<![0-9][-.].)(?<![/=#?&_@].)"
 _END = r"(?![0-9])(?!-[A-Za-z0-9])(?![.,][0-9])(?![/_@])(?!\.[A-Za-z])"
 
-_RRN = re.compile(rf"{_START}([0-9]{{2}})(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01]){_OPT}([1-8])[0-9]{{6}}{_END}")
+_RRN = re.compile(rf"([0-9]{_START}[0-9])(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01]){_OPT}([1-8])[0-9]{{6}}{_END}")
 _AREA = r"(?:2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|50[2-8]|80|60|1[016789])"
+_INTL = _OPT + r"(?:\(0\)[ ]?)?(?P<{}>" + _AREA + r")" + _OPT  # after 82: the area code without its 0
 _PHONE = re.compile(
-    _START
-    + r"(?:(?:\+[ ]?|00|(?=82-1))82" + _OPT + r"(?:\(0\)[ ]?)?" + r"(?P<intl>" + _AREA + r")" + _OPT
-    + r"|\(0" + _AREA + r"\)[ ]?"
-    + r"|0" + _AREA + r"\)[ ]?"
-    + r"|(?P<plain>0" + _AREA + r")" + r"(?P<sep1>" + _OPT + r"))"
+    r"(?:\+" + _START + r"[ ]?82" + _INTL.format("intl")  # +82 10-...
+    + r"|0" + _START + r"082" + _INTL.format("intl00")  # 0082 10-...
+    + r"|8" + _START + r"(?=2-1)2" + _INTL.format("intl82")  # 82-10-...
+    + r"|\(" + _START + r"0" + _AREA + r"\)[ ]?"  # (02) 123-4567
+    + r"|0" + _START + _AREA + r"\)[ ]?"  # 02) 123-4567
+    + r"|0" + _START + r"(?P<plain>" + _AREA + r")" + r"(?P<sep1>" + _OPT + r"))"  # 02-123-4567
     + r"(?P<mid>[0-9]{3,4})(?P<sep2>" + _OPT + r")[0-9]{4}" + _END
 )
-_REPRESENTATIVE = re.compile(_START + r"1(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})" + r"[ ]?-[ ]?[0-9]{4}" + _END)
-_DIGIT_GROUPS = re.compile(_START + r"[0-9]{1,16}(?:" + _SEP + r"[0-9]{1,9}){0,4}" + _END)
+_REPRESENTATIVE = re.compile("1" + _START + r"(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})" + r"[ ]?-[ ]?[0-9]{4}" + _END)
+_DIGIT_GROUPS = re.compile("[0-9]" + _START + r"[0-9]{0,15}(?:" + _SEP + r"[0-9]{1,9}){0,4}" + _END)
 
-_BANKS = (
-    r"KEB하나|하나|국민|KB|신한|우리|NH|농협|단위농협|지역농협|기업|IBK|SC제일|제일|씨티|시티|카카오뱅크|카뱅|카카오|"
-    r"토스뱅크|토스|케이뱅크|K뱅크|우체국|새마을금고|새마을|MG|신협|수협|Sh|부산|BNK|대구|DGB|iM뱅크|경남|광주|전북|"
-    r"제주|산업|KDB|외환|뱅크오브아메리카|HSBC|[가-힣A-Za-z]{1,6}은행|[가-힣]{1,4}銀"
+_BANK_NAMES = (
+    "KEB하나", "하나", "국민", "KB", "신한", "우리", "NH", "농협", "단위농협", "지역농협", "기업", "IBK", "SC제일", "제일",
+    "씨티", "시티", "카카오뱅크", "카뱅", "카카오", "토스뱅크", "토스", "케이뱅크", "K뱅크", "우체국", "새마을금고", "새마을",
+    "MG", "신협", "수협", "Sh", "부산", "BNK", "대구", "DGB", "iM뱅크", "경남", "광주", "전북", "제주", "산업", "KDB", "외환",
+    "뱅크오브아메리카", "HSBC",
 )
+_BANKS = "|".join(_BANK_NAMES) + r"|[가-힣A-Za-z]{1,6}은행|[가-힣]{1,4}銀"  # and the banks not in the list
 # A bank name must end its word: 국민 in 국민신문고 or 하나 in 하나의 is not a bank.
-_BANK = rf"(?:{_BANKS})+(?:은행|銀|중앙회|회원조합)?(?![가-힣])"
+_BANK_TAIL = r"(?:은행|銀|중앙회|회원조합)?(?![가-힣])"
+_BANK = rf"(?:{_BANKS})+{_BANK_TAIL}"
+
+
+def _cues(*alternatives: str, words: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> list[str]:
+    """The alternatives of a cue-word regex, each opening with a literal character. words: English words in
+    lower, Title or UPPER case, standing on their own; names: the same, inside other words too."""
+    def cases(word: str) -> list[str]:
+        return list(dict.fromkeys((word, word.title(), word.upper())))
+    alone = [f"{w[0]}(?<![A-Za-z].){w[1:]}(?![A-Za-z])" for word in words for w in cases(word)]
+    return [*alternatives, *alone, *(w for name in names for w in cases(name))]
+
+
+def _compile_cues(alternatives: list[str]) -> re.Pattern:
+    """One regex for the alternatives, grouped by their first character (order kept within a group, so it
+    matches what the plain alternation matches): re then jumps to the places a cue can start and tries only
+    the cues that start with the character there, several times faster than a long flat alternation."""
+    groups: dict[str, list[str]] = {}
+    for alternative in alternatives:
+        assert alternative[0] not in "\\()[].?*+^$|{", alternative  # a literal character first
+        groups.setdefault(alternative[0], []).append(alternative[1:])
+    return re.compile("|".join(f"{re.escape(first)}(?:{'|'.join(rests)})" for first, rests in groups.items()))
+
+
 _ACCOUNT_WORDS = (
-    r"계좌|입금|송금|이체|예금주|통장|환불|보내실\s?곳|받는\s?계좌|마음\s?전하실\s?곳|축의금|조의금|부조금|회비|후원|"
-    r"가상계좌|모임통장|평생계좌|무통장|환급|(?i:account|acct|bank)"
+    "계좌", "입금", "송금", "이체", "예금주", "통장", "환불", r"보내실\s?곳", r"받는\s?계좌", r"마음\s?전하실\s?곳", "축의금",
+    "조의금", "부조금", "회비", "후원", "가상계좌", "모임통장", "평생계좌", "무통장", "환급",
 )
 _CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
-_ACC_BEFORE = re.compile(rf"(?:{_ACCOUNT_WORDS}|{_BANK})")
+# A listed bank (NH농협 too), or any word that ends in 은행 or 銀 (the cue's end is what counts)
+_ACC_BEFORE = _cues(*_ACCOUNT_WORDS, *(name + rf"(?:{_BANKS})*{_BANK_TAIL}" for name in (*_BANK_NAMES, "은행", "銀")),
+                    names=("account", "acct", "bank"))
 _BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{_BANK}")
 _TIMESTAMP = re.compile(r"(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9]"
                         r"(?:[0-5][0-9])?")
 _DATE_LIKE = re.compile(
     r"(?:19|20)[0-9]{2}[ ]?[-.][ ]?(?:0?[1-9]|1[0-2])[ ]?[-.][ ]?(?:0?[1-9]|[12][0-9]|3[01])(?![0-9])")
-_PHONE_WORDS = re.compile(
-    r"전화|연락|휴대|핸드폰|폰|HP|H\.P|[Tt][Ee][Ll]|Mobile|Phone|Fax|FAX|팩스|☎|☏|📞|문의|상담|대표번호|고객센터|콜센터|"
-    r"직통|안심번호|문자|카톡|기사님|사무실|회사|자택|직장|T\.|F\.|T\)|(?:내|제|저의|나의)\s?번호|"
-    r"(?<![A-Za-z])(?i:msisdn|mobile|phone|caller|callee|sender|receiver|contact|cell|hp|to|from)(?![A-Za-z])"
+_PHONE_CUES = (
+    "전화", "연락", "휴대", "핸드폰", "폰", "HP", r"H\.P", "Mobile", "Phone", "Fax", "FAX", "팩스", "☎", "☏", "📞", "문의",
+    "상담", "대표번호", "고객센터", "콜센터", "직통", "안심번호", "문자", "카톡", "기사님", "사무실", "회사", "자택", "직장",
+    r"T\.", r"F\.", r"T\)", r"내\s?번호", r"제\s?번호", r"저의\s?번호", r"나의\s?번호",
 )
+_PHONE_KEYS = (
+    "msisdn", "mobile", "phone", "caller", "callee", "sender", "receiver", "contact", "cell", "hp", "to", "from",
+)
+_PHONE_WORDS = _cues(*_PHONE_CUES, words=_PHONE_KEYS, names=("tel",))
 # Representative numbers (15XX-XXXX) come after service words as well
-_REPRESENTATIVE_WORDS = re.compile(_PHONE_WORDS.pattern + r"|예약|변경|취소|견적|접수|안내|주문")
-_RRN_WORDS = re.compile(r"주민|외국인|(?<!법인)(?<!사업자)(?<!차량)등록번호|RRN|(?i:rrn|jumin|resident|ssn)")
+_REPRESENTATIVE_WORDS = _cues(*_PHONE_CUES, "예약", "변경", "취소", "견적", "접수", "안내", "주문", words=_PHONE_KEYS,
+                              names=("tel",))
+_RRN_WORDS = _cues("주민", "외국인", "등(?<!법인등)(?<!사업자등)(?<!차량등)록번호", names=("rrn", "jumin", "resident", "ssn"))
 # Numbers of these kinds share the shapes above and are not PII (POLICY.md).
-_NOT_PII = re.compile(
-    r"사업자|법인|주문|송장|운송장|택배|승인|바코드|회원|고객번호|ISBN|ISSN|DOI|특허|고유번호|예약\s?번호|카드|학번|수험|"
-    r"지로|납부|모델|시리얼|일련|내선|국번|코드|EAN|GTIN"
+_NOT_PII = (
+    "사업자", "법인", "주문", "송장", "운송장", "택배", "승인", "바코드", "회원", "고객번호", "ISBN", "ISSN", "DOI", "특허",
+    "고유번호", r"예약\s?번호", "카드", "학번", "수험", "지로", "납부", "모델", "시리얼", "일련", "내선", "국번", "코드", "EAN",
+    "GTIN",
 )
+_CUE_KINDS = {kind: _compile_cues(words) for kind, words in (
+    ("veto", _NOT_PII), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
+    ("rep", _REPRESENTATIVE_WORDS),
+)}
+# Every kind in one scan; the not-PII words first, so that 예약번호 is a veto and not the service word 예약
+_ALL_CUES = _compile_cues([*_NOT_PII, *_RRN_WORDS, *_ACC_BEFORE, *_PHONE_WORDS, *_REPRESENTATIVE_WORDS])
+
+
+@functools.lru_cache(maxsize=4096)
+def _kinds(cue: str) -> tuple[str, ...]:
+    """The kinds a cue word is (주문 is a service word and a not-PII word)."""
+    return tuple(kind for kind, pattern in _CUE_KINDS.items() if pattern.fullmatch(cue))
+
+
 _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
 _NON_DIGITS = re.compile("[^0-9]+")
 _CANDIDATE = re.compile(r"[0-9](?:[-. ()+]{0,3}[0-9]){7,}")  # 8 or more digits with short separators between
 _ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
+_Candidate = tuple[int, int, int, str]  # (confidence, start, end, label)
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):
     start: int
     end: int
     label: str  # "rrn", "tel" or "acc"
@@ -150,27 +202,38 @@ class _Context:
         text = self.text
         return [m for a, b, n in self.windows if n >= min_digits for m in pattern.finditer(text, a, b)]
 
-    def last(self, pattern: re.Pattern, pos: int, window: int) -> tuple[str, int, str] | None:
-        """The last cue before the number at pos: (its text, its distance, the text searched). The cue text is
-        the window characters before pos, or in a table the number's column header and its own cell."""
-        key = (pattern, pos, window)
-        if key in self.seen:  # the rules ask about the same number (a veto, a phone word) more than once
-            return self.seen[key]
-        before = self.structure.before(self.text, pos, window)
-        m = None
-        for m in pattern.finditer(before):  # noqa: B007 - the last one
-            pass
-        found = self.seen[key] = None if m is None else (m.group(), len(before) - m.end(), before)
+    def cues(self, pos: int) -> dict[str, tuple[str, int, int, str]]:
+        """The last cue of each kind before the number at pos, found in one scan: kind -> (its text, its
+        distance, how far back it starts, the text searched). The text searched is the _ACC_WINDOW
+        characters before pos, or in a table the number's column header and its own cell (where a cue
+        counts however far back it starts)."""
+        found = self.seen.get(pos)
+        if found is None:
+            before = self.structure.cell_before(self.text, pos)
+            cell = before is not None
+            if not cell:
+                before = self.text[max(pos - _ACC_WINDOW, 0):pos]
+            found, n = {}, len(before)
+            for m in _ALL_CUES.finditer(before):
+                hit = (m.group(), n - m.end(), 0 if cell else n - m.start(), before)
+                for kind in _kinds(hit[0]):
+                    found[kind] = hit
+            self.seen[pos] = found
         return found
 
-    def near(self, pattern: re.Pattern, pos: int, window: int) -> int | None:
-        """Distance from the last cue match to the number at pos, or None."""
-        found = self.last(pattern, pos, window)
-        return None if found is None else found[1]
+    def last(self, kind: str, pos: int, window: int) -> tuple[str, int, int, str] | None:
+        """The last cue of a kind that starts within window characters before the number at pos."""
+        hit = self.cues(pos).get(kind)
+        return None if hit is None or hit[2] > window else hit
+
+    def near(self, kind: str, pos: int, window: int) -> int | None:
+        """Distance from the last cue of a kind to the number at pos, or None."""
+        hit = self.cues(pos).get(kind)
+        return None if hit is None or hit[2] > window else hit[1]
 
     def vetoed(self, start: int, cue: int | None = None) -> bool:
         """A not-PII word (order number, barcode...) closer to the number than its cue word."""
-        veto = self.near(_NOT_PII, start, _VETO_WINDOW)
+        veto = self.near("veto", start, _VETO_WINDOW)
         return veto is not None and (cue is None or veto < cue)
 
 
@@ -180,7 +243,7 @@ def _account_cue(ctx: _Context, start: int, end: int, phone_shaped: bool) -> int
     A phone-shaped number (평생계좌) needs more than a bank that is also a city name: 부산 051-...
     is a phone number in Busan, and it is a phone if a phone word is nearer than the account cue.
     """
-    found = ctx.last(_ACC_BEFORE, start, _ACC_WINDOW)
+    found = ctx.last("acc", start, _ACC_WINDOW)
     cue = None
     if found is not None and not (phone_shaped and _CITY.fullmatch(found[0])):
         cue = found[1]
@@ -188,14 +251,14 @@ def _account_cue(ctx: _Context, start: int, end: int, phone_shaped: bool) -> int
         after = _BANK_AFTER.match(ctx.text[end:end + 12])
         if after is not None and not (phone_shaped and _CITY.search(after.group())):
             cue = 0
-    if cue is not None and phone_shaped and "평생" not in (found[2] if found else ""):
-        phone_cue = ctx.near(_PHONE_WORDS, start, _ACC_WINDOW)
+    if cue is not None and phone_shaped and "평생" not in (found[3] if found else ""):
+        phone_cue = ctx.near("tel", start, _ACC_WINDOW)
         if phone_cue is not None and phone_cue < cue:
             return None
     return cue
 
 
-def _accounts(ctx: _Context) -> list[tuple[Span, int]]:
+def _accounts(ctx: _Context) -> list[_Candidate]:
     found = []
     for m in ctx.finditer(_DIGIT_GROUPS, 10):
         number = m.group()
@@ -209,12 +272,12 @@ def _accounts(ctx: _Context) -> list[tuple[Span, int]]:
         cue = _account_cue(ctx, m.start(), m.end(), _PHONE.fullmatch(m.group()) is not None)
         if cue is None or ctx.vetoed(m.start(), cue):
             continue
-        found.append((Span(m.start(), m.end(), "acc"), 3 if cue <= _NEAR_WINDOW else 1))
+        found.append((3 if cue <= _NEAR_WINDOW else 1, m.start(), m.end(), "acc"))
     return found
 
 
-def _rrns(ctx: _Context) -> list[tuple[Span, int]]:
-    found, today = [], datetime.date.today()
+def _rrns(ctx: _Context) -> list[_Candidate]:
+    found, today = [], None
     for m in ctx.finditer(_RRN, 13):
         yy, mm, dd, s = (int(g) for g in m.groups())
         century = 1900 if s in (1, 2, 5, 6) else 2000
@@ -222,15 +285,16 @@ def _rrns(ctx: _Context) -> list[tuple[Span, int]]:
             born = datetime.date(century + yy, mm, dd)
         except ValueError:
             continue
+        today = today or datetime.date.today()
         if born > today:
             continue
-        cue = ctx.near(_RRN_WORDS, m.start(), 20)
+        cue = ctx.near("rrn", m.start(), 20)
         digits = _NON_DIGITS.sub("", m.group())
         junk = len(set(digits)) <= 3  # 1010101010110 is a pattern, not a person's number
         if ctx.vetoed(m.start(), cue) or cue is None and (junk or _is_korean_ean13(digits, m.group())):
             continue
         context = cue is not None
-        found.append((Span(m.start(), m.end(), "rrn"), 4 if context else 2))
+        found.append((4 if context else 2, m.start(), m.end(), "rrn"))
     return found
 
 
@@ -242,33 +306,36 @@ def _is_korean_ean13(digits: str, raw: str) -> bool:
     return (10 - total % 10) % 10 == int(digits[12])
 
 
-def _phones(ctx: _Context) -> list[tuple[Span, int]]:
+def _phones(ctx: _Context) -> list[_Candidate]:
     found, text = [], ctx.text
     for m in ctx.finditer(_PHONE, 8):
         contiguous = m.group("plain") and not m.group("sep1") and not m.group("sep2")
-        mobile = (m.group("plain") or m.group("intl") or "").lstrip("0").startswith("1")
-        cue = ctx.near(_PHONE_WORDS, m.start(), 20)
+        area = m.group("plain") or m.group("intl") or m.group("intl00") or m.group("intl82") or ""
+        mobile = area.startswith("1")
+        cue = ctx.near("tel", m.start(), 20)
         phone_word = cue is not None
         if contiguous and not mobile and not phone_word:
             continue  # 10-digit customer numbers starting with 0 look like landlines
         if ctx.vetoed(m.start(), cue):
             continue
-        found.append((Span(m.start(), m.end(), "tel"), 2 + phone_word))
+        found.append((2 + phone_word, m.start(), m.end(), "tel"))
     for m in ctx.finditer(_REPRESENTATIVE, 8):
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
-        cue = ctx.near(_REPRESENTATIVE_WORDS, m.start(), 12)
+        cue = ctx.near("rep", m.start(), 12)
         if cue is not None and not ctx.vetoed(m.start(), cue) and not text.startswith("년", m.end()):
-            found.append((Span(m.start(), m.end(), "tel"), 2))
+            found.append((2, m.start(), m.end(), "tel"))
     return found
 
 
-def _resolve(candidates: list[tuple[Span, int]]) -> list[Span]:
+def _resolve(candidates: list[_Candidate]) -> list[Span]:
     """Keep the most confident of overlapping candidates (ties: the longer span, then the earlier one)."""
-    chosen: list[Span] = []
-    for span, _ in sorted(candidates, key=lambda c: (-c[1], -(c[0].end - c[0].start), c[0].start)):
-        if all(span.end <= s.start or span.start >= s.end for s in chosen):
-            chosen.append(span)
-    return sorted(chosen, key=lambda s: s.start)
+    if len(candidates) == 1:
+        return [Span(*candidates[0][1:])]
+    chosen: list[tuple[int, int, str]] = []
+    for _, start, end, label in sorted(candidates, key=lambda c: (-c[0], c[1] - c[2], c[1])):
+        if all(end <= s or start >= e for s, e, _ in chosen):
+            chosen.append((start, end, label))
+    return [Span(*c) for c in sorted(chosen)]
 
 
 _DIGIT = "0-9\uff10-\uff19"

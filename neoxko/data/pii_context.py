@@ -9,21 +9,24 @@ row's 계좌 column does not make its 연락처 column an account. key=value and
 
 import re
 from bisect import bisect_right
-from dataclasses import dataclass
+from typing import NamedTuple
 
-_SPLITTERS = (("\t", re.compile("\t")), ("|", re.compile(r"\|")), (",", re.compile(",")),
-              ("  ", re.compile(r" {2,}")))
+_SPACES = re.compile(r" {2,}")
+_SPLITTERS = (("\t", None), ("|", None), (",", None), ("  ", _SPACES))  # the runs of spaces of aligned columns
 MAX_CELL = 48  # longer "cells" are sentences with commas, not a table
 _RULE = re.compile(r"^\s*\|?\s*:?-{3,}")  # a Markdown table's |---|---| line
-# Keys of machine text whose value is the number (the = stays a boundary for every other key)
-PII_KEYS = re.compile(
-    r"(?<![A-Za-z_])(?:tel|phone|mobile|msisdn|hp|cell|to|from|caller|callee|sender|receiver|fax|contact|"
-    r"rrn|jumin|resident_?no|ssn|account|account_no|acct|acct_no|bank_?account|refund_account|"
-    r"연락처|전화|휴대폰|계좌|주민번호|주민등록번호)=", re.IGNORECASE)
+# Keys of machine text whose value is the number (the = stays a boundary for every other key): a whole ASCII
+# word in any case, or the end of a Hangul one
+_KEY = re.compile(r"([A-Za-z_]+|[가-힣]+)=")
+PII_KEYS = frozenset((
+    "tel", "phone", "mobile", "msisdn", "hp", "cell", "to", "from", "caller", "callee", "sender", "receiver", "fax",
+    "contact", "rrn", "jumin", "resident_no", "residentno", "ssn", "account", "account_no", "acct", "acct_no",
+    "bank_account", "bankaccount", "refund_account",
+))
+PII_KEYS_KO = ("연락처", "전화", "휴대폰", "계좌", "주민번호", "주민등록번호")
 
 
-@dataclass(frozen=True)
-class Cell:
+class Cell(NamedTuple):
     start: int
     end: int
     header: str
@@ -41,15 +44,15 @@ class Structure:
             text = "".join(chars)
         self.text = text
 
-    def before(self, text: str, pos: int, window: int) -> str:
-        """The text a cue for the number at pos is looked for in: its column header and its own cell, or the
-        window characters before it."""
+    def cell_before(self, text: str, pos: int) -> str | None:
+        """The text a cue for the number at pos is looked for in when it stands in a table's cell: its column
+        header and its own cell up to pos; None outside tables."""
         if self.cells:
             i = bisect_right(self.starts, pos) - 1
             if i >= 0 and self.cells[i].start <= pos < self.cells[i].end:
                 cell = self.cells[i]
                 return cell.header + " " + text[cell.start:pos]
-        return text[max(pos - window, 0):pos]
+        return None
 
     def in_cell(self, pos: int) -> bool:
         i = bisect_right(self.starts, pos) - 1
@@ -60,7 +63,14 @@ def open_keys(text: str) -> str:
     """text with the = of PII keys made a space (same length): the number after it is then a number on its own."""
     if "=" not in text:
         return text
-    return PII_KEYS.sub(lambda m: m.group()[:-1] + " ", text)
+    opened = [m.end() - 1 for m in _KEY.finditer(text)
+              if m.group(1).lower() in PII_KEYS or m.group(1).endswith(PII_KEYS_KO)]
+    if not opened:
+        return text
+    chars = list(text)
+    for at in opened:
+        chars[at] = " "
+    return "".join(chars)
 
 
 def _table_cells(text: str, commas: list[int]) -> list[Cell]:
@@ -69,18 +79,19 @@ def _table_cells(text: str, commas: list[int]) -> list[Cell]:
     for line in text.split("\n"):
         lines.append((at, line))
         at += len(line) + 1
+    rules = [bool(_RULE.match(line)) for _, line in lines]
     cells: list[Cell] = []
     i = 0
     while i < len(lines):
         found = None
         for name, splitter in _SPLITTERS:
-            n = _count(lines[i][1], name, splitter)
+            n = _count(lines[i][1], name)
             if n < 2:
                 continue
             j = i + 1
-            while j < len(lines) and (_RULE.match(lines[j][1]) or _count(lines[j][1], name, splitter) == n):
+            while j < len(lines) and (rules[j] or _count(lines[j][1], name) == n):
                 j += 1
-            rows = [k for k in range(i + 1, j) if not _RULE.match(lines[k][1])]
+            rows = [k for k in range(i + 1, j) if not rules[k]]
             if not rows:
                 continue
             splits = {k: _split(lines[k], splitter, name) for k in [i, *rows]}
@@ -92,7 +103,7 @@ def _table_cells(text: str, commas: list[int]) -> list[Cell]:
             continue
         name, j, rows, splits = found
         header = splits[i]
-        if any(ch.isdigit() for c in header for ch in c[2]):
+        if any(map(str.isdigit, lines[i][1])):
             i = j  # no header row (or a form whose first line holds a value): the text before each number is its cue
             continue
         if name == ",":
@@ -108,16 +119,17 @@ def _table_cells(text: str, commas: list[int]) -> list[Cell]:
     return cells
 
 
-def _count(line: str, name: str, splitter: re.Pattern) -> int:
+def _count(line: str, name: str) -> int:
+    """How many cells line splits into by name (0 where it does not split)."""
     if name == "|":
         line = line.strip().strip("|")
     if name == "  ":
-        return len(splitter.split(line)) if "  " in line.strip() else 0
+        return len(_SPACES.split(line)) if "  " in line.strip() else 0
     n = line.count(name)
     return n + 1 if n and line.strip() else 0
 
 
-def _split(line: tuple[int, str], splitter: re.Pattern, name: str) -> list[tuple[int, int, str]]:
+def _split(line: tuple[int, str], splitter: re.Pattern | None, name: str) -> list[tuple[int, int, str]]:
     """(start, end, text) of each cell of a line, in whole-text offsets."""
     base, text = line
     if name == "|":
@@ -127,9 +139,16 @@ def _split(line: tuple[int, str], splitter: re.Pattern, name: str) -> list[tuple
             lead += 1
         inner = stripped.strip("|")
         base, text = base + lead, inner
-    out, at = [], 0
-    for m in splitter.finditer(text):
-        out.append((base + at, base + m.start(), text[at:m.start()].strip()))
-        at = m.end()
-    out.append((base + at, base + len(text), text[at:].strip()))
+    out = []
+    if name == "  ":
+        at = 0
+        for m in splitter.finditer(text):
+            out.append((base + at, base + m.start(), text[at:m.start()].strip()))
+            at = m.end()
+        out.append((base + at, base + len(text), text[at:].strip()))
+        return out
+    at = base
+    for part in text.split(name):
+        out.append((at, at + len(part), part.strip()))
+        at += len(part) + 1
     return out
