@@ -13,6 +13,7 @@ Digits are matched with explicit look-arounds, never \\b, which fails next to Ha
 import datetime
 import functools
 import re
+import time
 from collections import Counter
 from typing import NamedTuple
 
@@ -165,8 +166,9 @@ def find_pii(text: str) -> list[Span]:
     if not windows:
         return []
     ctx = _Context(open_keys(folded), windows)
-    candidates = _accounts(ctx) + _rrns(ctx) + _phones(ctx)
-    return _resolve(candidates)
+    # Most text has no account word or bank name anywhere: then it holds no account (the cheap test first)
+    accounts = _accounts(ctx) if _CUE_KINDS["acc"].search(ctx.text) else []
+    return _resolve(accounts + _rrns(ctx) + _phones(ctx))
 
 
 def replace_pii(text: str) -> str:
@@ -277,7 +279,7 @@ def _accounts(ctx: _Context) -> list[_Candidate]:
 
 
 def _rrns(ctx: _Context) -> list[_Candidate]:
-    found, today = [], None
+    found = []
     for m in ctx.finditer(_RRN, 13):
         yy, mm, dd, s = (int(g) for g in m.groups())
         century = 1900 if s in (1, 2, 5, 6) else 2000
@@ -285,8 +287,7 @@ def _rrns(ctx: _Context) -> list[_Candidate]:
             born = datetime.date(century + yy, mm, dd)
         except ValueError:
             continue
-        today = today or datetime.date.today()
-        if born > today:
+        if born > _today():
             continue
         cue = ctx.near("rrn", m.start(), 20)
         digits = _NON_DIGITS.sub("", m.group())
@@ -296,6 +297,19 @@ def _rrns(ctx: _Context) -> list[_Candidate]:
         context = cue is not None
         found.append((4 if context else 2, m.start(), m.end(), "rrn"))
     return found
+
+
+_day: list = [0.0, None]  # (when today ends, today)
+
+
+def _today() -> datetime.date:
+    """datetime.date.today(), read again only after midnight (it costs more than the rest of a number's checks)."""
+    now = time.time()
+    if now >= _day[0]:
+        today = datetime.date.today()
+        tomorrow = datetime.datetime.combine(today + datetime.timedelta(days=1), datetime.time())
+        _day[:] = [tomorrow.timestamp(), today]
+    return _day[1]
 
 
 def _is_korean_ean13(digits: str, raw: str) -> bool:
@@ -309,9 +323,9 @@ def _is_korean_ean13(digits: str, raw: str) -> bool:
 def _phones(ctx: _Context) -> list[_Candidate]:
     found, text = [], ctx.text
     for m in ctx.finditer(_PHONE, 8):
-        contiguous = m.group("plain") and not m.group("sep1") and not m.group("sep2")
-        area = m.group("plain") or m.group("intl") or m.group("intl00") or m.group("intl82") or ""
-        mobile = area.startswith("1")
+        plain, sep1, sep2, intl, intl00, intl82 = m.group("plain", "sep1", "sep2", "intl", "intl00", "intl82")
+        contiguous = plain and not sep1 and not sep2
+        mobile = (plain or intl or intl00 or intl82 or "").startswith("1")
         cue = ctx.near("tel", m.start(), 20)
         phone_word = cue is not None
         if contiguous and not mobile and not phone_word:

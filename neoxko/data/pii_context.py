@@ -12,7 +12,7 @@ from bisect import bisect_right
 from typing import NamedTuple
 
 _SPACES = re.compile(r" {2,}")
-_SPLITTERS = (("\t", None), ("|", None), (",", None), ("  ", _SPACES))  # the runs of spaces of aligned columns
+_SPLITTERS = ("\t", "|", ",", "  ")  # "  ": the runs of spaces of aligned columns
 MAX_CELL = 48  # longer "cells" are sentences with commas, not a table
 _RULE = re.compile(r"^\s*\|?\s*:?-{3,}")  # a Markdown table's |---|---| line
 # Keys of machine text whose value is the number (the = stays a boundary for every other key): a whole ASCII
@@ -26,37 +26,60 @@ PII_KEYS = frozenset((
 PII_KEYS_KO = ("연락처", "전화", "휴대폰", "계좌", "주민번호", "주민등록번호")
 
 
-class Cell(NamedTuple):
-    start: int
+class _Row(NamedTuple):
+    start: int  # where the row's line starts in the text
     end: int
-    header: str
+    line: int  # its index in Structure.lines
+    name: str  # the splitter of its table
+    header: list[tuple[int, int, str]]  # its table's header cells
 
 
 class Structure:
+    """The tables of a text. Rows are found at once; a row is split into cells only when a number in it asks."""
+
     def __init__(self, text: str):
-        commas: list[int] = []
-        self.cells = _table_cells(text, commas) if "\n" in text.rstrip("\n") else []
-        self.starts = [c.start for c in self.cells]
-        if commas:  # a CSV cell's comma ends a number: "010-1234-5678,840..." is two values, not 5,840
-            chars = list(text)
-            for at in commas:
-                chars[at] = "\t"
-            text = "".join(chars)
+        self.rows: list[_Row] = []
+        self.lines: list[tuple[int, str]] = []
+        self.cells: dict[int, list[tuple[int, int, str]]] = {}  # row line -> its cells, as they are asked for
+        if "\n" in text.rstrip("\n"):
+            self.lines, csv = _tables(text, self.rows)
+            if csv:  # a CSV cell's comma ends a number: "010-1234-5678,840..." is two values, not 5,840
+                lines = [line for _, line in self.lines]
+                for k in csv:
+                    lines[k] = lines[k].replace(",", "\t")
+                text = "\n".join(lines)
+        self.starts = [row.start for row in self.rows]
         self.text = text
+
+    def _cell(self, pos: int) -> tuple[_Row, list[tuple[int, int, str]], int] | None:
+        """The row, its cells and the column of the cell that pos is in, or None outside tables."""
+        i = bisect_right(self.starts, pos) - 1
+        if i < 0 or pos >= self.rows[i].end:
+            return None
+        row = self.rows[i]
+        cells = self.cells.get(row.line)
+        if cells is None:
+            cells = self.cells[row.line] = _split(self.lines[row.line], row.name)
+        for column, (start, end, _) in enumerate(cells):
+            if start <= pos < end:
+                return row, cells, column
+        return None
 
     def cell_before(self, text: str, pos: int) -> str | None:
         """The text a cue for the number at pos is looked for in when it stands in a table's cell: its column
         header and its own cell up to pos; None outside tables."""
-        if self.cells:
-            i = bisect_right(self.starts, pos) - 1
-            if i >= 0 and self.cells[i].start <= pos < self.cells[i].end:
-                cell = self.cells[i]
-                return cell.header + " " + text[cell.start:pos]
-        return None
+        found = self._cell(pos)
+        if found is None:
+            return None
+        row, cells, column = found
+        header = row.header
+        head = header[column][2] if column < len(header) else ""
+        if len(header) == 2 and column == 1:  # a label / value form reads as a 2-column table: both count
+            head += " " + cells[0][2]
+        return head + " " + text[cells[column][0]:pos]
 
     def in_cell(self, pos: int) -> bool:
-        i = bisect_right(self.starts, pos) - 1
-        return i >= 0 and self.cells[i].start <= pos < self.cells[i].end
+        return self.rows != [] and self._cell(pos) is not None
 
 
 def open_keys(text: str) -> str:
@@ -73,50 +96,42 @@ def open_keys(text: str) -> str:
     return "".join(chars)
 
 
-def _table_cells(text: str, commas: list[int]) -> list[Cell]:
-    """The data cells of the tables in text; the positions of CSV tables' delimiting commas go into commas."""
+def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[int]]:
+    """The lines of text (start, line) and the indexes of the lines of CSV tables; each table's data rows go
+    into rows."""
     lines, at = [], 0
     for line in text.split("\n"):
         lines.append((at, line))
         at += len(line) + 1
     rules = [bool(_RULE.match(line)) for _, line in lines]
-    cells: list[Cell] = []
+    csv: list[int] = []
     i = 0
     while i < len(lines):
         found = None
-        for name, splitter in _SPLITTERS:
+        for name in _SPLITTERS:
             n = _count(lines[i][1], name)
             if n < 2:
                 continue
             j = i + 1
             while j < len(lines) and (rules[j] or _count(lines[j][1], name) == n):
                 j += 1
-            rows = [k for k in range(i + 1, j) if not rules[k]]
-            if not rows:
-                continue
-            splits = {k: _split(lines[k], splitter, name) for k in [i, *rows]}
-            if all(len(c[2]) <= MAX_CELL for row in splits.values() for c in row):
-                found = (name, j, rows, splits)
+            data = [k for k in range(i + 1, j) if not rules[k]]
+            # (a line no longer than MAX_CELL has no longer cell)
+            if data and all(len(c[2]) <= MAX_CELL for k in [i, *data] if len(lines[k][1]) > MAX_CELL
+                            for c in _split(lines[k], name)):
+                found = (name, j, data)
                 break
         if found is None:
             i += 1
             continue
-        name, j, rows, splits = found
-        header = splits[i]
-        if any(map(str.isdigit, lines[i][1])):
-            i = j  # no header row (or a form whose first line holds a value): the text before each number is its cue
-            continue
-        if name == ",":
-            commas.extend(c[1] for k in [i, *rows] for c in splits[k][:-1])
-        for k in rows:
-            row = splits[k]
-            for column, (start, end, _) in enumerate(row):
-                head = header[column][2] if column < len(header) else ""
-                if len(header) == 2 and column == 1:  # a label / value form reads as a 2-column table: both count
-                    head += " " + row[0][2]
-                cells.append(Cell(start, end, head))
+        name, j, data = found
+        if not any(map(str.isdigit, lines[i][1])):  # else no header row (or a form whose first line holds a
+            header = _split(lines[i], name)         # value): the text before each number is its cue
+            rows.extend(_Row(lines[k][0], lines[k][0] + len(lines[k][1]), k, name, header) for k in data)
+            if name == ",":
+                csv.extend([i, *data])
         i = j
-    return cells
+    return lines, csv
 
 
 def _count(line: str, name: str) -> int:
@@ -129,7 +144,7 @@ def _count(line: str, name: str) -> int:
     return n + 1 if n and line.strip() else 0
 
 
-def _split(line: tuple[int, str], splitter: re.Pattern | None, name: str) -> list[tuple[int, int, str]]:
+def _split(line: tuple[int, str], name: str) -> list[tuple[int, int, str]]:
     """(start, end, text) of each cell of a line, in whole-text offsets."""
     base, text = line
     if name == "|":
@@ -142,7 +157,7 @@ def _split(line: tuple[int, str], splitter: re.Pattern | None, name: str) -> lis
     out = []
     if name == "  ":
         at = 0
-        for m in splitter.finditer(text):
+        for m in _SPACES.finditer(text):
             out.append((base + at, base + m.start(), text[at:m.start()].strip()))
             at = m.end()
         out.append((base + at, base + len(text), text[at:].strip()))
