@@ -133,6 +133,7 @@ def _kinds(cue: str) -> tuple[str, ...]:
 
 _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
 _NON_DIGITS = re.compile("[^0-9]+")
+_SEPARATORS_OUT = str.maketrans("", "", "-. ()+")  # a candidate without its separators: its digits
 _CANDIDATE = re.compile(r"[0-9](?:[-. ()+]{0,3}[0-9]){7,}")  # 8 or more digits with short separators between
 _ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
 _Candidate = tuple[int, int, int, str]  # (confidence, start, end, label)
@@ -149,26 +150,40 @@ def find_pii(text: str) -> list[Span]:
     if not _ANY_DIGIT.search(text):  # most text has no digits: skip everything else
         return []
     folded = text.translate(_FOLD) if _NEEDS_FOLD.search(text) else text
-    # The pre-scan: only numbers of 8 or more digits can be PII, and most of those that are dates are not.
+    windows = _windows(folded)
+    if not windows:
+        return []
+    ctx = _Context(open_keys(folded))
+    # Most text has no account word or bank name anywhere: then it holds no account (the cheap test first)
+    accounts = _CUE_KINDS["acc"].search(ctx.text) is not None
+    found: list[_Candidate] = []
+    for a, b, digits in windows:  # accounts, RRNs, phones: the order ties are broken in (windows never overlap)
+        if accounts and digits >= 10:
+            _accounts(ctx, a, b, found)
+        if digits >= 13:
+            _rrns(ctx, a, b, found)
+        _phones(ctx, a, b, found)
+    return _resolve(found)
+
+
+def _windows(text: str) -> list[tuple[int, int, int]]:
+    """The pre-scan: (start, end, digits) around the numbers of 8 or more digits that are not dates, the only
+    places the rules look. Windows never overlap, nor end inside a number."""
     windows: list[tuple[int, int, int]] = []
-    for m in _CANDIDATE.finditer(folded):
+    for m in _CANDIDATE.finditer(text):
         number = m.group()
         if _DATE_LIKE.fullmatch(number):
             continue
-        digits = len(number) - len(_NON_DIGITS.findall(number))  # (each separator run is short: about right)
-        a, b = max(m.start() - 4, 0), m.end() + 4
-        while b < len(folded) and folded[b - 1].isdigit():  # never end a window inside a number
+        digits = len(number.translate(_SEPARATORS_OUT))
+        start, end = m.span()
+        a, b = max(start - 4, 0), end + 4
+        while b < len(text) and text[b - 1].isdigit():
             b += 1
         if windows and a <= windows[-1][1]:
             windows[-1] = (windows[-1][0], b, max(windows[-1][2], digits))
         else:
             windows.append((a, b, digits))
-    if not windows:
-        return []
-    ctx = _Context(open_keys(folded), windows)
-    # Most text has no account word or bank name anywhere: then it holds no account (the cheap test first)
-    accounts = _accounts(ctx) if _CUE_KINDS["acc"].search(ctx.text) else []
-    return _resolve(accounts + _rrns(ctx) + _phones(ctx))
+    return windows
 
 
 def replace_pii(text: str) -> str:
@@ -192,17 +207,11 @@ def replace_pii_counted(text: str) -> tuple[str, Counter]:
 class _Context:
     """The text being searched and where each number's cues are (the text before it, or its table header)."""
 
-    def __init__(self, text: str, windows: list[tuple[int, int, int]]):
-        self.structure = Structure(text)
-        self.text = self.structure.text
-        self.windows = windows  # (start, end, digits) around the numbers of 8 or more digits; rules look only there
+    def __init__(self, text: str):
+        structure = Structure(text)
+        self.text = structure.text
+        self.structure = structure if structure.rows else None
         self.seen: dict = {}
-
-    def finditer(self, pattern: re.Pattern, min_digits: int) -> list[re.Match]:
-        """pattern's matches inside the windows that hold a number of min_digits or more (windows never
-        overlap, nor end inside a number)."""
-        text = self.text
-        return [m for a, b, n in self.windows if n >= min_digits for m in pattern.finditer(text, a, b)]
 
     def cues(self, pos: int) -> dict[str, tuple[str, int, int, str]]:
         """The last cue of each kind before the number at pos, found in one scan: kind -> (its text, its
@@ -211,16 +220,21 @@ class _Context:
         counts however far back it starts)."""
         found = self.seen.get(pos)
         if found is None:
-            before = self.structure.cell_before(self.text, pos)
+            before = self.structure.cell_before(self.text, pos) if self.structure else None
             cell = before is not None
             if not cell:
                 before = self.text[max(pos - _ACC_WINDOW, 0):pos]
+            elif before in self.seen:  # a column's header and an empty cell prefix: the same for every row
+                found = self.seen[pos] = self.seen[before]
+                return found
             found, n = {}, len(before)
             for m in _ALL_CUES.finditer(before):
                 hit = (m.group(), n - m.end(), 0 if cell else n - m.start(), before)
                 for kind in _kinds(hit[0]):
                     found[kind] = hit
             self.seen[pos] = found
+            if cell:
+                self.seen[before] = found
         return found
 
     def last(self, kind: str, pos: int, window: int) -> tuple[str, int, int, str] | None:
@@ -249,7 +263,7 @@ def _account_cue(ctx: _Context, start: int, end: int, phone_shaped: bool) -> int
     cue = None
     if found is not None and not (phone_shaped and _CITY.fullmatch(found[0])):
         cue = found[1]
-    elif not ctx.structure.in_cell(start):
+    elif not (ctx.structure and ctx.structure.in_cell(start)):
         after = _BANK_AFTER.match(ctx.text[end:end + 12])
         if after is not None and not (phone_shaped and _CITY.search(after.group())):
             cue = 0
@@ -260,27 +274,25 @@ def _account_cue(ctx: _Context, start: int, end: int, phone_shaped: bool) -> int
     return cue
 
 
-def _accounts(ctx: _Context) -> list[_Candidate]:
-    found = []
-    for m in ctx.finditer(_DIGIT_GROUPS, 10):
-        number = m.group()
-        if len(number) < 10:  # fewer than 10 characters cannot hold 10 digits
+def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
+    for m in _DIGIT_GROUPS.finditer(ctx.text, a, b):
+        start, end = m.span()
+        if end - start < 10:  # fewer than 10 characters cannot hold 10 digits
             continue
+        number = m.group()
         groups = [len(g) for g in _NON_DIGITS.split(number)]
         if not 10 <= sum(groups) <= 16 or groups == [3, 2, 5]:  # 3-2-5 is a business registration number
             continue
         if ". " in number or _DATE_LIKE.match(number) or _TIMESTAMP.fullmatch(number):
             continue  # "2016. 7. 23. 2013" is dates and 20021008011100 a time, not accounts
-        cue = _account_cue(ctx, m.start(), m.end(), _PHONE.fullmatch(m.group()) is not None)
-        if cue is None or ctx.vetoed(m.start(), cue):
+        cue = _account_cue(ctx, start, end, _PHONE.fullmatch(number) is not None)
+        if cue is None or ctx.vetoed(start, cue):
             continue
-        found.append((3 if cue <= _NEAR_WINDOW else 1, m.start(), m.end(), "acc"))
-    return found
+        found.append((3 if cue <= _NEAR_WINDOW else 1, start, end, "acc"))
 
 
-def _rrns(ctx: _Context) -> list[_Candidate]:
-    found = []
-    for m in ctx.finditer(_RRN, 13):
+def _rrns(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
+    for m in _RRN.finditer(ctx.text, a, b):
         yy, mm, dd, s = (int(g) for g in m.groups())
         century = 1900 if s in (1, 2, 5, 6) else 2000
         try:
@@ -289,14 +301,14 @@ def _rrns(ctx: _Context) -> list[_Candidate]:
             continue
         if born > _today():
             continue
-        cue = ctx.near("rrn", m.start(), 20)
-        digits = _NON_DIGITS.sub("", m.group())
+        start = m.start()
+        cue = ctx.near("rrn", start, 20)
+        number = m.group()
+        digits = _NON_DIGITS.sub("", number)
         junk = len(set(digits)) <= 3  # 1010101010110 is a pattern, not a person's number
-        if ctx.vetoed(m.start(), cue) or cue is None and (junk or _is_korean_ean13(digits, m.group())):
+        if ctx.vetoed(start, cue) or cue is None and (junk or _is_korean_ean13(digits, number)):
             continue
-        context = cue is not None
-        found.append((4 if context else 2, m.start(), m.end(), "rrn"))
-    return found
+        found.append((4 if cue is not None else 2, start, m.end(), "rrn"))
 
 
 _day: list = [0.0, None]  # (when today ends, today)
@@ -320,31 +332,32 @@ def _is_korean_ean13(digits: str, raw: str) -> bool:
     return (10 - total % 10) % 10 == int(digits[12])
 
 
-def _phones(ctx: _Context) -> list[_Candidate]:
-    found, text = [], ctx.text
-    for m in ctx.finditer(_PHONE, 8):
+def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
+    text = ctx.text
+    for m in _PHONE.finditer(text, a, b):
         plain, sep1, sep2, intl, intl00, intl82 = m.group("plain", "sep1", "sep2", "intl", "intl00", "intl82")
         contiguous = plain and not sep1 and not sep2
         mobile = (plain or intl or intl00 or intl82 or "").startswith("1")
-        cue = ctx.near("tel", m.start(), 20)
+        start = m.start()
+        cue = ctx.near("tel", start, 20)
         phone_word = cue is not None
         if contiguous and not mobile and not phone_word:
             continue  # 10-digit customer numbers starting with 0 look like landlines
-        if ctx.vetoed(m.start(), cue):
+        if ctx.vetoed(start, cue):
             continue
-        found.append((2 + phone_word, m.start(), m.end(), "tel"))
-    for m in ctx.finditer(_REPRESENTATIVE, 8):
+        found.append((2 + phone_word, start, m.end(), "tel"))
+    for m in _REPRESENTATIVE.finditer(text, a, b):
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
-        cue = ctx.near("rep", m.start(), 12)
-        if cue is not None and not ctx.vetoed(m.start(), cue) and not text.startswith("년", m.end()):
-            found.append((2, m.start(), m.end(), "tel"))
-    return found
+        start, end = m.span()
+        cue = ctx.near("rep", start, 12)
+        if cue is not None and not ctx.vetoed(start, cue) and not text.startswith("년", end):
+            found.append((2, start, end, "tel"))
 
 
 def _resolve(candidates: list[_Candidate]) -> list[Span]:
     """Keep the most confident of overlapping candidates (ties: the longer span, then the earlier one)."""
-    if len(candidates) == 1:
-        return [Span(*candidates[0][1:])]
+    if len(candidates) <= 1:
+        return [Span(*c[1:]) for c in candidates]
     chosen: list[tuple[int, int, str]] = []
     for _, start, end, label in sorted(candidates, key=lambda c: (-c[0], c[1] - c[2], c[1])):
         if all(end <= s or start >= e for s, e, _ in chosen):

@@ -103,7 +103,7 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
     for line in text.split("\n"):
         lines.append((at, line))
         at += len(line) + 1
-    rules = [bool(_RULE.match(line)) for _, line in lines]
+    rules = [bool("---" in line and _RULE.match(line)) for _, line in lines]
     csv: list[int] = []
     i = 0
     while i < len(lines):
@@ -136,10 +136,10 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
 
 def _count(line: str, name: str) -> int:
     """How many cells line splits into by name (0 where it does not split)."""
-    if name == "|":
-        line = line.strip().strip("|")
     if name == "  ":
         return len(_SPACES.split(line)) if "  " in line.strip() else 0
+    if name == "|":
+        line = line.strip().strip("|")
     n = line.count(name)
     return n + 1 if n and line.strip() else 0
 
