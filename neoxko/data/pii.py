@@ -134,7 +134,9 @@ def _kinds(cue: str) -> tuple[str, ...]:
 _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
 _NON_DIGITS = re.compile("[^0-9]+")
 _SEPARATORS_OUT = str.maketrans("", "", "-. ()+")  # a candidate without its separators: its digits
-_CANDIDATE = re.compile(r"[0-9](?:[-. ()+]{0,3}[0-9]){7,}")  # 8 or more digits with short separators between
+# 8 or more digits with short separators between; only from a digit that starts a run (a match never starts
+# later), the first 8 digits spelled out (re is faster at a fixed count)
+_CANDIDATE = re.compile(r"[0-9](?<![0-9].)(?:[-. ()+]{0,3}[0-9]){7}(?:[-. ()+]{0,3}[0-9])*")
 _ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
 _Candidate = tuple[int, int, int, str]  # (confidence, start, end, label)
 
@@ -358,6 +360,9 @@ def _resolve(candidates: list[_Candidate]) -> list[Span]:
     """Keep the most confident of overlapping candidates (ties: the longer span, then the earlier one)."""
     if len(candidates) <= 1:
         return [Span(*c[1:]) for c in candidates]
+    by_start = sorted(candidates, key=lambda c: c[1])
+    if all(a[2] <= b[1] for a, b in zip(by_start, by_start[1:])):  # nothing overlaps: keep them all
+        return [Span(*c[1:]) for c in by_start]
     chosen: list[tuple[int, int, str]] = []
     for _, start, end, label in sorted(candidates, key=lambda c: (-c[0], c[1] - c[2], c[1])):
         if all(end <= s or start >= e for s, e, _ in chosen):

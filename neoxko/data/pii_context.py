@@ -107,9 +107,12 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
     csv: list[int] = []
     i = 0
     while i < len(lines):
-        found = None
+        found, line = None, lines[i][1]
+        if "\t" not in line and "|" not in line and "," not in line and "  " not in line:
+            i += 1  # (most lines)
+            continue
         for name in _SPLITTERS:
-            n = _count(lines[i][1], name)
+            n = _count(line, name)
             if n < 2:
                 continue
             j = i + 1
