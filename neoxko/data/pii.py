@@ -133,6 +133,7 @@ def _kinds(cue: str) -> tuple[str, ...]:
 
 _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
 _NON_DIGITS = re.compile("[^0-9]+")
+_DIGITS, _DIGIT_RUN = frozenset("0123456789"), re.compile("[0-9]*")
 _SEPARATORS_OUT = str.maketrans("", "", "-. ()+")  # a candidate without its separators: its digits
 # 8 or more digits with short separators between; only from a digit that starts a run (a match never starts
 # later), the first 8 digits spelled out (re is faster at a fixed count)
@@ -174,13 +175,13 @@ def _windows(text: str) -> list[tuple[int, int, int]]:
     windows: list[tuple[int, int, int]] = []
     for m in _CANDIDATE.finditer(text):
         number = m.group()
-        if _DATE_LIKE.fullmatch(number):
-            continue
         digits = len(number.translate(_SEPARATORS_OUT))
+        if digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (a date has 8 digits at most)
+            continue
         start, end = m.span()
         a, b = max(start - 4, 0), end + 4
-        while b < len(text) and text[b - 1].isdigit():
-            b += 1
+        if b < len(text) and text[b - 1] in _DIGITS:  # not inside the next number: after it
+            b = min(_DIGIT_RUN.match(text, b - 1).end() + 1, len(text))
         if windows and a <= windows[-1][1]:
             windows[-1] = (windows[-1][0], b, max(windows[-1][2], digits))
         else:
@@ -358,16 +359,17 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
 
 def _resolve(candidates: list[_Candidate]) -> list[Span]:
     """Keep the most confident of overlapping candidates (ties: the longer span, then the earlier one)."""
+    new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of this function)
     if len(candidates) <= 1:
-        return [Span(*c[1:]) for c in candidates]
+        return [new(Span, c[1:]) for c in candidates]
     by_start = sorted(candidates, key=lambda c: c[1])
     if all(a[2] <= b[1] for a, b in zip(by_start, by_start[1:])):  # nothing overlaps: keep them all
-        return [Span(*c[1:]) for c in by_start]
+        return [new(Span, c[1:]) for c in by_start]
     chosen: list[tuple[int, int, str]] = []
     for _, start, end, label in sorted(candidates, key=lambda c: (-c[0], c[1] - c[2], c[1])):
         if all(end <= s or start >= e for s, e, _ in chosen):
             chosen.append((start, end, label))
-    return [Span(*c) for c in sorted(chosen)]
+    return [new(Span, c) for c in sorted(chosen)]
 
 
 _DIGIT = "0-9\uff10-\uff19"

@@ -17,13 +17,19 @@ MAX_CELL = 48  # longer "cells" are sentences with commas, not a table
 _RULE = re.compile(r"^\s*\|?\s*:?-{3,}")  # a Markdown table's |---|---| line
 # Keys of machine text whose value is the number (the = stays a boundary for every other key): a whole ASCII
 # word in any case, or the end of a Hangul one
-_KEY = re.compile(r"([A-Za-z_]+|[가-힣]+)=")
+
 PII_KEYS = frozenset((
     "tel", "phone", "mobile", "msisdn", "hp", "cell", "to", "from", "caller", "callee", "sender", "receiver", "fax",
     "contact", "rrn", "jumin", "resident_no", "residentno", "ssn", "account", "account_no", "acct", "acct_no",
     "bank_account", "bankaccount", "refund_account",
 ))
 PII_KEYS_KO = ("연락처", "전화", "휴대폰", "계좌", "주민번호", "주민등록번호")
+_KEY_ENDS = frozenset(key[-1] for key in (*PII_KEYS, *map(str.upper, PII_KEYS), *PII_KEYS_KO))
+# The keys read backwards from their =, grouped by their last letter (re tries only the keys that can match)
+_KEY_BEFORE = re.compile("|".join(
+    f"{end}(?:{'|'.join(key[-2::-1] + ('(?![A-Za-z_])' if key.isascii() else '') for key in keys)})"
+    for end, keys in ((end, [k for k in (*PII_KEYS, *PII_KEYS_KO) if k[-1] == end])
+                      for end in sorted({k[-1] for k in (*PII_KEYS, *PII_KEYS_KO)}))), re.IGNORECASE)
 
 
 class _Row(NamedTuple):
@@ -41,7 +47,7 @@ class Structure:
         self.rows: list[_Row] = []
         self.lines: list[tuple[int, str]] = []
         self.cells: dict[int, list[tuple[int, int, str]]] = {}  # row line -> its cells, as they are asked for
-        if "\n" in text.rstrip("\n"):
+        if "\n" in text and "\n" in text.rstrip("\n"):
             self.lines, csv = _tables(text, self.rows)
             if csv:  # a CSV cell's comma ends a number: "010-1234-5678,840..." is two values, not 5,840
                 lines = [line for _, line in self.lines]
@@ -84,16 +90,21 @@ class Structure:
 
 def open_keys(text: str) -> str:
     """text with the = of PII keys made a space (same length): the number after it is then a number on its own."""
-    if "=" not in text:
+    at = text.find("=")
+    if at < 0:
         return text
-    opened = [m.end() - 1 for m in _KEY.finditer(text)
-              if m.group(1).lower() in PII_KEYS or m.group(1).endswith(PII_KEYS_KO)]
+    backwards, opened = text[::-1], []
+    while at > 0:
+        if text[at - 1] in _KEY_ENDS and _KEY_BEFORE.match(backwards, len(text) - at):
+            opened.append(at)
+        at = text.find("=", at + 1)
     if not opened:
         return text
-    chars = list(text)
+    parts, last = [], 0
     for at in opened:
-        chars[at] = " "
-    return "".join(chars)
+        parts += [text[last:at], " "]
+        last = at + 1
+    return "".join(parts) + text[last:]
 
 
 def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[int]]:
@@ -112,6 +123,8 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
             i += 1  # (most lines)
             continue
         for name in _SPLITTERS:
+            if name not in line:
+                continue
             n = _count(line, name)
             if n < 2:
                 continue
@@ -130,7 +143,8 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
         name, j, data = found
         if not any(map(str.isdigit, lines[i][1])):  # else no header row (or a form whose first line holds a
             header = _split(lines[i], name)         # value): the text before each number is its cue
-            rows.extend(_Row(lines[k][0], lines[k][0] + len(lines[k][1]), k, name, header) for k in data)
+            new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of a row's handling)
+            rows.extend(new(_Row, (lines[k][0], lines[k][0] + len(lines[k][1]), k, name, header)) for k in data)
             if name == ",":
                 csv.extend([i, *data])
         i = j
