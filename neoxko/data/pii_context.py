@@ -129,8 +129,12 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
             if n < 2:
                 continue
             j = i + 1
-            while j < len(lines) and (rules[j] or _count(lines[j][1], name) == n):
-                j += 1
+            if name in "\t,":  # (the common tables, counted inline)
+                while j < len(lines) and (rules[j] or lines[j][1].count(name) == n - 1 and lines[j][1].strip()):
+                    j += 1
+            else:
+                while j < len(lines) and (rules[j] or _count(lines[j][1], name) == n):
+                    j += 1
             data = [k for k in range(i + 1, j) if not rules[k]]
             # (a line no longer than MAX_CELL has no longer cell)
             if data and all(len(c[2]) <= MAX_CELL for k in [i, *data] if len(lines[k][1]) > MAX_CELL
