@@ -212,3 +212,17 @@ def test_pii_generate_refuses_bad_counts(tmp_path):
         args = argparse.Namespace(seed=0, lines=lines, negative_share=share, output=str(tmp_path / "x.jsonl"))
         with pytest.raises(NeoxkoError, match="--lines must be at least 1 and --negative-share between 0 and 1"):
             run_pii_generate(args)
+
+
+@pytest.mark.parametrize("text, opened", [
+    ("to=01012345678", "to 01012345678"),
+    ("TEL=02-123-4567 fax=02-123-4568", "TEL 02-123-4567 fax 02-123-4568"),
+    ("bank_account=110123456789", "bank_account 110123456789"),
+    ("my_account=110123456789", "my_account=110123456789"),  # a key is a whole word
+    ("photo=1 2to=3", "photo=1 2to 3"),  # a digit is not part of the word
+    ("휴대폰연락처=01012345678", "휴대폰연락처 01012345678"),  # a Hangul key ends its word
+    ("연락처2=1 ==to== =", "연락처2=1 ==to = ="),
+])
+def test_key_value_keys_open_only_pii_keys(text, opened):
+    from neoxko.data.pii_context import open_keys
+    assert open_keys(text) == opened

@@ -12,6 +12,7 @@ Digits are matched with explicit look-arounds, never \\b, which fails next to Ha
 
 import datetime
 import functools
+import itertools
 import re
 import time
 from collections import Counter
@@ -363,7 +364,7 @@ def _resolve(candidates: list[_Candidate]) -> list[Span]:
     if len(candidates) <= 1:
         return [new(Span, c[1:]) for c in candidates]
     by_start = sorted(candidates, key=lambda c: c[1])
-    if all(a[2] <= b[1] for a, b in zip(by_start, by_start[1:])):  # nothing overlaps: keep them all
+    if all(a[2] <= b[1] for a, b in itertools.pairwise(by_start)):  # nothing overlaps: keep them all
         return [new(Span, c[1:]) for c in by_start]
     chosen: list[tuple[int, int, str]] = []
     for _, start, end, label in sorted(candidates, key=lambda c: (-c[0], c[1] - c[2], c[1])):
