@@ -71,23 +71,35 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
     quantize "int8" swaps the linear layers for int8 weight-only ones after loading, "int4" for int4 ones with
     groups of group_size input features (CPU only); checkpoints written quantized (`neoxko quantize`) load as such.
     """
-    from neoxko.quantize import QUANT_METHOD, quantize_model
+    from neoxko.quantize import GROUP_SIZES, INT4_METHOD, QUANT_METHOD, quantize_model
 
     if quantize not in (None, "int8", "int4"):
         raise CheckpointError(f"unknown quantization {quantize!r}; the ones supported are int8 and int4")
     folder = resolve(path_or_id)
     config = read_config(folder)
     method = _quant_method(folder)
-    if method not in (None, QUANT_METHOD):
+    if method not in (None, QUANT_METHOD, INT4_METHOD):
         raise CheckpointError(f"{folder} is quantized with {method!r}, which neoxko cannot read; "
                               f"load the unquantized checkpoint (and pass --quantize int8)")
+    if method == INT4_METHOD:
+        stored = _quant_config(folder).get("group_size")
+        if stored not in GROUP_SIZES:
+            raise CheckpointError(f"{folder}/config.json's quantization_config has group_size {stored!r}; an int4 "
+                                  f"checkpoint needs one of {', '.join(map(str, GROUP_SIZES))}")
+        if torch.device(device).type != "cpu":
+            raise CheckpointError(f"{folder} is int4, which runs on the CPU only; load it with device 'cpu', or "
+                                  "load the float checkpoint (with --quantize int8) on this device")
+        if quantize == "int8":
+            raise CheckpointError(f"{folder} is already int4; int8 quantizes from the float checkpoint")
     dtype = parse_dtype(dtype)
     tied_head = _quant_config(folder).get("tied_head", "int8")  # files from before 0.2 have an int8 tied head
     with torch.device("meta"):
         model = GPTNeoX(config)
-        if method:
+        if method == INT4_METHOD:
+            quantize_model(model, empty=True, bits=4, group_size=stored)
+        elif method:
             quantize_model(model, empty=True, tied_head=tied_head)
-    tied = config.tie_word_embeddings and (not method or tied_head == "float")
+    tied = config.tie_word_embeddings and (not method or tied_head == "float" or method == INT4_METHOD)
     shapes = {name: p.shape for name, p in model.state_dict().items()}
     loaded = {name: _aligned(tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else
                                        tensor.dtype))
@@ -98,7 +110,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
     model.setup_rope(device)
     if quantize == "int8":
         quantize_model(model)
-    elif quantize == "int4":
+    elif quantize == "int4" and method != INT4_METHOD:  # (an int4 checkpoint keeps the group size it was written with)
         if method:
             raise CheckpointError(f"{folder} is already int8; int4 quantizes from the float checkpoint")
         quantize_model(model, bits=4, group_size=group_size)
@@ -243,18 +255,18 @@ def save_model(model: GPTNeoX, path: str | Path, tokenizer=None, max_shard_size:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     _save_tokenizer_beside(model, folder, tokenizer)
-    from neoxko.quantize import QUANTIZATION_CONFIG
+    from neoxko.quantize import QUANTIZATION_CONFIG, int4_config
 
-    if getattr(model, "quant_bits", 8) == 4:
-        raise CheckpointError("int4 models cannot be saved yet (torch's packed layout is not a file format); save "
-                              "the float model and load it with quantize='int4' (--quantize int4)")
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in model.state_dict().items()}  # (int4 layers give their portable layout)
     quantized = getattr(model, "quantized", False)
     tied_head = getattr(model, "tied_head", None)
     if model.config.tie_word_embeddings and (not quantized or tied_head == "float"):
-        del state["embed_out.weight"]  # tied back to embed_in on load (transformers does the same)
+        state.pop("embed_out.weight", None)  # tied back to embed_in on load (transformers does the same)
     dtype = model.gpt_neox.embed_in.weight.dtype
-    quant = QUANTIZATION_CONFIG | ({"tied_head": tied_head} if tied_head else {})
+    if getattr(model, "quant_bits", 8) == 4:
+        quant = int4_config(model.group_size)
+    else:
+        quant = QUANTIZATION_CONFIG | ({"tied_head": tied_head} if tied_head else {})
     model.config.save(folder / "config.json", dtype=str(dtype).removeprefix("torch."),
                       extra={"quantization_config": quant} if quantized else None)
     save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})

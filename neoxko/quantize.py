@@ -9,7 +9,8 @@ Decoding on a CPU reads every weight once per token, so halving the bytes of the
 it up to twice as fast; the quality cost is measured in benchmarks/decode.py and the model card.
 
 On disk: config.json gains a quantization_config, each quantized `X.weight` is int8 and comes with
-an `X.weight_scale`.
+an `X.weight_scale`. Int4 (Int4Linear, below) has its own layout: `X.qweight` (uint8, two 4-bit values a byte),
+`X.scales` and `X.zeros`, under quant_method neoxko_int4.
 """
 
 import torch
@@ -87,6 +88,16 @@ def dequantize(module: Int8Linear) -> Tensor:
 
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel takes
+INT4_METHOD = "neoxko_int4"
+
+
+def int4_config(group_size: int) -> dict:
+    return {"quant_method": INT4_METHOD, "bits": 4, "group_size": group_size,
+            "scheme": "weight-only, asymmetric per group of group_size input features: w = (q - 8) * scale + zero, "
+                      "q in 0..15",
+            "layout": "qweight uint8 (out, in / 2), input feature 2j in the low nibble and 2j + 1 in the high one; "
+                      "scales and zeros (out, in / group_size)",
+            "modules": "every nn.Linear (attention, MLP, embed_out unless tied to the embedding)"}
 
 
 class Int4Linear(nn.Module):
@@ -129,6 +140,102 @@ class Int4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"bias={self.bias is not None}")
 
+    # In a state dict (and so on disk) the weights are in the portable layout, not in the kernel's, which
+    # differs from one CPU to another.
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self.weight_packed.is_meta:
+            qweight = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8, device="meta")
+        else:
+            qweight = pack_nibbles(unpack_kernel_layout(self.weight_packed, self.out_features, self.in_features))
+        destination[prefix + "qweight"] = qweight
+        destination[prefix + "scales"] = self.scales_zeros[..., 0].t().contiguous()
+        destination[prefix + "zeros"] = self.scales_zeros[..., 1].t().contiguous()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        names = ["qweight", "scales", "zeros"] + (["bias"] if self.bias is not None else [])
+        missing = [prefix + name for name in names if prefix + name not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        q = unpack_nibbles(state_dict[prefix + "qweight"])
+        self.weight_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        scales, zeros = state_dict[prefix + "scales"], state_dict[prefix + "zeros"]
+        self.scales_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
+        if self.bias is not None:
+            self.bias = nn.Parameter(state_dict[prefix + "bias"], requires_grad=False)
+
+
+def pack_nibbles(q: Tensor) -> Tensor:
+    """(out, in) values in 0..15 -> uint8 (out, in / 2): input feature 2j in the low nibble, 2j + 1 in the high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """pack_nibbles undone: int32 (out, in), as torch's converter takes it."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int32)
+
+
+def unpack_kernel_layout(packed: Tensor, n: int, k: int) -> Tensor:
+    """The (n, k) int32 values in 0..15 behind torch's CPU int4 layout. That layout depends on the CPU (blocks of 64
+    rows paired 32 apart on AVX-512, smaller blocks for the last rows, other blocks elsewhere), so it is read, not
+    assumed: index patterns are packed by the same converter at two small widths, which tells each row's block,
+    its place in the block and the block's width; the values are then gathered from there and packed again to
+    check. Where that check fails, every element's place is read at full size (slower, but exact)."""
+    slots = _nibbles(packed)
+    positions = _kernel_positions(n, k)
+    q = slots[positions].view(n, k)
+    if torch.equal(_convert_int4(q), packed):
+        return q
+    q = torch.empty(n * k, dtype=torch.int32)
+    q[_probe_positions(n, k)] = slots
+    q = q.view(n, k)
+    if not torch.equal(_convert_int4(q), packed):
+        from neoxko.errors import NeoxkoError
+
+        raise NeoxkoError("torch's int4 weight layout on this CPU could not be read back (it is not a plain "
+                          "rearrangement of the values); save the float model and quantize it where it is loaded")
+    return q
+
+
+def _convert_int4(q: Tensor) -> Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def _nibbles(packed: Tensor) -> Tensor:
+    """Every 4-bit slot of a packed tensor, in memory order (low nibble first)."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat & 15, flat >> 4], dim=-1).view(-1).to(torch.int32)
+
+
+def _probe_positions(n: int, k: int) -> Tensor:
+    """For every slot of the converter's output, the flat index (row * k + column) of the element it holds: one
+    base-16 digit of the index at a time goes through the converter."""
+    index = torch.arange(n * k, dtype=torch.int64)
+    found, place = torch.zeros(n * k, dtype=torch.int64), 1
+    while place < n * k:
+        found += _nibbles(_convert_int4((index // place % 16).to(torch.int32).view(n, k))).long() * place
+        place *= 16
+    return found
+
+
+def _kernel_positions(n: int, k: int) -> Tensor:
+    """The slot of every element (row-major), if the layout is blocks of rows, each block column by column:
+    slot = block start row * k + column * block width + place in the column (read at two small widths)."""
+    widths = (32, 64)
+    where = []
+    for width in widths:  # slot of (row, 0) and (row, 1) at this width
+        slot_of = torch.empty(n * width, dtype=torch.int64)
+        slot_of[_probe_positions(n, width)] = torch.arange(n * width)
+        where.append(slot_of.view(n, width)[:, :2])
+    start = (where[1][:, 0] - where[0][:, 0]) // (widths[1] - widths[0])
+    place = where[0][:, 0] - start * widths[0]
+    step = where[0][:, 1] - where[0][:, 0]
+    return ((start * k + place)[:, None] + torch.arange(k)[None, :] * step[:, None]).view(-1)
+
 
 def quantize_weight_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
     """q (out, in) int32 in 0..15 and scales_zeros (in / group_size, out, 2) in the weight's dtype."""
@@ -161,19 +268,22 @@ def check_int4(model: nn.Module, group_size: int, device) -> None:
 def quantize_model(model: nn.Module, empty: bool = False, tied_head: str = "float", bits: int = 8,
                    group_size: int = 64) -> nn.Module:
     """Swap every nn.Linear for an Int8Linear (bits 8) or an Int4Linear (bits 4, groups of group_size), in place;
-    empty=True only builds the int8 modules (for loading).
+    empty=True only builds the quantized modules (for loading).
 
     tied_head "float" leaves a head tied to the embedding as it is; "int8" quantizes it too (files
     written before neoxko 0.2 are laid out so)."""
     if getattr(model, "quantized", False):
         return model
     if bits == 4:
-        check_int4(model, group_size, next(model.parameters()).device)
+        check_int4(model, group_size, "cpu" if empty else next(model.parameters()).device)
         keep = {"embed_out"} if getattr(model.config, "tie_word_embeddings", False) else set()
         for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in keep]:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, Int4Linear.from_linear(linear, group_size))
-        model.quantized, model.quant_bits = True, 4
+            new = (Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, group_size,
+                              linear.weight.dtype, linear.weight.device) if empty
+                   else Int4Linear.from_linear(linear, group_size))
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+        model.quantized, model.quant_bits, model.group_size = True, 4, group_size
         model.tied_head = "float" if keep else None
         return model
     keep = {"embed_out"} if getattr(model.config, "tie_word_embeddings", False) and tied_head == "float" else set()

@@ -155,6 +155,59 @@ def test_int4_refusals_name_the_problem(tmp_path):
     save_model(quantize_model(random_model(tiny_config())), tmp_path / "int8")
     with pytest.raises(CheckpointError, match="is already int8; int4 quantizes from the float checkpoint"):
         load_model(tmp_path / "int8", quantize="int4")
-    quantize_model(model, bits=4, group_size=32)
-    with pytest.raises(CheckpointError, match="int4 models cannot be saved yet"):
-        save_model(model, tmp_path / "q")
+    save_model(quantize_model(random_model(tiny_config()), bits=4, group_size=32), tmp_path / "int4")
+    with pytest.raises(CheckpointError, match="is already int4; int8 quantizes from the float checkpoint"):
+        load_model(tmp_path / "int4", quantize="int8")
+    with pytest.raises(CheckpointError, match="is int4, which runs on the CPU only; load it with device 'cpu'"):
+        load_model(tmp_path / "int4", device="meta")
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 48
+    (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="quantization_config has group_size 48; an int4 checkpoint needs one"):
+        load_model(tmp_path / "int4")
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (48, 32), (2048, 256), (64, 8192)])
+def test_torchs_int4_layout_is_read_back_exactly(shape):
+    """The kernel's packed layout (blocks of rows that differ by CPU and for the last rows) unpacks to the values
+    that went in, and the file's nibble order is low nibble first."""
+    from neoxko.quantize import pack_nibbles, unpack_kernel_layout, unpack_nibbles
+
+    q = torch.randint(0, 16, shape, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(unpack_kernel_layout(packed, *shape), q)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+    assert pack_nibbles(torch.tensor([[3, 12, 0, 15]]))[0].tolist() == [0xC3, 0xF0]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int4_round_trips_through_safetensors_and_equals_quantizing_on_load(tmp_path, tied):
+    """quantize --bits 4, then load, gives the very logits of --quantize int4 on the float checkpoint; the file holds
+    the portable layout with its quantization_config, and saving what was loaded writes the same bytes."""
+    from safetensors import safe_open
+
+    model = random_model(tiny_config(tie_word_embeddings=tied)).eval()
+    save_model(model, tmp_path / "float")
+    out = tmp_path / "int4"
+    subprocess.run([sys.executable, "-m", "neoxko", "quantize", "--model", str(tmp_path / "float"), "--output",
+                    str(out), "--bits", "4", "--group-size", "32", "--dtype", "float32"], check=True,
+                   capture_output=True)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "neoxko_int4" and config["bits"] == 4 and config["group_size"] == 32
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        qweight = f.get_tensor("gpt_neox.layers.0.mlp.dense_h_to_4h.qweight")
+        scales = f.get_tensor("gpt_neox.layers.0.mlp.dense_h_to_4h.scales")
+    assert qweight.dtype == torch.uint8 and qweight.shape == (256, 32) and scales.shape == (256, 2)
+    assert ("embed_out.qweight" in names) != tied and not any(n.endswith("weight_packed") for n in names)
+
+    x = torch.randint(0, 384, (2, 24))
+    on_load = load_model(tmp_path / "float", dtype="float32", quantize="int4", group_size=32)
+    from_file = load_model(out)
+    with torch.no_grad():
+        assert torch.equal(on_load(x), from_file(x))
+    save_model(from_file, tmp_path / "again")
+    with safe_open(out / "model.safetensors", "pt") as a, safe_open(tmp_path / "again" / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for name in a.keys():
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name

@@ -64,9 +64,12 @@ def add_commands(commands) -> None:
                      help="on SIGTERM, seconds running requests may finish before they are ended")
     srv.set_defaults(run=run_serve)
 
-    qz = commands.add_parser("quantize", help="write an int8 weight-only copy of a model")
+    qz = commands.add_parser("quantize", help="write an int8 or int4 weight-only copy of a model")
     qz.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     qz.add_argument("--output", required=True, help="folder for the quantized model (with the tokenizer)")
+    qz.add_argument("--bits", type=int, choices=[8, 4], default=8,
+                    help="8: int8 per output channel; 4: int4 per group of --group-size input features (CPU only)")
+    qz.add_argument("--group-size", type=int, default=64, help="input features per int4 scale and zero")
     qz.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                     help="dtype of the scales, embeddings and norms")
     qz.set_defaults(run=run_quantize)
@@ -158,10 +161,11 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_quantize(args: argparse.Namespace) -> int:
     from neoxko.checkpoint import load_model, save_model
 
-    model = load_model(args.model, dtype=args.dtype, quantize="int8")
+    model = load_model(args.model, dtype=args.dtype, quantize=f"int{args.bits}", group_size=args.group_size)
     out = save_model(model, args.output)  # with the tokenizer of the folder it came from
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"neoxko: wrote {out} ({size / 1e6:.1f} MB of int8 weights and {args.dtype} scales)")
+    groups = f", groups of {args.group_size}" if args.bits == 4 else ""
+    print(f"neoxko: wrote {out} ({size / 1e6:.1f} MB of int{args.bits} weights{groups} and {args.dtype} scales)")
     return 0
 
 
