@@ -13,8 +13,12 @@ an `X.weight_scale`. Int4 (Int4Linear, below) has its own layout: `X.qweight` (u
 `X.scales` and `X.zeros`, under quant_method neoxko_int4.
 """
 
+import os
+
 import torch
 from torch import Tensor, nn
+
+from neoxko.hardware import detect
 
 QUANT_METHOD = "neoxko_int8"
 QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "weight-only, symmetric, per output channel",
@@ -23,6 +27,8 @@ QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "weigh
 
 # Inductor's reduction is fast for rows up to this long; longer ones (GPT-NeoX's 4h -> h) use torch's kernel.
 FUSED_MAX_IN = 4096
+# ... and only on CPUs where it was measured faster (neoxko.hardware); NEOXKO_FUSED_INT8=0/1 overrides.
+FUSED_INT8 = {"0": False, "1": True}.get(os.environ.get("NEOXKO_FUSED_INT8", ""), detect().fused_int8)
 
 
 @torch.library.custom_op("neoxko::materialize", mutates_args=())
@@ -58,7 +64,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        if torch.compiler.is_compiling() and x.numel() == shape[-1] and shape[-1] <= FUSED_MAX_IN:
+        if FUSED_INT8 and torch.compiler.is_compiling() and x.numel() == shape[-1] and shape[-1] <= FUSED_MAX_IN:
             # One row (batch-1 decoding) under torch.compile: written as a reduction, inductor fuses the
             # int8 load, the conversion and the multiply-add into one pass over the weights, near the
             # memory bandwidth (2x the compiled bf16 matrix-vector product on a Zen 4 CPU). The input is

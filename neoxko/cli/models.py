@@ -77,7 +77,21 @@ def add_commands(commands) -> None:
     info = commands.add_parser("info", help="print a model's config and parameter count")
     info.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--hardware", action="store_true",
+                      help="what this CPU can do and the kernels and dtypes neoxko picks on it, with the reasons")
     info.set_defaults(run=run_info)
+
+
+def compute_dtype(args: argparse.Namespace) -> str | None:
+    """--dtype, or float32 on a CPU without native bf16 (where bf16 arithmetic is emulated and slower); None keeps
+    the dtype the weights are stored in."""
+    from neoxko.hardware import detect
+
+    if args.dtype is not None or str(args.device) != "cpu" or detect().native_bf16:
+        return args.dtype
+    print("neoxko: this CPU has no native bf16, so the model computes in float32 (bf16 would be emulated and "
+          "slower; --dtype bfloat16 keeps half the memory)", file=sys.stderr)
+    return "float32"
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -91,6 +105,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # a piped prompt loses the newline(s) echo and editors end it with, which the model would continue
     prompt = sys.stdin.read().rstrip("\r\n") if args.prompt == "-" else args.prompt
     tokenizer = load_tokenizer(args.model)
+    args.dtype = compute_dtype(args)
     model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                        group_size=args.group_size)
     guard = PIIStream() if args.mask_pii else None
@@ -125,6 +140,7 @@ def run_serve(args: argparse.Namespace) -> int:
                              chat_stop=stops)
     limits = Limits(header_timeout_s=args.header_timeout, limit_concurrency=args.limit_concurrency,
                     shutdown_timeout_s=args.shutdown_timeout)
+    args.dtype = compute_dtype(args)
     sock = bind(args.host, args.port)  # a busy port fails now, not after the model has loaded
     host, port = sock.getsockname()[:2]
     print(f"neoxko: loading {name!r}; http://{host}:{port}/health answers 503 until it is ready", file=sys.stderr,
@@ -173,6 +189,14 @@ def run_info(args: argparse.Namespace) -> int:
     from neoxko.checkpoint import read_config, resolve
     from neoxko.config import PRESETS
 
+    if args.hardware:
+        from dataclasses import asdict
+
+        from neoxko.hardware import describe, detect
+
+        hw = detect()
+        print(json.dumps(asdict(hw) | {"choices": hw.choices()}, indent=2) if args.json else describe(hw))
+        return 0
     config = read_config(resolve(args.model, allow_patterns=["config.json"]))
     preset = next((name for name, c in PRESETS.items() if c == config), None)
     info = {

@@ -73,6 +73,8 @@ def train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.global_batch * cfg.seq_len
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    if cfg.bf16 and device.type == "cpu" and rank == 0:
+        warn_emulated_bf16()
     last, saved = {}, None
     saver = checkpoint.Checkpointer(out, asynchronous=cfg.async_checkpoint)
     peak = peak_flops(cfg, device)
@@ -245,3 +247,15 @@ def _stop_on_sigterm():
     except ValueError:  # not the main thread
         return lambda: False
     return lambda: flag["stop"]
+
+
+def warn_emulated_bf16() -> None:
+    """bf16: true on a CPU that has no bf16 arithmetic: it runs, emulated, slower than float32."""
+    from neoxko.hardware import detect
+
+    hw = detect()
+    if not hw.native_bf16:
+        print(f"neoxko: warning: bf16: true on a CPU without native bf16 ({hw.capability}): bf16 matrix products are "
+              "emulated there, slower than float32 arithmetic, and save only activation memory; set bf16: false "
+              "unless memory is what limits you (neoxko info --hardware says what this CPU has)",
+              file=sys.stderr, flush=True)

@@ -1,0 +1,55 @@
+"""Per-CPU choices: what neoxko picks on a CPU with and without native bf16 and AVX-512, and where it says so."""
+
+import argparse
+import subprocess
+import sys
+
+import torch
+
+import neoxko.hardware as hardware
+from neoxko.hardware import Hardware
+
+AVX2 = Hardware(capability="AVX2", native_bf16=False, vnni=False, cores=4, threads=4)
+ZEN4 = Hardware(capability="AVX512", native_bf16=True, vnni=True, cores=2, threads=2)
+
+
+def test_the_choices_follow_the_cpu():
+    assert ZEN4.fused_int8 and ZEN4.compute_dtype == torch.bfloat16
+    assert not AVX2.fused_int8 and AVX2.compute_dtype == torch.float32
+    text = hardware.describe(AVX2)
+    assert "native bf16: no" in text and "int8 decoding under --compile: torch's int8 kernel" in text
+    assert "measured 1.42 against 8.26 tok/s" in text and "default compute dtype" in text
+
+
+def test_the_command_line_computes_in_float32_without_native_bf16(monkeypatch, capsys):
+    from neoxko.cli.models import compute_dtype
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    assert compute_dtype(argparse.Namespace(dtype=None, device="cpu")) == "float32"
+    assert "no native bf16, so the model computes in float32" in capsys.readouterr().err
+    assert compute_dtype(argparse.Namespace(dtype="bfloat16", device="cpu")) == "bfloat16"  # asked for: kept
+    monkeypatch.setattr(hardware, "detect", lambda: ZEN4)
+    assert compute_dtype(argparse.Namespace(dtype=None, device="cpu")) is None  # as stored
+
+
+def test_bf16_training_on_such_a_cpu_warns(monkeypatch, capsys):
+    from neoxko.train.loop import warn_emulated_bf16
+
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    warn_emulated_bf16()
+    err = capsys.readouterr().err
+    assert "bf16: true on a CPU without native bf16 (AVX2)" in err and "set bf16: false" in err
+    monkeypatch.setattr(hardware, "detect", lambda: ZEN4)
+    warn_emulated_bf16()
+    assert capsys.readouterr().err == ""
+
+
+def test_info_hardware_and_the_fused_int8_override():
+    out = subprocess.run([sys.executable, "-m", "neoxko", "info", "--hardware"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("cpu capability  ") and "int4: torch's _weight_int4pack_mm_for_cpu" in out
+    code = "import neoxko.quantize as q; print(q.FUSED_INT8)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, "NEOXKO_FUSED_INT8": value}).stdout.strip()
+        assert got == expected
