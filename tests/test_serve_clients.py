@@ -3,19 +3,17 @@ local-chat-completions, and the openai package's chat client."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from lm_eval_tasks import FIXTURE, TASKS
+from lm_eval_tasks import lm_eval_tasks as _lm_eval_tasks
 
 from conftest import random_model, tiny_config
 from neoxko import load_model, load_tokenizer, save_model
 from neoxko.serve import chat
 from neoxko.serve.engine import Engine
 from neoxko.serve.server import ServeSettings, serve
-
-FIXTURE = Path(__file__).parent / "fixtures" / "kobest"
-TASKS = ["kobest_boolq", "kobest_copa", "kobest_hellaswag", "kobest_sentineg", "kobest_wic"]
 
 
 @pytest.fixture(scope="module")
@@ -34,29 +32,6 @@ def start(folder, **settings):
     engine = Engine(load_model(folder), tokenizer.eos_id, max_batch=4)
     return serve(engine, tokenizer, ServeSettings(model_name="tiny", chat_template=template, chat_stop=stops,
                                                   **settings))
-
-
-def _lm_eval_tasks(folder: Path) -> Path:
-    """lm-eval's own KoBEST task files, pointed at the fixture instead of the hub (and f1 without the hub's
-    `evaluate` download; the aggregation is lm-eval's own macro_f1_score)."""
-    import lm_eval
-
-    original = Path(lm_eval.__file__).parent / "tasks" / "kobest"
-    folder.mkdir()
-    (folder / "utils.py").write_text("from lm_eval.tasks.kobest.utils import macro_f1_score  # noqa: F401\n")
-    for task in TASKS:
-        sub = task.removeprefix("kobest_")
-        metrics = ["acc", "acc_norm"] if task == "kobest_hellaswag" else ["acc"]
-        lines = [f"task: neoxko_{task}", f"include: {original / (task + '.yaml')}", "dataset_path: json",
-                 "dataset_name: null", "dataset_kwargs:", "  data_files:",
-                 f"    train: {FIXTURE / sub / 'train.jsonl'}", f"    test: {FIXTURE / sub / 'test.jsonl'}",
-                 "validation_split: null", "metric_list:"]
-        for metric in metrics:
-            lines += [f"  - metric: {metric}", "    aggregation: mean", "    higher_is_better: true"]
-        lines += ["  - metric: f1", "    aggregation: !function utils.macro_f1_score", "    average: macro",
-                  "    higher_is_better: true"]
-        (folder / f"{task}.yaml").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def test_lm_eval_local_completions_scores_kobest_as_neoxko_eval_does(long_model_dir, tmp_path, caplog):

@@ -10,9 +10,12 @@ from neoxko.errors import NeoxkoError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        if argv[:1] == ["harness"]:  # every argument after it is lm-eval's own
+            return evaluate.run_harness(argv[1:])
+        args = parser.parse_args(argv)
         return args.run(args)
     except NeoxkoError as e:
         print(f"neoxko: error: {e}", file=sys.stderr)

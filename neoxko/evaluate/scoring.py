@@ -71,13 +71,14 @@ class NeoxkoScorer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def loglikelihoods(self, items: list[Item], progress=None) -> list[list[float]]:
+    def loglikelihoods(self, items: list[Item], progress=None, greedy: bool = False) -> list[list]:
+        """Each branch's log-likelihood; with greedy, (log-likelihood, whether greedy decoding gives the branch)."""
         parts = [(n, part, which) for n, item in enumerate(items) for part, which in fit_window(item, self.max_length)]
         results = [[0.0] * len(item.branches) for item in items]
         # Longest first: the batch size settles early and padding stays small.
         parts.sort(key=lambda p: -_row_length(p[1]))
         for batch in _batches(parts, self.batch_tokens, lambda p: _row_length(p[1])):
-            scores = self._score_rows([p[1] for p in batch])
+            scores = self._score_rows([p[1] for p in batch], greedy)
             for (n, _, which), row_scores in zip(batch, scores, strict=True):
                 for i, score in zip(which, row_scores, strict=True):
                     results[n][i] = score
@@ -86,7 +87,7 @@ class NeoxkoScorer:
         return results
 
     @torch.inference_mode()
-    def _score_rows(self, rows: list[Item]) -> list[list[float]]:
+    def _score_rows(self, rows: list[Item], greedy: bool = False) -> list[list]:
         device = self.model.gpt_neox.embed_in.weight.device
         T = max(_row_length(r) for r in rows)
         idx = torch.zeros(len(rows), T, dtype=torch.long)
@@ -119,11 +120,18 @@ class NeoxkoScorer:
         rows_i, cols_i = zip(*picks, strict=True)
         h = hidden[torch.tensor(rows_i, device=device), torch.tensor(cols_i, device=device)]
         logprobs = torch.log_softmax(self.model.embed_out(h).float(), dim=-1)
-        token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0].tolist()
+        target = torch.tensor(targets, device=device)
+        token_lp = logprobs.gather(1, target[:, None])[:, 0].tolist()
         out = [[0.0] * len(item.branches) for item in rows]
         for (r, b), lp in zip(owners, token_lp, strict=True):
             out[r][b] += lp
-        return out
+        if not greedy:
+            return out
+        hits = (logprobs.argmax(-1) == target).tolist()
+        best = [[True] * len(item.branches) for item in rows]
+        for (r, b), hit in zip(owners, hits, strict=True):
+            best[r][b] &= hit
+        return [list(zip(lls, flags, strict=True)) for lls, flags in zip(out, best, strict=True)]
 
 
 class HFScorer:

@@ -1,0 +1,193 @@
+"""neoxko as an lm-evaluation-harness model: `--model neoxko`, for any lm-eval task.
+
+Importing this module registers the model under the name `neoxko` (lm-eval has no discovery of models
+outside its own package, so `neoxko harness ...` imports it and hands over to lm-eval's own command line).
+
+- loglikelihood: lm-eval's own encoding (TemplateLM: trailing spaces move to the continuation, an empty
+  context becomes the end-of-text token) and truncation (a pair keeps its last max_length + 1 tokens, as
+  `--model hf` does); requests with the same context share it in one tree-masked row (NeoxkoScorer), so a
+  multiple-choice document costs one context, not one per choice.
+- loglikelihood_rolling: lm-eval's rolling windows (the end-of-text token first, full-length windows, each
+  token predicted once), scored as plain causal rows.
+- generate_until: batched greedy or sampled decoding with `until` stop strings (and the end-of-text token),
+  `max_gen_toks`, the context cut from the left to leave room, as `--model hf` does.
+
+Model args: pretrained (a folder, hub id or built-in name), dtype, device, batch_size (documents per
+generation batch), batch_tokens (tokens per scoring forward), max_length, quantize (int8, int4) and group_size.
+Under torchrun each rank scores its share of the requests and lm-eval gathers them.
+"""
+
+import os
+import sys
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+try:
+    # lm-eval fills its registry with its own models only while the registry is empty: fill it first, or
+    # registering neoxko would hide --model hf and the rest.
+    import lm_eval.models  # noqa: F401
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # pragma: no cover - the message is what matters
+    from neoxko.errors import NeoxkoError
+
+    raise NeoxkoError("neoxko's lm-eval model needs lm-evaluation-harness: pip install 'neoxko[eval]' "
+                      f"(or pip install lm-eval) ({e})") from None
+
+from neoxko.errors import NeoxkoError
+from neoxko.evaluate.scoring import Item, NeoxkoScorer, fit_window
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@register_model("neoxko")
+class NeoxkoLM(TemplateLM):
+    def __init__(self, pretrained: str = "ko-small", dtype: str | None = None, device: str | None = None,
+                 batch_size: int | str = 8, batch_tokens: int = 4096, max_length: int | None = None,
+                 quantize: str | None = None, group_size: int = 64, max_batch_size: int | None = None, **unused):
+        super().__init__()
+        from neoxko.checkpoint import load_model
+        from neoxko.evaluate.kobest import rank_device
+        from neoxko.tokenizer import load_tokenizer
+
+        if dtype in ("auto", None, ""):
+            dtype = None
+        elif dtype not in DTYPES:
+            raise NeoxkoError(f"dtype {dtype!r} is not one neoxko loads; use one of {', '.join(DTYPES)} or auto")
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            print(f"neoxko: device {device!r} asked for (lm-eval's default) but there is no GPU: using the CPU",
+                  file=sys.stderr)  # as lm-eval's hf model does
+            device = "cpu"
+        self._rank, self._world_size = _distributed()
+        self._device = torch.device(rank_device(device))
+        self.tokenizer = load_tokenizer(pretrained)  # a missing tokenizer fails before the weights load
+        self.model = load_model(pretrained, dtype=dtype, device=self._device, quantize=quantize,
+                                group_size=int(group_size))
+        self.scorer = NeoxkoScorer(self.model, self.tokenizer, int(batch_tokens))
+        self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
+        self.scorer.max_length = self._max_length
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.pretrained = str(pretrained)
+
+    # -- what TemplateLM needs ----------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.pretrained.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=False)
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each (key, context_enc, continuation_enc); requests with one context share it."""
+        by_context: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_, context, continuation) in enumerate(requests):
+            if not continuation:
+                raise NeoxkoError("an lm-eval request's continuation encodes to no tokens; cannot score it")
+            by_context[tuple(context)].append(i)
+        items = [Item(list(context), [requests[i][2] for i in which]) for context, which in by_context.items()]
+        bar = tqdm(total=sum(len(fit_window(item, self.max_length)) for item in items), desc="loglikelihood",
+                   unit="row", disable=disable_tqdm or self.rank != 0)
+        scores = self.scorer.loglikelihoods(items, progress=bar, greedy=True)
+        bar.close()
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        for (_, which), item_scores in zip(by_context.items(), scores, strict=True):
+            for i, (ll, greedy) in zip(which, item_scores, strict=True):
+                out[i] = (ll, greedy)
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], (ll, greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owners = [], []
+        for n, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(n)
+        totals = [0.0] * len(requests)
+        for n, (ll, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm), strict=True):
+            totals[n] += ll
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from neoxko.evaluate.harness_generate import generate_batch, parse_gen_kwargs
+
+        eos = self.tok_decode([self.eot_token_id])
+        jobs = []
+        for n, (context, gen_kwargs) in enumerate(req.args for req in requests):
+            until, max_gen_toks, sampling = parse_gen_kwargs(gen_kwargs, eos)
+            budget = max(self.max_length - max_gen_toks, 1)
+            ids = self.tok_encode(context)[-budget:] or [self.eot_token_id]
+            jobs.append((n, ids, until, max_gen_toks, sampling))
+        out = [""] * len(requests)
+        # Same settings decode together, longest prompts first (little padding); each row stops on its own.
+        groups: dict[tuple, list] = defaultdict(list)
+        for job in jobs:
+            groups[(tuple(job[2]), job[3], job[4])].append(job)
+        bar = tqdm(total=len(jobs), desc="generate_until", unit="doc", disable=disable_tqdm or self.rank != 0)
+        for (until, max_gen_toks, sampling), group in groups.items():
+            group.sort(key=lambda job: -len(job[1]))
+            for start in range(0, len(group), self.batch_size):
+                batch = group[start:start + self.batch_size]
+                texts = generate_batch(self.model, self.tokenizer, [job[1] for job in batch], list(until),
+                                       max_gen_toks, sampling)
+                for job, text in zip(batch, texts, strict=True):
+                    out[job[0]] = text
+                    self.cache_hook.add_partial("generate_until", requests[job[0]].args, text)
+                bar.update(len(batch))
+        bar.close()
+        return out
+
+    # -- torchrun: lm-eval splits the requests by rank and gathers through these ------------------------------
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, gathered, dst=dst)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), joining torchrun's process group (gloo on CPU, nccl on GPUs) if there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
