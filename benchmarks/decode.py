@@ -10,7 +10,13 @@ compiled) and int4 (groups of 64, torch's CPU int4 kernel, eager) against transf
 bfloat16 at batch 1, each with its bandwidth ceiling, and reports their logit agreement with bfloat16
 on a 64-token prompt.
 
+With --llamacpp, llama.cpp (llama-cpp-python, benchmarks/llamacpp.py) runs the same random weights, converted to
+GGUF bf16, q8_0 and q4_0 by llama.cpp's own tools, on the same prompt token ids at every batch size, beside
+neoxko bf16, int8 and int4 at the same batch sizes: tokens/s, weight bytes read per token, the bandwidth
+ceiling and the ratios.
+
     python benchmarks/decode.py [--threads 2] [--prompt 64] [--new-tokens 16] [--dtypes float32,bfloat16]
+    python benchmarks/decode.py --dtypes bfloat16 --batches 1,8 --llamacpp [--build-llamacpp]
 """
 
 import argparse
@@ -19,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from machine import describe
 
 from neoxko.config import PRESETS
 from neoxko.generate import generate_tokens
@@ -96,8 +103,11 @@ def main():
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--llamacpp", action="store_true", help="time llama.cpp (bf16, q8_0, q4_0) beside neoxko")
+    parser.add_argument("--build-llamacpp", action="store_true", help="pip install llama-cpp-python if missing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe())
     bandwidth = read_bandwidth()
     print(f"threads {args.threads}, read bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, greedy, torch {torch.__version__}\n")
@@ -128,9 +138,62 @@ def main():
                 bf16 = {"transformers bf16": (dec_h, weight_bytes), "neoxko bf16": (dec_o, weight_bytes),
                         "neoxko bf16 compiled": (dec_c, weight_bytes)}
                 int8_rows = int8_table(ours, prompts, args, bf16, bandwidth)
-        del ours, hf
+        if dtype == torch.bfloat16 and args.llamacpp:
+            del hf
+            llama_rows = llamacpp_table(ours, args, bandwidth)
+        del ours
     if "bfloat16" in args.dtypes:
         print(int8_rows)
+    if args.llamacpp:
+        print(llama_rows)
+
+
+def llamacpp_table(ours, args, bandwidth: float) -> str:
+    """neoxko bf16, int8 and int4 against llama.cpp bf16, q8_0 and q4_0 on the same weights and prompts."""
+    import tempfile
+    from pathlib import Path
+
+    import llamacpp
+
+    from neoxko.checkpoint import save_model
+
+    lib = llamacpp.ensure(args.build_llamacpp)
+    work = Path(tempfile.mkdtemp(prefix="neoxko-llamacpp-"))
+    start = time.perf_counter()
+    save_model(ours, work / "hf", tokenizer="ko-small")  # the tokenizer only fills the GGUF's vocabulary
+    ggufs = {"bf16": llamacpp.convert(lib, work / "hf", work / "bf16.gguf")}
+    for kind in ("q8_0", "q4_0"):
+        ggufs[kind] = llamacpp.quantize(lib, ggufs["bf16"], work / f"{kind}.gguf", kind)
+    setup = time.perf_counter() - start
+    engines = {"neoxko bf16": ours, "neoxko int8": quantize_model(copy.deepcopy(ours)),
+               "neoxko int4 (groups of 64)": quantize_model(copy.deepcopy(ours), bits=4, group_size=64)}
+    rows, speeds = [], {}
+    for batch in map(int, args.batches.split(",")):
+        torch.manual_seed(batch)
+        prompts = torch.randint(5, 30000, (batch, args.prompt))
+        for name, model in engines.items():
+            o1, on = time_ours(model, prompts, args.new_tokens, args.repeat)
+            speeds[name, batch] = (batch * args.prompt / o1, batch * args.new_tokens / (on - o1),
+                                   weight_bytes_read(model))
+        for kind, path in ggufs.items():
+            prefill, decode = llamacpp.time_llamacpp(lib, path, prompts.tolist(), args.new_tokens, args.threads,
+                                                     args.repeat)
+            speeds[f"llama.cpp {kind}", batch] = (prefill, decode, llamacpp.weight_bytes(path))
+    for (name, batch), (prefill, decode, nbytes) in speeds.items():
+        ceiling = bandwidth / nbytes * batch
+        rows.append(f"| {name} | {batch} | {prefill:.1f} | {decode:.2f} | {nbytes / 1e9:.2f} | {ceiling:.1f} | "
+                    f"{decode / ceiling:.0%} |")
+    pairs = [("neoxko bf16", "llama.cpp bf16", 0.9), ("neoxko int8", "llama.cpp q8_0", 1.0),
+             ("neoxko int4 (groups of 64)", "llama.cpp q4_0", 1.0)]
+    ratios = [f"| {ours_name} / {theirs} | {batch} | {speeds[ours_name, batch][1] / speeds[theirs, batch][1]:.2f}x | "
+              f"{target:.1f}x |" for batch in map(int, args.batches.split(",")) for ours_name, theirs, target in pairs]
+    return "\n".join([
+        "", f"neoxko against llama.cpp {lib.__version__} (llama-cpp-python, built for this CPU; GGUFs by its own "
+            f"converter and quantizer in {setup:.0f} s), same random weights and prompt ids, greedy, "
+            f"{args.threads} threads:", "",
+        "| engine | batch | prefill tok/s | decode tok/s | weights read GB | bandwidth ceiling tok/s | of ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+        "| decode ratio | batch | measured | target |", "|---|---:|---:|---:|", *ratios])
 
 
 def weight_bytes_read(model) -> int:

@@ -28,7 +28,11 @@ QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "weigh
 # Inductor's reduction is fast for rows up to this long; longer ones (GPT-NeoX's 4h -> h) use torch's kernel.
 FUSED_MAX_IN = 4096
 # ... and only on CPUs where it was measured faster (neoxko.hardware); NEOXKO_FUSED_INT8=0/1 overrides.
-FUSED_INT8 = {"0": False, "1": True}.get(os.environ.get("NEOXKO_FUSED_INT8", ""), detect().fused_int8)
+def fused_int8_choice(setting: str | None, hardware) -> bool:
+    return {"0": False, "1": True}.get(setting or "", hardware.fused_int8)
+
+
+FUSED_INT8 = fused_int8_choice(os.environ.get("NEOXKO_FUSED_INT8"), detect())
 
 
 @torch.library.custom_op("neoxko::materialize", mutates_args=())

@@ -1,6 +1,7 @@
 """`neoxko eval | perplexity`: KoBEST and held-out perplexity."""
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -85,7 +86,7 @@ def _eval_with_lm_eval(args: argparse.Namespace, tasks: list[str], shots: list[i
     from lm_eval.utils import make_table
 
     lm = harness.NeoxkoLM(pretrained=args.model, dtype=args.dtype, device=args.device, batch_tokens=args.batch_tokens)
-    manager = TaskManager(include_path=args.include_path)
+    manager = _task_manager(TaskManager, args.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise NeoxkoError(f"lm-eval knows no task {', '.join(unknown)}; neoxko eval's own are "
@@ -104,6 +105,12 @@ def _eval_with_lm_eval(args: argparse.Namespace, tasks: list[str], shots: list[i
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"lm_eval_{n}shot.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return 0
+
+
+@functools.cache
+def _task_manager(cls, include_path: str | None):
+    """lm-eval's task index (it reads every task's YAML: seconds), built once per process and folder."""
+    return cls(include_path=include_path)
 
 
 def run_harness(argv: list[str]) -> int:
