@@ -74,6 +74,20 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny model with a 2,048-token context (no KoBEST prompt is cut, by lm-eval or by us) and its tokenizer."""
+    import shutil
+
+    from neoxko.checkpoint import save_model
+
+    folder = tmp_path_factory.mktemp("long")
+    save_model(random_model(tiny_config(max_position_embeddings=2048), seed=3), folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A saved tiny model with its tokenizer: the layout of a Hugging Face model folder."""
     import shutil

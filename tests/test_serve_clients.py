@@ -9,21 +9,10 @@ import torch
 from lm_eval_tasks import FIXTURE, TASKS
 from lm_eval_tasks import lm_eval_tasks as _lm_eval_tasks
 
-from conftest import random_model, tiny_config
-from neoxko import load_model, load_tokenizer, save_model
+from neoxko import load_model, load_tokenizer
 from neoxko.serve import chat
 from neoxko.serve.engine import Engine
 from neoxko.serve.server import ServeSettings, serve
-
-
-@pytest.fixture(scope="module")
-def long_model_dir(tmp_path_factory, tokenizer_dir):
-    """A tiny model with a 2,048-token context: no KoBEST prompt is cut, by lm-eval or by us."""
-    folder = tmp_path_factory.mktemp("long")
-    save_model(random_model(tiny_config(max_position_embeddings=2048), seed=3), folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
 
 
 def start(folder, **settings):
