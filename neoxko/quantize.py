@@ -27,8 +27,11 @@ QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "weigh
 
 # Inductor's reduction is fast for rows up to this long; longer ones (GPT-NeoX's 4h -> h) use torch's kernel.
 FUSED_MAX_IN = 4096
-# ... and only on CPUs where it was measured faster (neoxko.hardware); NEOXKO_FUSED_INT8=0/1 overrides.
+
+
 def fused_int8_choice(setting: str | None, hardware) -> bool:
+    """The fused reduction only on CPUs where it was measured faster (neoxko.hardware); NEOXKO_FUSED_INT8=0/1
+    overrides."""
     return {"0": False, "1": True}.get(setting or "", hardware.fused_int8)
 
 
@@ -132,7 +135,7 @@ class Int4Linear(nn.Module):
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, w.dtype,
                      w.device)
         q, scales_zeros = quantize_weight_int4(w, group_size)
-        module.weight_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        module.weight_packed = _convert_int4(q)
         module.scales_zeros = scales_zeros
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -171,7 +174,7 @@ class Int4Linear(nn.Module):
             missing_keys.extend(missing)
             return
         q = unpack_nibbles(state_dict[prefix + "qweight"])
-        self.weight_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.weight_packed = _convert_int4(q)
         scales, zeros = state_dict[prefix + "scales"], state_dict[prefix + "zeros"]
         self.scales_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
         if self.bias is not None:
@@ -186,7 +189,7 @@ def pack_nibbles(q: Tensor) -> Tensor:
 
 def unpack_nibbles(packed: Tensor) -> Tensor:
     """pack_nibbles undone: int32 (out, in), as torch's converter takes it."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int32)
+    return _nibbles(packed).view(packed.shape[0], -1)
 
 
 def unpack_kernel_layout(packed: Tensor, n: int, k: int) -> Tensor:

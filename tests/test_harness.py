@@ -145,3 +145,22 @@ def test_a_missing_lm_eval_is_named():
             "try:\n    import neoxko.evaluate.harness\nexcept NeoxkoError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "needs lm-evaluation-harness: pip install 'neoxko[eval]'" in out
+
+
+def test_bad_model_args_and_requests_are_named(folder):
+    from neoxko.errors import NeoxkoError
+    from neoxko.evaluate.harness import NeoxkoLM
+    from neoxko.evaluate.harness_generate import parse_gen_kwargs
+
+    with pytest.raises(NeoxkoError, match="unknown neoxko model arg.s. pretraind; the ones it takes: pretrained"):
+        NeoxkoLM(pretraind=str(folder))
+    with pytest.raises(NeoxkoError, match="dtype 'int3' is not one neoxko loads; use one of float32"):
+        NeoxkoLM(pretrained=str(folder), dtype="int3")
+    with pytest.raises(NeoxkoError, match="generate_until's arguments must be a dict, got str"):
+        parse_gen_kwargs("until=x", "<|endoftext|>")
+    with pytest.raises(NeoxkoError, match="'until' must be a string or a list of strings, got 3"):
+        parse_gen_kwargs({"until": 3}, "<|endoftext|>")
+    lm = NeoxkoLM(pretrained=str(folder), dtype="float32")
+    with pytest.raises(NeoxkoError, match="continuation encodes to no tokens"):
+        lm._loglikelihood_tokens([(None, [5, 6], [])])
+

@@ -11,7 +11,6 @@ Digits are matched with explicit look-arounds, never \\b, which fails next to Ha
 """
 
 import datetime
-import functools
 import itertools
 import re
 import time
@@ -19,6 +18,7 @@ from collections import Counter
 from typing import NamedTuple
 
 from neoxko.data.pii_context import Structure, open_keys
+from neoxko.data.pii_cues import ALL_CUES, BANK, CUE_KINDS, kinds
 
 TOKENS = {"rrn": "<|rrn|>", "tel": "<|tel|>", "acc": "<|acc|>"}
 
@@ -54,83 +54,12 @@ _PHONE = re.compile(
 _REPRESENTATIVE = re.compile("1" + _START + r"(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})" + r"[ ]?-[ ]?[0-9]{4}" + _END)
 _DIGIT_GROUPS = re.compile("[0-9]" + _START + r"[0-9]{0,15}(?:" + _SEP + r"[0-9]{1,9}){0,4}" + _END)
 
-_BANK_NAMES = (
-    "KEB하나", "하나", "국민", "KB", "신한", "우리", "NH", "농협", "단위농협", "지역농협", "기업", "IBK", "SC제일", "제일",
-    "씨티", "시티", "카카오뱅크", "카뱅", "카카오", "토스뱅크", "토스", "케이뱅크", "K뱅크", "우체국", "새마을금고", "새마을",
-    "MG", "신협", "수협", "Sh", "부산", "BNK", "대구", "DGB", "iM뱅크", "경남", "광주", "전북", "제주", "산업", "KDB", "외환",
-    "뱅크오브아메리카", "HSBC",
-)
-_BANKS = "|".join(_BANK_NAMES) + r"|[가-힣A-Za-z]{1,6}은행|[가-힣]{1,4}銀"  # and the banks not in the list
-# A bank name must end its word: 국민 in 국민신문고 or 하나 in 하나의 is not a bank.
-_BANK_TAIL = r"(?:은행|銀|중앙회|회원조합)?(?![가-힣])"
-_BANK = rf"(?:{_BANKS})+{_BANK_TAIL}"
-
-
-def _cues(*alternatives: str, words: tuple[str, ...] = (), names: tuple[str, ...] = ()) -> list[str]:
-    """The alternatives of a cue-word regex, each opening with a literal character. words: English words in
-    lower, Title or UPPER case, standing on their own; names: the same, inside other words too."""
-    def cases(word: str) -> list[str]:
-        return list(dict.fromkeys((word, word.title(), word.upper())))
-    alone = [f"{w[0]}(?<![A-Za-z].){w[1:]}(?![A-Za-z])" for word in words for w in cases(word)]
-    return [*alternatives, *alone, *(w for name in names for w in cases(name))]
-
-
-def _compile_cues(alternatives: list[str]) -> re.Pattern:
-    """One regex for the alternatives, grouped by their first character (order kept within a group, so it
-    matches what the plain alternation matches): re then jumps to the places a cue can start and tries only
-    the cues that start with the character there, several times faster than a long flat alternation."""
-    groups: dict[str, list[str]] = {}
-    for alternative in alternatives:
-        assert alternative[0] not in "\\()[].?*+^$|{", alternative  # a literal character first
-        groups.setdefault(alternative[0], []).append(alternative[1:])
-    return re.compile("|".join(f"{re.escape(first)}(?:{'|'.join(rests)})" for first, rests in groups.items()))
-
-
-_ACCOUNT_WORDS = (
-    "계좌", "입금", "송금", "이체", "예금주", "통장", "환불", r"보내실\s?곳", r"받는\s?계좌", r"마음\s?전하실\s?곳", "축의금",
-    "조의금", "부조금", "회비", "후원", "가상계좌", "모임통장", "평생계좌", "무통장", "환급",
-)
 _CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
-# A listed bank (NH농협 too), or any word that ends in 은행 or 銀 (the cue's end is what counts)
-_ACC_BEFORE = _cues(*_ACCOUNT_WORDS, *(name + rf"(?:{_BANKS})*{_BANK_TAIL}" for name in (*_BANK_NAMES, "은행", "銀")),
-                    names=("account", "acct", "bank"))
-_BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{_BANK}")
+_BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{BANK}")
 _TIMESTAMP = re.compile(r"(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9]"
                         r"(?:[0-5][0-9])?")
 _DATE_LIKE = re.compile(
     r"(?:19|20)[0-9]{2}[ ]?[-.][ ]?(?:0?[1-9]|1[0-2])[ ]?[-.][ ]?(?:0?[1-9]|[12][0-9]|3[01])(?![0-9])")
-_PHONE_CUES = (
-    "전화", "연락", "휴대", "핸드폰", "폰", "HP", r"H\.P", "Mobile", "Phone", "Fax", "FAX", "팩스", "☎", "☏", "📞", "문의",
-    "상담", "대표번호", "고객센터", "콜센터", "직통", "안심번호", "문자", "카톡", "기사님", "사무실", "회사", "자택", "직장",
-    r"T\.", r"F\.", r"T\)", r"내\s?번호", r"제\s?번호", r"저의\s?번호", r"나의\s?번호",
-)
-_PHONE_KEYS = (
-    "msisdn", "mobile", "phone", "caller", "callee", "sender", "receiver", "contact", "cell", "hp", "to", "from",
-)
-_PHONE_WORDS = _cues(*_PHONE_CUES, words=_PHONE_KEYS, names=("tel",))
-# Representative numbers (15XX-XXXX) come after service words as well
-_REPRESENTATIVE_WORDS = _cues(*_PHONE_CUES, "예약", "변경", "취소", "견적", "접수", "안내", "주문", words=_PHONE_KEYS,
-                              names=("tel",))
-_RRN_WORDS = _cues("주민", "외국인", "등(?<!법인등)(?<!사업자등)(?<!차량등)록번호", names=("rrn", "jumin", "resident", "ssn"))
-# Numbers of these kinds share the shapes above and are not PII (POLICY.md).
-_NOT_PII = (
-    "사업자", "법인", "주문", "송장", "운송장", "택배", "승인", "바코드", "회원", "고객번호", "ISBN", "ISSN", "DOI", "특허",
-    "고유번호", r"예약\s?번호", "카드", "학번", "수험", "지로", "납부", "모델", "시리얼", "일련", "내선", "국번", "코드", "EAN",
-    "GTIN",
-)
-_CUE_KINDS = {kind: _compile_cues(words) for kind, words in (
-    ("veto", _NOT_PII), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
-    ("rep", _REPRESENTATIVE_WORDS),
-)}
-# Every kind in one scan; the not-PII words first, so that 예약번호 is a veto and not the service word 예약
-_ALL_CUES = _compile_cues([*_NOT_PII, *_RRN_WORDS, *_ACC_BEFORE, *_PHONE_WORDS, *_REPRESENTATIVE_WORDS])
-
-
-@functools.lru_cache(maxsize=4096)
-def _kinds(cue: str) -> tuple[str, ...]:
-    """The kinds a cue word is (주문 is a service word and a not-PII word)."""
-    return tuple(kind for kind, pattern in _CUE_KINDS.items() if pattern.fullmatch(cue))
-
 
 _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
 _NON_DIGITS = re.compile("[^0-9]+")
@@ -159,7 +88,7 @@ def find_pii(text: str) -> list[Span]:
         return []
     ctx = _Context(open_keys(folded))
     # Most text has no account word or bank name anywhere: then it holds no account (the cheap test first)
-    accounts = _CUE_KINDS["acc"].search(ctx.text) is not None
+    accounts = CUE_KINDS["acc"].search(ctx.text) is not None
     found: list[_Candidate] = []
     for a, b, digits in windows:  # accounts, RRNs, phones: the order ties are broken in (windows never overlap)
         if accounts and digits >= 10:
@@ -232,9 +161,9 @@ class _Context:
                 found = self.seen[pos] = self.seen[before]
                 return found
             found, n = {}, len(before)
-            for m in _ALL_CUES.finditer(before):
+            for m in ALL_CUES.finditer(before):
                 hit = (m.group(), n - m.end(), 0 if cell else n - m.start(), before)
-                for kind in _kinds(hit[0]):
+                for kind in kinds(hit[0]):
                     found[kind] = hit
             self.seen[pos] = found
             if cell:
@@ -248,8 +177,8 @@ class _Context:
 
     def near(self, kind: str, pos: int, window: int) -> int | None:
         """Distance from the last cue of a kind to the number at pos, or None."""
-        hit = self.cues(pos).get(kind)
-        return None if hit is None or hit[2] > window else hit[1]
+        hit = self.last(kind, pos, window)
+        return None if hit is None else hit[1]
 
     def vetoed(self, start: int, cue: int | None = None) -> bool:
         """A not-PII word (order number, barcode...) closer to the number than its cue word."""
@@ -361,8 +290,6 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
 def _resolve(candidates: list[_Candidate]) -> list[Span]:
     """Keep the most confident of overlapping candidates (ties: the longer span, then the earlier one)."""
     new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of this function)
-    if len(candidates) <= 1:
-        return [new(Span, c[1:]) for c in candidates]
     by_start = sorted(candidates, key=lambda c: c[1])
     if all(a[2] <= b[1] for a, b in itertools.pairwise(by_start)):  # nothing overlaps: keep them all
         return [new(Span, c[1:]) for c in by_start]

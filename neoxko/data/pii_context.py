@@ -11,13 +11,14 @@ import re
 from bisect import bisect_right
 from typing import NamedTuple
 
+from neoxko.data.pii_cues import compile_cues
+
 _SPACES = re.compile(r" {2,}")
 _SPLITTERS = ("\t", "|", ",", "  ")  # "  ": the runs of spaces of aligned columns
 MAX_CELL = 48  # longer "cells" are sentences with commas, not a table
 _RULE = re.compile(r"^\s*\|?\s*:?-{3,}")  # a Markdown table's |---|---| line
 # Keys of machine text whose value is the number (the = stays a boundary for every other key): a whole ASCII
 # word in any case, or the end of a Hangul one
-
 PII_KEYS = frozenset((
     "tel", "phone", "mobile", "msisdn", "hp", "cell", "to", "from", "caller", "callee", "sender", "receiver", "fax",
     "contact", "rrn", "jumin", "resident_no", "residentno", "ssn", "account", "account_no", "acct", "acct_no",
@@ -25,11 +26,9 @@ PII_KEYS = frozenset((
 ))
 PII_KEYS_KO = ("연락처", "전화", "휴대폰", "계좌", "주민번호", "주민등록번호")
 _KEY_ENDS = frozenset(key[-1] for key in (*PII_KEYS, *map(str.upper, PII_KEYS), *PII_KEYS_KO))
-# The keys read backwards from their =, grouped by their last letter (re tries only the keys that can match)
-_KEY_BEFORE = re.compile("|".join(
-    f"{end}(?:{'|'.join(key[-2::-1] + ('(?![A-Za-z_])' if key.isascii() else '') for key in keys)})"
-    for end, keys in ((end, [k for k in (*PII_KEYS, *PII_KEYS_KO) if k[-1] == end])
-                      for end in sorted({k[-1] for k in (*PII_KEYS, *PII_KEYS_KO)}))), re.IGNORECASE)
+# The keys read backwards from their = (an ASCII key must be the whole word before it)
+_KEY_BEFORE = compile_cues([key[::-1] + "(?![A-Za-z_])" for key in sorted(PII_KEYS)]
+                           + [key[::-1] for key in PII_KEYS_KO], re.IGNORECASE)
 
 
 class _Row(NamedTuple):
@@ -85,7 +84,7 @@ class Structure:
         return head + " " + text[cells[column][0]:pos]
 
     def in_cell(self, pos: int) -> bool:
-        return self.rows != [] and self._cell(pos) is not None
+        return self._cell(pos) is not None
 
 
 def open_keys(text: str) -> str:

@@ -47,8 +47,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 class NeoxkoLM(TemplateLM):
     def __init__(self, pretrained: str = "ko-small", dtype: str | None = None, device: str | None = None,
                  batch_size: int | str = 8, batch_tokens: int = 4096, max_length: int | None = None,
-                 quantize: str | None = None, group_size: int = 64, max_batch_size: int | None = None, **unused):
+                 quantize: str | None = None, group_size: int = 64,
+                 max_batch_size: int | None = None, **unknown):  # (lm-eval passes max_batch_size; it is not used)
         super().__init__()
+        if unknown:  # a misspelt pretrained= would otherwise load the default model
+            raise NeoxkoError(f"unknown neoxko model arg(s) {', '.join(sorted(unknown))}; the ones it takes: "
+                              "pretrained, dtype, device, batch_size, batch_tokens, max_length, quantize, group_size")
         from neoxko.checkpoint import load_model
         from neoxko.evaluate.kobest import rank_device
         from neoxko.tokenizer import load_tokenizer
