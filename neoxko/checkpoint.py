@@ -20,7 +20,8 @@ BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # Buffers that old GPT-NeoX checkpoints carry and that we recompute.
 SKIPPED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 HUB_FILES = ["config.json", "*.safetensors", SAFETENSORS_INDEX, "pytorch_model*.bin", BIN_INDEX,
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+             "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +49,22 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> 
         ) from None
 
 
+def adapter_base(folder: Path) -> Path | None:
+    """The base model folder of a LoRA adapter folder (adapter_config.json, no config.json), else None."""
+    config = folder / "adapter_config.json"
+    if (folder / "config.json").is_file() or not config.is_file():
+        return None
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config} is not valid JSON: {e}") from None
+    if not base:
+        raise CheckpointError(f"{folder} is a LoRA adapter that names no base model (base_model_name_or_path); "
+                              f"pass the base as the model and this folder as the adapter (--model BASE --adapter "
+                              f"{folder})")
+    return resolve(base)
+
+
 def read_config(folder: Path) -> ModelConfig:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")
@@ -63,21 +80,31 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", quantize: str | None = None, group_size: int = 64) -> GPTNeoX:
+               device: str | torch.device = "cpu", quantize: str | None = None, group_size: int = 64,
+               adapter: str | Path | None = None) -> GPTNeoX:
     """Load a GPT-NeoX checkpoint in Hugging Face layout from a folder or a hub id.
 
     dtype None keeps the dtype the weights are stored in. Tensors go one at a time from the file
     into the model, which is built without memory of its own, so the weights are held only once.
     quantize "int8" swaps the linear layers for int8 weight-only ones after loading, "int4" for int4 ones with
     groups of group_size input features (CPU only); checkpoints written quantized (`neoxko quantize`) load as such.
+    adapter: a LoRA adapter folder or hub id (ours or peft's), merged into the weights before any quantization; a
+    path_or_id that is itself an adapter folder loads the base it names with it.
     """
     from neoxko.quantize import GROUP_SIZES, INT4_METHOD, QUANT_METHOD, quantize_model
 
     if quantize not in (None, "int8", "int4"):
         raise CheckpointError(f"unknown quantization {quantize!r}; the ones supported are int8 and int4")
     folder = resolve(path_or_id)
+    if (base := adapter_base(folder)) is not None:
+        if adapter is not None:
+            raise CheckpointError(f"{folder} is itself an adapter; pass its base model with --adapter {adapter}")
+        folder, adapter = base, folder
     config = read_config(folder)
     method = _quant_method(folder)
+    if adapter is not None and method:
+        raise CheckpointError(f"{folder} is quantized; an adapter merges into the float weights, so load the float "
+                              "checkpoint with the adapter (and --quantize to quantize after merging)")
     if method not in (None, QUANT_METHOD, INT4_METHOD):
         raise CheckpointError(f"{folder} is quantized with {method!r}, which neoxko cannot read; "
                               f"load the unquantized checkpoint (and pass --quantize int8)")
@@ -108,6 +135,10 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
     if tied:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.setup_rope(device)
+    if adapter is not None:
+        from neoxko.finetune.lora import load_adapter
+
+        load_adapter(model, resolve(adapter))
     if quantize == "int8":
         quantize_model(model)
     elif quantize == "int4" and method != INT4_METHOD:  # (an int4 checkpoint keeps the group size it was written with)

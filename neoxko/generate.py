@@ -2,6 +2,8 @@
 
 import functools
 import math
+import sys
+import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,3 +287,15 @@ def generate(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | list[str], max_
 
 def _eos_id(model: GPTNeoX, tokenizer: Tokenizer) -> int | None:
     return tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
+
+
+class _CallableModule(types.ModuleType):
+    """`neoxko.generate` names both this module and its generate(): once the module is imported (`from
+    neoxko.generate import stream`), Python binds the package attribute to the module, so the module calls
+    generate() too, and `neoxko.generate(model, tokenizer, prompt)` works whatever was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -108,6 +108,8 @@ class GPTNeoX(nn.Module):
       queries attend to every earlier slot (call setup_cache first);
     - input_pos (B, T): each row's own slots, for rows at different lengths (continuous batching);
       rows (B,) says which cache rows the batch rows use, kv_len how many slots attention reads.
+    positions (B, T) and mask (bool, B, 1, T, T) instead: packed rows, each token's rotary position and whom it
+    sees (fine-tuning packs several examples into a row, none attending to another).
     left_pad (B,) counts the padding tokens at the start of each row of a left-padded batch: they are
     masked out, and rotary positions start at 0 on each row's first real token.
     """
@@ -141,6 +143,10 @@ class GPTNeoX(nn.Module):
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) would round the rotary tables too; rebuild them in float32 instead.
         super()._apply(fn, recurse)
+        # to_empty (meta -> a device) makes a new parameter per module, which unties a tied head: tie it again
+        head, embedding = self.embed_out.weight, self.gpt_neox.embed_in.weight
+        if self.config.tie_word_embeddings and head is not embedding and type(head) is nn.Parameter:
+            self.embed_out.weight = embedding
         if self.rope_cos.dtype != torch.float32:
             self.setup_rope(self.rope_cos.device)
         return self
@@ -159,7 +165,10 @@ class GPTNeoX(nn.Module):
             block.attention.kv_cache = None
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
-                rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+                rows: Tensor | None = None, kv_len: int | None = None, positions: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        if positions is not None:  # packed rows (fine-tuning): see hidden_states_masked
+            return self.embed_out(self.hidden_states_masked(idx, positions, mask))
         return self.embed_out(self.hidden_states(idx, input_pos, left_pad, rows, kv_len))
 
     def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,

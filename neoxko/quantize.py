@@ -79,6 +79,9 @@ class Int8Linear(nn.Module):
             # recomputed for every output row.
             x32 = materialize(x.float())
             y = ((x32.unsqueeze(-2) * self.weight).sum(-1) * self.weight_scale.float()).to(x.dtype)
+        elif torch.is_grad_enabled() and x.requires_grad:  # LoRA on a frozen int8 base: gradients to x only
+            y = _Int8MatMul.apply(x.reshape(-1, shape[-1]), self.weight, self.weight_scale.to(x.dtype))
+            y = y.view(*shape[:-1], self.out_features)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight,
                                                    self.weight_scale.to(x.dtype))
@@ -87,6 +90,20 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """x @ (int8 * scale).T with a backward for x (the frozen weight gets none): grad_x = (grad_y * scale) @ int8."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+        ctx.save_for_backward(weight, scale)
+        return torch.ops.aten._weight_int8pack_mm(x, weight, scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, scale = ctx.saved_tensors
+        return (grad * scale) @ weight.to(grad.dtype), None, None
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -105,8 +105,14 @@ class TextStream:
 
 
 def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
-    """Load tokenizer.json (and the eos token from tokenizer_config.json) from a folder or hub id."""
-    return Tokenizer.from_dir(resolve(path_or_id, allow_patterns=TOKENIZER_FILES))
+    """Load tokenizer.json (and the eos token from tokenizer_config.json) from a folder or hub id; a LoRA adapter
+    folder without a tokenizer of its own takes its base model's."""
+    from neoxko.checkpoint import adapter_base
+
+    folder = resolve(path_or_id, allow_patterns=TOKENIZER_FILES + ["adapter_config.json"])
+    if not (folder / "tokenizer.json").is_file() and (base := adapter_base(folder)) is not None:
+        folder = base
+    return Tokenizer.from_dir(folder)
 
 
 def _eos_token(folder: Path, tokenizer: HFTokenizer) -> str | None:

@@ -9,8 +9,8 @@ import torch
 from lm_eval_tasks import FIXTURE, TASKS
 from lm_eval_tasks import lm_eval_tasks as _lm_eval_tasks
 
+from neoxko import chat_template as chat
 from neoxko import load_model, load_tokenizer
-from neoxko.serve import chat
 from neoxko.serve.engine import Engine
 from neoxko.serve.server import ServeSettings, serve
 

@@ -221,7 +221,8 @@ def test_continued_pretraining_loads_a_hugging_face_folder_into_the_shards(shard
     run(torchrun(2, cfg))
     train(TrainConfig(**cfg | {"out_dir": str(tmp_path / "one")}))
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
-    x, y = Batches([str(shards)], None, 32, 0).batch(0, 8)  # step 0's global batch
+    batch = Batches([str(shards)], None, 32, 0).batch(0, 8)  # step 0's global batch
+    x, y = batch.inputs, batch.targets
     with torch.no_grad():
         first = F.cross_entropy(load_model(model_dir)(x).flatten(0, 1), y.flatten()).item()
     assert losses(tmp_path / "two")[0] == pytest.approx(first, abs=1e-5)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
-BUILTIN = {"ko-small": Path(__file__).parent / "ko-small"}
+BUILTIN = {"ko-small": Path(__file__).parent / "ko-small",
+           "ko-small-chat": Path(__file__).parent / "ko-small-chat"}  # a LoRA adapter on ko-small
 DEFAULT_MODEL = "ko-small"
 MODEL_HELP = f"model folder, hub id or built-in name (default: the built-in {DEFAULT_MODEL})"

@@ -5,7 +5,7 @@ import os
 import sys
 
 from neoxko import __version__
-from neoxko.cli import data, evaluate, models, train
+from neoxko.cli import data, evaluate, finetune, models, train
 from neoxko.errors import NeoxkoError
 
 
@@ -38,6 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"neoxko {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for stage in (models, evaluate, train, data):
+    for stage in (models, evaluate, train, finetune, data):
         stage.add_commands(commands)
     return parser

@@ -124,7 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from neoxko.serve import chat
+    from neoxko import chat_template as chat
     from neoxko.serve.app import State
     from neoxko.serve.protocol import ServeSettings
     from neoxko.serve.server import Limits, bind, run
@@ -186,7 +186,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from neoxko.checkpoint import read_config, resolve
+    from neoxko.checkpoint import adapter_base, read_config, resolve
     from neoxko.config import PRESETS
 
     if args.hardware:
@@ -197,7 +197,8 @@ def run_info(args: argparse.Namespace) -> int:
         hw = detect()
         print(json.dumps(asdict(hw) | {"choices": hw.choices()}, indent=2) if args.json else describe(hw))
         return 0
-    config = read_config(resolve(args.model, allow_patterns=["config.json"]))
+    folder = resolve(args.model, allow_patterns=["config.json", "adapter_config.json"])
+    config = read_config(adapter_base(folder) or folder)  # (an adapter folder: its base model's)
     preset = next((name for name, c in PRESETS.items() if c == config), None)
     info = {
         "model": str(args.model), "preset": preset, "parameters": config.num_parameters,

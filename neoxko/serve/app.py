@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from neoxko import __version__
+from neoxko import chat_template as chat
 from neoxko.errors import NeoxkoError
-from neoxko.serve import chat
 from neoxko.serve.engine import Engine, Finished, QueueFull
 from neoxko.serve.engine import Request as EngineRequest
 from neoxko.serve.metrics import Metrics

@@ -23,14 +23,18 @@ from neoxko.model import GPTNeoX
 from neoxko.train.config import TrainConfig
 from neoxko.train.parallel import ParallelDims, apply_ac, apply_compile, apply_fsdp
 
-# Prefixes the wrappers put into parameter names (activation checkpointing, torch.compile).
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+# Prefixes the wrappers put into parameter names (activation checkpointing, torch.compile, LoRA).
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "base_layer.")  # (the last: LoRA's wrapper)
 
 
-def build_model(cfg: TrainConfig, dims: ParallelDims, mesh, device: torch.device) -> GPTNeoX:
+def build_model(cfg: TrainConfig, dims: ParallelDims, mesh, device: torch.device, adapt=None, loaded=None) -> GPTNeoX:
+    """adapt(model) changes the meta model before it is wrapped and sharded (fine-tuning adds LoRA layers there);
+    loaded(model) runs once the weights are in."""
     config = cfg.model_config()
     with torch.device("meta"):
         model = GPTNeoX(config)
+    if adapt is not None:
+        adapt(model)
     if cfg.activation_checkpointing:
         apply_ac(model)
     if cfg.compile:
@@ -44,6 +48,8 @@ def build_model(cfg: TrainConfig, dims: ParallelDims, mesh, device: torch.device
             load_weights(model, cfg.model)
         else:
             init_weights(model, cfg.init, cfg.seed)
+        if loaded is not None:
+            loaded(model)
     return model.train()
 
 
@@ -110,7 +116,7 @@ def load_weights(model: GPTNeoX, folder: str | Path) -> None:
     """Fill this rank's shards from a Hugging Face folder, reading one tensor at a time."""
     from neoxko.checkpoint import checkpoint_tensors, resolve
 
-    params = {plain_name(n): p for n, p in model.named_parameters()}
+    params = {plain_name(n): p for n, p in model.named_parameters() if ".lora_" not in n}  # (adapters start fresh)
     tied = model.config.tie_word_embeddings
     for name, tensor in checkpoint_tensors(resolve(folder), {n: p.shape for n, p in params.items()}, tied):
         param = params[name]

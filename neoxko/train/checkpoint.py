@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -40,8 +41,9 @@ class Checkpointer:
     in a background thread while training goes on; the checkpoint is finalised (digests, meta.json,
     rename, latest) by wait(), which the next save and the end of the run call on every rank."""
 
-    def __init__(self, out: Path, keep: int = 2, asynchronous: bool = False):
+    def __init__(self, out: Path, keep: int = 2, asynchronous: bool = False, trainable_only: bool = False):
         self.root, self.keep, self.asynchronous = out / "checkpoints", keep, asynchronous
+        self.trainable_only = trainable_only  # LoRA: the adapters and their optimizer state, not the frozen base
         self.pending = None
         # the background writes' collectives get a gloo group of their own, apart from training's
         self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
@@ -56,7 +58,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+        state = {"model": model_state(model, self.trainable_only),
+                 "optimizer": get_optimizer_state_dict(model, optimizer)}
         with _single_process_quiet():
             if self.asynchronous:
                 future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
@@ -152,15 +155,26 @@ def verify(folder: Path, meta: dict, alone: bool = False) -> None:
                               "in meta.json; delete it and point checkpoints/latest at an earlier one")
 
 
-def load(folder: Path, model, optimizer) -> int:
+def model_state(model, trainable_only: bool = False) -> dict:
+    """The model's state dict (DCP's view of it); trainable_only keeps the parameters that train."""
+    state = get_model_state_dict(model)
+    if not trainable_only:
+        return state
+    from neoxko.train.build import plain_name
+
+    trainable = {plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if plain_name(k) in trainable}
+
+
+def load(folder: Path, model, optimizer, trainable_only: bool = False) -> int:
     """Restore this rank's shards of model and optimizer state; returns the step it was saved at."""
     meta = read_meta(folder)
     check_same_model(folder, meta, model.config)
     verify(folder, meta)
-    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": model_state(model, trainable_only), "optimizer": get_optimizer_state_dict(model, optimizer)}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not trainable_only))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return int(meta["step"])
 

@@ -13,6 +13,8 @@ import torch
 from neoxko.data.shards import read_tokens, token_shards
 from neoxko.errors import NeoxkoError
 
+IGNORE = -100  # the target of a position that carries no loss (cross_entropy's ignore_index)
+
 
 class TokenSource:
     """All shards of one data folder, as one memory-mapped pool of windows."""
@@ -47,9 +49,12 @@ class Batches:
         if (w < 0).any() or w.sum() <= 0:
             raise NeoxkoError(f"data_weights must be non-negative and not all zero, got {list(w)}")
         self.weights = w / w.sum()
-        self.seed = seed
+        self.seed, self.seq_len = seed, seq_len
 
-    def batch(self, first_sample: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_count(self, first_sample: int, size: int) -> int:
+        return size * self.seq_len  # every token is a target
+
+    def batch(self, first_sample: int, size: int) -> "Batch":
         """Samples first_sample .. first_sample + size - 1 as inputs and next-token targets (size, seq_len)."""
         rows = []
         for g in range(first_sample, first_sample + size):
@@ -57,4 +62,26 @@ class Batches:
             source = self.sources[rng.choice(len(self.sources), p=self.weights)]
             rows.append(source.window(rng))
         data = torch.from_numpy(np.stack(rows))
-        return data[:, :-1], data[:, 1:]
+        return Batch(data[:, :-1], data[:, 1:])
+
+
+class Batch:
+    """Inputs and targets (B, T), IGNORE where no loss falls; for packed rows also each token's rotary position
+    and its segment (the example it belongs to), from which the attention mask is built."""
+
+    def __init__(self, inputs, targets, positions=None, segments=None):
+        self.inputs, self.targets, self.positions, self.segments = inputs, targets, positions, segments
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) if t is not None else None
+                       for t in (self.inputs, self.targets, self.positions, self.segments)))
+
+    @property
+    def model_kwargs(self) -> dict:
+        """The model's packed-rows arguments: positions, and a causal mask within each segment."""
+        if self.positions is None:
+            return {}
+        n = self.inputs.size(1)
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.inputs.device).tril()
+        same = self.segments[:, :, None] == self.segments[:, None, :]
+        return {"positions": self.positions, "mask": (same & causal)[:, None]}

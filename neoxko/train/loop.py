@@ -19,7 +19,7 @@ from tqdm import tqdm
 from neoxko.train import checkpoint
 from neoxko.train.build import build_model, build_optimizer
 from neoxko.train.config import TrainConfig
-from neoxko.train.data import Batches
+from neoxko.train.data import IGNORE, Batches
 from neoxko.train.estimate import check_fits, flops_per_token, peak_flops
 from neoxko.train.parallel import ParallelDims, apply_ddp, build_mesh, gradient_sync, init_distributed
 
@@ -32,7 +32,36 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train(cfg: TrainConfig) -> dict:
+class Pretraining:
+    """What a run trains on and writes, for pretraining: windows of token shards, every token a target, and a
+    Hugging Face folder at the end. Fine-tuning (neoxko.finetune.job) brings its own."""
+
+    trainable_only = False  # checkpoints hold every parameter
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def setup(self, rank: int) -> None:
+        self.tokenizer = tokenizer_for_export(self.cfg)
+
+    def build(self, dims: ParallelDims, mesh, device: torch.device) -> nn.Module:
+        return build_model(self.cfg, dims, mesh, device)
+
+    def data(self) -> Batches:
+        return Batches(self.cfg.data, self.cfg.data_weights, self.cfg.seq_len, self.cfg.seed)
+
+    def held_out(self, world: int) -> tuple[Batches, int] | None:
+        """The held-out batches and how many of them each evaluation runs."""
+        if not self.cfg.eval_data:
+            return None
+        return Batches([self.cfg.eval_data], None, self.cfg.seq_len, self.cfg.seed + 1), self.cfg.eval_batches
+
+    def finish(self, out: Path, rank: int, final: Path, step: int) -> dict:
+        return finish(out, self.tokenizer, rank, final, step)
+
+
+def train(cfg: TrainConfig, job=None) -> dict:
+    job = job or Pretraining(cfg)
     # 1. processes, mesh, device
     rank, world, device = init_distributed(cfg.dist_timeout_s)
     ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -47,24 +76,24 @@ def train(cfg: TrainConfig) -> dict:
         print(f"neoxko: {dims}, {accumulation} micro-batch(es) of {cfg.micro_batch} per rank per step, on {device}",
               file=sys.stderr, flush=True)
 
-    tokenizer = tokenizer_for_export(cfg)
+    job.setup(rank)
 
     # 2. model (built sharded, never whole), parallelism, optimizer
-    model = build_model(cfg, dims, mesh, device)
+    model = job.build(dims, mesh, device)
     wrapped = apply_ddp(model, mesh, device) if world > 1 and not dims.sharded else model
     # fused AdamW on plain tensors; FSDP's sharded DTensors keep the default (foreach) implementation
     optimizer = build_optimizer(model, cfg, fused=not dims.sharded)
 
     # 3. data, resume
-    batches = Batches(cfg.data, cfg.data_weights, cfg.seq_len, cfg.seed)
-    held_out = Batches([cfg.eval_data], None, cfg.seq_len, cfg.seed + 1) if cfg.eval_data else None
+    batches = job.data()
+    held_out = job.held_out(world)
     start = 0
     if (found := checkpoint.latest(out)) is not None:
-        start = checkpoint.load(found, model, optimizer)
+        start = checkpoint.load(found, model, optimizer, job.trainable_only)
         if rank == 0:
             trim_log(out / "log.jsonl", start)
     if start >= cfg.max_steps:  # finished before: export again if that is what failed
-        return finish(out, tokenizer, rank, found, start)
+        return job.finish(out, rank, found, start)
     stop = _stop_on_sigterm()
 
     # 4. the loop
@@ -76,23 +105,31 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.bf16 and device.type == "cpu" and rank == 0:
         warn_emulated_bf16()
     last, saved = {}, None
-    saver = checkpoint.Checkpointer(out, asynchronous=cfg.async_checkpoint)
+    saver = checkpoint.Checkpointer(out, asynchronous=cfg.async_checkpoint, trainable_only=job.trainable_only)
     peak = peak_flops(cfg, device)
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
+        # dropout (LoRA's) draws from a generator seeded by the step and rank: a resumed run draws the same masks
+        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
         loss_sum = torch.zeros((), device=device)
+        # the step's loss is the mean over all its target tokens, on every rank alike: each micro-batch's summed
+        # loss is divided by the step's target count (and multiplied by the world size, which the gradient
+        # reduction averages over)
+        scale = world / batches.target_count(step * cfg.global_batch, cfg.global_batch)
         for micro in range(accumulation):
             first = step * cfg.global_batch + (micro * world + rank) * cfg.micro_batch
-            x, y = (t.to(device) for t in batches.batch(first, cfg.micro_batch))
+            batch = batches.batch(first, cfg.micro_batch).to(device)
             # gradients are reduced once per step, on the last micro-batch
             with gradient_sync(model, wrapped, micro == accumulation - 1, cfg.grad_sync == "micro"):
                 with autocast:
-                    loss = F.cross_entropy(wrapped(x).float().flatten(0, 1), y.flatten()) / accumulation
+                    logits = wrapped(batch.inputs, **batch.model_kwargs)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
+                                           ignore_index=IGNORE, reduction="sum") * scale
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # one all-reduce: the mean loss, and whether any rank was told to stop (all stop together)
@@ -107,7 +144,7 @@ def train(cfg: TrainConfig) -> dict:
         if peak:
             last["mfu"] = flops / (peak * world)
         if held_out is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            last |= evaluate(wrapped, held_out, cfg, device, rank, world)
+            last |= evaluate(wrapped, *held_out, cfg, device, rank, world)
         if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps or "eval_loss" in last):
             log.write(json.dumps(last) + "\n")
             log.flush()
@@ -135,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 5. the final model in Hugging Face format, from the last checkpoint
     if last.get("step") == cfg.max_steps:
-        finish(out, tokenizer, rank, saved, cfg.max_steps)
+        job.finish(out, rank, saved, cfg.max_steps)
     return last
 
 
@@ -220,18 +257,21 @@ def plot_run(out: Path) -> Path | None:
     return out / "loss.png"
 
 
-def evaluate(model: nn.Module, held_out: Batches, cfg: TrainConfig, device, rank: int, world: int) -> dict:
-    """Mean loss and perplexity on the same held-out windows every time."""
+def evaluate(model: nn.Module, held_out, n_batches: int, cfg: TrainConfig, device, rank: int, world: int) -> dict:
+    """Mean loss per target token and perplexity on the same held-out batches every time."""
     model.eval()
-    total = torch.zeros((), device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
     with torch.no_grad():
-        for i in range(cfg.eval_batches):
-            x, y = (t.to(device) for t in held_out.batch((i * world + rank) * cfg.micro_batch, cfg.micro_batch))
-            total += F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        for i in range(n_batches):
+            batch = held_out.batch((i * world + rank) * cfg.micro_batch, cfg.micro_batch).to(device)
+            logits = model(batch.inputs, **batch.model_kwargs)
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
+                                        reduction="sum").double()
+            total[1] += (batch.targets != IGNORE).sum()
     if world > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        dist.all_reduce(total)
     model.train()
-    loss = total.item() / cfg.eval_batches
+    loss = (total[0] / total[1].clamp(min=1)).item()
     return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
 
 

@@ -1,7 +1,7 @@
 """Chat prompts from jinja templates, as transformers renders a tokenizer's `chat_template`.
 
 The template comes from the tokenizer's tokenizer_config.json, or from --chat-template: a .jinja file or
-the name of one shipped here (`koalpaca`). Polyglot-Ko is a base model and has none; a chat request
+the name of one shipped here (`koalpaca`, `chat`). Polyglot-Ko is a base model and has none; a chat request
 then gets a 400 that says so.
 """
 
@@ -16,13 +16,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from neoxko.errors import NeoxkoError
 
-SHIPPED = {"koalpaca": ("### 질문:",)}  # name -> the stop strings its turns imply (the next question)
+# name -> the stop strings its turns imply (the next question)
+SHIPPED = {"koalpaca": ("### 질문:",), "chat": ("### 사용자:",)}
 
 
 def load_template(spec: str) -> tuple[str, tuple[str, ...]]:
     """--chat-template's value: a shipped name or a jinja file; its source and its stop strings."""
     if spec in SHIPPED:
-        return resources.files("neoxko.serve").joinpath(f"templates/{spec}.jinja").read_text("utf-8"), SHIPPED[spec]
+        return resources.files("neoxko").joinpath(f"templates/{spec}.jinja").read_text("utf-8"), SHIPPED[spec]
     path = Path(spec)
     if not path.is_file():
         raise NeoxkoError(f"--chat-template {spec!r} is neither a file nor a shipped template "
@@ -64,3 +65,13 @@ def render(source: str, messages: list[dict], add_generation_prompt: bool = True
     """The prompt text; jinja2.TemplateError (with the template's own message) if the template refuses."""
     return compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                            **variables)
+
+
+def write_chat_template(folder: Path, source: str) -> None:
+    """Put the template into FOLDER/tokenizer_config.json as `chat_template`, where transformers'
+    apply_chat_template and `neoxko serve` read it."""
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config["chat_template"] = source
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tokenizer_template.cache_clear()

@@ -1,0 +1,173 @@
+"""Fine-tuning as a job of the training loop (neoxko.train.loop.train): what it trains on, which parameters
+train, and what it writes at the end. Everything else, one process or torchrun, DDP or FSDP2, checkpoints,
+resume, SIGTERM, logging, is the pretraining engine's.
+
+Output: OUT/adapter (LoRA, peft's layout, with the tokenizer and its chat_template) or OUT/model (full, a
+Hugging Face folder whose tokenizer_config.json holds the chat_template), and OUT/data.json (the counts).
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from neoxko.finetune.config import FinetuneConfig
+from neoxko.finetune.data import InstructionBatches, detect_format, encode, fit, read_examples, split_held_out
+from neoxko.finetune.lora import apply_lora, init_lora, is_lora_key, lora_layers, save_adapter
+from neoxko.train import checkpoint
+from neoxko.train.build import build_model
+
+
+class Finetuning:
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
+        self.trainable_only = cfg.method == "lora"
+
+    def setup(self, rank: int) -> None:
+        from neoxko.chat_template import load_template
+        from neoxko.tokenizer import load_tokenizer
+
+        cfg = self.cfg
+        if not cfg.data:
+            raise _no_data()
+        self.tokenizer = load_tokenizer(cfg.model)
+        examples = read_examples(cfg.data, cfg.data_format, cfg.system)
+        if cfg.eval_files():
+            train, held = examples, read_examples(cfg.eval_files(), cfg.data_format, cfg.system)
+        else:
+            train, held = split_held_out(examples, cfg.eval_split, cfg.seed)
+        self.template_name = cfg.template or ("koalpaca" if _format(cfg) == "alpaca" else "chat")
+        self.template = load_template(self.template_name)[0]
+        pad = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
+        rows, report = {}, {"template": self.template_name, "format": _format(cfg)}
+        for name, part, shuffle in (("train", train, True), ("held_out", held, False)):
+            kept, counts = fit([encode(e, self.template, self.tokenizer) for e in part], cfg.seq_len, cfg.overlong)
+            if name == "train" and not kept:
+                raise _no_data(f"none of the {len(part)} training examples fits in seq_len {cfg.seq_len} tokens")
+            rows[name] = InstructionBatches(kept, cfg.seq_len, pad, cfg.packing, cfg.seed, shuffle) if kept else None
+            report[name] = counts | {"rows": len(rows[name]) if kept else 0,
+                                     "target_tokens": int(rows[name].target_counts.sum()) if kept else 0}
+        self.rows, self.report = rows, report
+        if rank == 0:
+            out = Path(cfg.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "data.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            t = report["train"]
+            epochs = cfg.max_steps * cfg.global_batch / max(t["rows"], 1)
+            print(f"neoxko: {t['examples']} training examples ({report['held_out']['examples']} held out) in "
+                  f"{t['rows']} {'packed ' if cfg.packing else ''}row(s) of up to {cfg.seq_len} tokens, "
+                  f"{t['target_tokens']:,} answer tokens; {cfg.max_steps} steps = {epochs:.2f} epoch(s); "
+                  f"template {self.template_name}", file=sys.stderr, flush=True)
+            for part in ("train", "held_out"):
+                c = report[part]
+                if c["overlong"]:
+                    print(f"neoxko: {c['overlong']} {part.replace('_', '-')} example(s) longer than seq_len "
+                          f"{cfg.seq_len} ({cfg.overlong}; first: {c['first_overlong']})", file=sys.stderr, flush=True)
+
+    def build(self, dims, mesh, device: torch.device) -> nn.Module:
+        cfg, lora = self.cfg, self.cfg.lora
+        adapt = (lambda m: apply_lora(m, lora)) if lora else None
+
+        def loaded(model):
+            if lora:
+                init_lora(model, cfg.seed)
+                if cfg.quantize_base == "int8":
+                    quantize_frozen(model)
+                elif cfg.bf16 and not dims.sharded:  # frozen weights need no float32 master copy
+                    for p in model.parameters():
+                        if not p.requires_grad and p.is_floating_point():
+                            p.data = p.data.to(torch.bfloat16)
+
+        model = build_model(cfg, dims, mesh, device, adapt, loaded)
+        if int(os.environ.get("RANK", "0")) == 0:
+            total = sum(p.numel() for p in model.parameters())
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            what = f"LoRA r {lora.r} on {len(lora_layers(model))} layers" if lora else "full fine-tuning"
+            print(f"neoxko: {what}: {trained:,} of {total:,} parameters train ({100 * trained / total:.3f}%)",
+                  file=sys.stderr, flush=True)
+        return model
+
+    def data(self) -> InstructionBatches:
+        return self.rows["train"]
+
+    def held_out(self, world: int):
+        held = self.rows["held_out"]
+        if held is None:
+            return None
+        return held, math.ceil(len(held) / (self.cfg.micro_batch * world))
+
+    def finish(self, out: Path, rank: int, final: Path, step: int) -> dict:
+        """Rank 0 writes OUT/adapter (LoRA) or OUT/model (full) from the final checkpoint, once per step."""
+        from neoxko.chat_template import write_chat_template
+        from neoxko.tokenizer import copy_tokenizer_files
+
+        name = "adapter" if self.cfg.method == "lora" else "model"
+        record = out / "export.json"
+        done = record.is_file() and json.loads(record.read_text()).get("step") == step and (out / name).is_dir()
+        if rank == 0 and not done:
+            dest = out / name
+            tmp = out / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.cfg.method == "lora":
+                export_adapter(final, tmp, self.cfg)
+                copy_tokenizer_files(self.tokenizer.source, tmp)
+            else:
+                checkpoint.export(final, tmp, self.tokenizer.source)
+            write_chat_template(tmp, self.template)
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+            record.write_text(json.dumps({"step": step, "checkpoint": final.name, name: name}) + "\n")
+            print(f"neoxko: wrote the {'adapter' if name == 'adapter' else 'model'} after step {step} to {dest} "
+                  f"(chat template {self.template_name})", file=sys.stderr, flush=True)
+        rows = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").is_file() else []
+        return json.loads(rows[-1]) if rows else {}
+
+
+def _no_data(why: str = "no fine-tuning data: set data to one or more JSON / JSONL files"):
+    from neoxko.finetune.data import DataError
+
+    return DataError(why)
+
+
+def _format(cfg: FinetuneConfig) -> str:
+    """The data's format: as set, or that of the first file's first row."""
+    from neoxko.finetune.data import rows
+
+    if cfg.data_format != "auto":
+        return cfg.data_format
+    return detect_format(next(rows(Path(cfg.data[0])))[1])
+
+
+def quantize_frozen(model: nn.Module) -> None:
+    """QLoRA's idea with int8: every frozen linear layer (not the adapters, not a tied head) to int8 weights."""
+    from neoxko.quantize import Int8Linear
+
+    keep = {"embed_out"} if model.config.tie_word_embeddings else set()
+    for name, linear in [(n, m) for n, m in model.named_modules()
+                         if isinstance(m, nn.Linear) and ".lora_" not in n and n not in keep]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_linear(linear))
+
+
+def export_adapter(folder: Path, dest: Path, cfg: FinetuneConfig) -> Path:
+    """The adapter of a LoRA run's checkpoint, read in this process alone, written in peft's format."""
+    import torch.distributed.checkpoint as dcp
+
+    from neoxko.config import ModelConfig
+    from neoxko.model import GPTNeoX
+
+    meta = checkpoint.read_meta(folder)
+    checkpoint.verify(folder, meta, alone=True)
+    with torch.device("meta"):
+        model = GPTNeoX(ModelConfig.from_hf(meta["model_config"]))
+        apply_lora(model, cfg.lora)
+    model.to_empty(device="cpu")
+    state = {"model": {k: v for k, v in model.state_dict().items() if is_lora_key(k)}}
+    with checkpoint._single_process_quiet():
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
+    return save_adapter(state["model"], cfg.lora, dest, base_model=str(cfg.model))
