@@ -6,8 +6,9 @@ process, so that its peak resident memory (ru_maxrss) is its own.
 
 Rows: multi-turn conversations of chatbot_qa.jsonl pairs (../shared/corpus; a generated Korean stand-in when it
 is absent) in the `chat` template, tokenised by ko-small's tokenizer, the loss on the answers only. A step is
-forward, backward and AdamW on the trainable parameters. LoRA: r 16, alpha 32, dropout 0.05, on
-query_key_value, dense, dense_h_to_4h and dense_4h_to_h, in both implementations.
+forward, backward and AdamW on the trainable parameters; neoxko runs the vocabulary projection on the answer
+positions only, as `neoxko finetune` does (transformers computes every position's logits). LoRA: r 16,
+alpha 32, dropout 0.05, on query_key_value, dense, dense_h_to_4h and dense_4h_to_h, in both implementations.
 """
 
 import argparse
@@ -74,33 +75,41 @@ def child(args) -> None:
     data = torch.load(args.data)
     inputs, targets = data["inputs"], data["targets"]
     c = config(args)
+    count = int((targets != -100).sum())
     torch.manual_seed(0)
     if args.variant.startswith("neoxko"):
+        from neoxko.finetune.job import frozen_to_bf16
         from neoxko.finetune.lora import LoraSettings, apply_lora
         from neoxko.model import GPTNeoX, init_weights
 
-        model = GPTNeoX(c)
-        init_weights(model)
-        if args.variant == "neoxko LoRA":
-            apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05, targets=tuple(TARGETS)))
-            if args.bf16:  # as `neoxko finetune` does: frozen weights need no float32 copy
-                for p in model.parameters():
-                    if not p.requires_grad:
-                        p.data = p.data.to(torch.bfloat16)
-        forward = lambda: model(inputs)  # noqa: E731
+        with torch.device("meta"):  # built as `neoxko finetune` builds it: no memory until the final dtypes
+            model = GPTNeoX(c)
+            if args.variant == "neoxko LoRA":
+                apply_lora(model, LoraSettings(r=16, alpha=32, dropout=0.05, targets=tuple(TARGETS)))
+                if args.bf16:  # frozen weights need no float32 copy
+                    frozen_to_bf16(model)
+        model.to_empty(device="cpu")
+        model.setup_rope()
+        with torch.no_grad():
+            init_weights(model)
+        from neoxko.train.data import Batch
+
+        batch = Batch(inputs, targets, sparse=True)  # as `neoxko finetune`: the head on the answer positions only
+        loss_fn = lambda: batch.loss(model) / count  # noqa: E731
         fused = True
     else:
         import peft
         import transformers
 
+        # bf16: the base built in bf16 (as from_pretrained(dtype=torch.bfloat16) loads it); peft keeps the
+        # adapters in float32 (its autocast_adapter_dtype default)
+        torch.set_default_dtype(torch.bfloat16 if args.bf16 else torch.float32)
         hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**c.to_hf()))
+        torch.set_default_dtype(torch.float32)
         model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
                                                         task_type="CAUSAL_LM"))
-        if args.bf16:
-            for p in model.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
-        forward = lambda: model(input_ids=inputs).logits  # noqa: E731
+        loss_fn = lambda: F.cross_entropy(model(input_ids=inputs).logits.float().flatten(0, 1),  # noqa: E731
+                                          targets.flatten(), ignore_index=-100)
         fused = None  # transformers' Trainer default (adamw_torch): foreach
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -109,8 +118,7 @@ def child(args) -> None:
 
     def step():
         with autocast:
-            logits = forward()
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -109,7 +109,8 @@ class GPTNeoX(nn.Module):
     - input_pos (B, T): each row's own slots, for rows at different lengths (continuous batching);
       rows (B,) says which cache rows the batch rows use, kv_len how many slots attention reads.
     positions (B, T) and mask (bool, B, 1, T, T) instead: packed rows, each token's rotary position and whom it
-    sees (fine-tuning packs several examples into a row, none attending to another).
+    sees (fine-tuning packs several examples into a row, none attending to another). keep (bool, B, T) returns the
+    logits of those positions only, (N, vocab_size): fine-tuning's loss falls on the answer tokens alone.
     left_pad (B,) counts the padding tokens at the start of each row of a left-padded batch: they are
     masked out, and rotary positions start at 0 on each row's first real token.
     """
@@ -166,10 +167,14 @@ class GPTNeoX(nn.Module):
 
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
                 rows: Tensor | None = None, kv_len: int | None = None, positions: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
         if positions is not None:  # packed rows (fine-tuning): see hidden_states_masked
-            return self.embed_out(self.hidden_states_masked(idx, positions, mask))
-        return self.embed_out(self.hidden_states(idx, input_pos, left_pad, rows, kv_len))
+            hidden = self.hidden_states_masked(idx, positions, mask)
+        else:
+            hidden = self.hidden_states(idx, input_pos, left_pad, rows, kv_len)
+        if keep is not None:  # the logits of these positions only (N, vocab_size): the ones a loss falls on
+            hidden = hidden[keep]
+        return self.embed_out(hidden)
 
     def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
                       rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:

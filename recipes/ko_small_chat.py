@@ -13,6 +13,7 @@ step 0) and of ko-small-chat on the examples the run held out, and answers to he
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -85,11 +86,20 @@ def release(run: Path, out: Path) -> None:
     rows = [json.loads(line) for line in (run / "log.jsonl").open(encoding="utf-8")]
     results = {"answer_loss": losses, "data": job.report, "evals": [r for r in rows if "eval_loss" in r],
                "answers": answers, "trainable_parameters": adapter_parameters(out),
-               "measured": time.strftime("%Y-%m-%d")}
+               "base": {k: v for k, v in json.loads((ROOT / "neoxko" / "builtin" / "ko-small" / "results.json")
+                                                    .read_text(encoding="utf-8")).items()
+                        if k in ("parameters", "train_tokens_seen")},
+               "machine": cpu_name(), "measured": time.strftime("%Y-%m-%d")}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     shutil.copy(ROOT / "recipes" / "ko-small-chat.yaml", out / "finetune.yaml")
     write_card(out, cfg, results, rows)
     print((out / "README.md").read_text(encoding="utf-8"))
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "a CPU")
+    return f"a {os.cpu_count()}-core {name}"
 
 
 def job_examples(job):
@@ -113,7 +123,7 @@ def write_card(out: Path, cfg, results: dict, rows: list) -> None:
     curve = "\n".join(f"| {r['step']} | {r['loss']:.3f} | {r['eval_loss']:.3f} |" for r in evals)
     answers = "\n".join(
         f"| {a['question']} | {a['reference']} | {a['ko-small-chat greedy']} | {a['ko-small-chat sampled']} | "
-        f"{a['ko-small greedy'][:40]} |" for a in results["answers"])
+        f"{a['ko-small greedy'][:40] or '(ends at once)'} |" for a in results["answers"])
     seconds = sum(cfg.global_batch * cfg.seq_len / r["tokens_per_s"] for r in rows) * cfg.log_every
     size = (out / "adapter_model.safetensors").stat().st_size
     text = f"""# ko-small-chat: neoxko's built-in chat model
@@ -149,8 +159,8 @@ not from pretraining.
 `neoxko finetune --config finetune.yaml`: {cfg.max_steps} steps of {cfg.global_batch} rows
 ({cfg.max_steps * cfg.global_batch / data['train']['rows']:.1f} epochs), AdamW, learning rate {cfg.lr:g} after
 {cfg.warmup_steps} warmup steps, cosine to {cfg.min_lr:g}, LoRA dropout {cfg.lora_dropout}, bfloat16 autocast with
-the frozen weights in bfloat16, seed {cfg.seed}, on a 2-core AMD EPYC (Zen 4) CPU: about {seconds / 60:.0f}
-minutes.
+the frozen weights in bfloat16, seed {cfg.seed}, on {results['machine']}: about {seconds / 60:.0f} minutes
+(the CPU was shared with other work for most of the run).
 
 | step | train answer loss | held-out answer loss |
 |---:|---:|---:|
@@ -169,7 +179,8 @@ float32:
 ## Answers to held-out questions
 
 Greedy, and sampled (temperature 0.7, top-k 40, top-p 0.95, repetition penalty 1.1, seed = row), 48 new
-tokens at most; the last column is ko-small without the adapter, greedy, on the same prompt.
+tokens at most; the last column is ko-small without the adapter, greedy, on the same prompt ("ends at once":
+its first token is the end-of-text token).
 
 | question | reference answer | ko-small-chat greedy | ko-small-chat sampled | ko-small |
 |---|---|---|---|---|
@@ -178,7 +189,9 @@ tokens at most; the last column is ko-small without the adapter, greedy, on the 
 ## Limits
 
 - It learned the form (a short, friendly one-line reply, then the end-of-text token) more than any
-  knowledge: ko-small has 22 million parameters and saw 12 million tokens.
+  knowledge: ko-small has {results['base']['parameters'] / 1e6:.0f} million parameters and saw
+  {results['base']['train_tokens_seen'] / 1e6:.1f} million tokens; most answers are stock phrases
+  ("잘할 수 있을 거예요.") whatever the question.
 - One turn of training data: it takes multi-turn history, but was not taught to use it.
 - Personal data: use `--mask-pii` on `neoxko chat` and `neoxko serve`.
 - Licence: the data is MIT, the base model's data CC0, public domain and MIT; the adapter is released with

@@ -71,3 +71,33 @@ def test_loads_in_transformers_with_the_same_logits():
     idx = torch.tensor([load_tokenizer("ko-small").encode("오늘은 날씨가 맑고 바람이 분다")])
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_ko_small_chat_is_an_adapter_peft_loads_and_chat_answers_with_it():
+    """The built-in chat model: a peft-format LoRA adapter on ko-small with the chat template; peft on transformers
+    gives our logits, and a chat request gets a short Korean answer that ends by itself."""
+    from neoxko.chat_template import render, tokenizer_template
+    from neoxko.generate import Sampling, generate
+
+    folder = BUILTIN["ko-small-chat"]
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    loss = results["answer_loss"]
+    assert loss["ko-small-chat"]["loss"] < loss["ko-small"]["loss"] - 1.0  # held-out answers, before and after
+    assert f"{loss['ko-small-chat']['loss']:.3f}" in card
+    model, tok = load_model("ko-small-chat", dtype="float32"), load_tokenizer("ko-small-chat")
+    template = tokenizer_template(tok.source)
+    assert "### 어시스턴트:" in template
+    prompt = render(template, [{"role": "user", "content": "오늘 너무 피곤해"}], True, eos_token=tok.eos_token)
+    ids = torch.tensor([tok.encode(prompt)])
+    from neoxko.generate import generate_tokens
+
+    out = [int(t[0]) for t in generate_tokens(model, [ids[0].tolist()], 48, Sampling(temperature=0), eos_id=tok.eos_id)]
+    assert out[-1] == tok.eos_id and 2 < len(out) < 48  # a short answer, ended by the model itself
+    assert hangul_share(generate(model, tok, prompt, 48, Sampling(temperature=0))) > 0.8
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf, folder).eval()(ids).logits
+        assert (theirs - model(ids)).abs().max() < 1e-3

@@ -24,7 +24,7 @@ from neoxko.train.data import IGNORE
 from neoxko.train.loop import train
 
 QA = [("한국의 수도는?", "서울입니다."), ("오늘 날씨 어때?", "맑게 개었다."), ("커피 마실래?", "카페에 가자."),
-      ("기차로 얼마나 걸려?", "두 시간 반이 걸린다.")]
+      ("기차로 얼마나 걸려?", "두 시간 반이 걸린다."), ("연락처 알려줘", "010-2345-6789 입니다.")]
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
@@ -84,7 +84,7 @@ def test_packed_rows_give_the_loss_of_the_examples_one_by_one(base_dir):
     encoded = [encode(Example(tuple(r["messages"]), f"x:{i}"), template(), tok) for i, r in enumerate(chat_rows())]
     model = random_model(tiny_config(max_position_embeddings=256))
     packed = InstructionBatches(encoded, 256, tok.eos_id, packing=True, seed=0, shuffle=False)
-    assert len(packed) < 4 and max(len(row) for row in packed.rows) > 1  # several examples share a row
+    assert len(packed) < len(encoded) and max(len(row) for row in packed.rows) > 1  # examples share rows
 
     def summed(batches, n):
         total = 0.0
@@ -95,8 +95,8 @@ def test_packed_rows_give_the_loss_of_the_examples_one_by_one(base_dir):
         return total
 
     alone = InstructionBatches(encoded, 128, tok.eos_id, packing=False, seed=0, shuffle=False)
-    assert summed(packed, len(packed)) == pytest.approx(summed(alone, 4), rel=1e-5)
-    assert packed.target_count(0, len(packed)) == alone.target_count(0, 4)
+    assert summed(packed, len(packed)) == pytest.approx(summed(alone, len(encoded)), rel=1e-5)
+    assert packed.target_count(0, len(packed)) == alone.target_count(0, len(encoded))
 
 
 def test_lora_at_step_zero_is_the_base_model_and_merging_changes_nothing(base_dir):
@@ -122,8 +122,8 @@ def trained(base_dir, tmp_path_factory) -> Path:
     """A LoRA run that learns the four answers."""
     out = tmp_path_factory.mktemp("lora")
     data = write_jsonl(out / "qa.jsonl", chat_rows())
-    train(FinetuneConfig(**settings(base_dir, data, out / "run")), Finetuning(FinetuneConfig(
-        **settings(base_dir, data, out / "run"))))
+    cfg = FinetuneConfig(**settings(base_dir, data, out / "run", max_steps=60))
+    train(cfg, Finetuning(cfg))
     return out / "run"
 
 
@@ -153,6 +153,10 @@ def test_a_tiny_model_learns_the_answers_and_chat_answers_them(trained, base_dir
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [QA[0][1], QA[3][1]]
+    out = subprocess.run([sys.executable, "-m", "neoxko", "chat", "--model", str(adapter), "--temperature", "0",
+                          "--max-new-tokens", "24", "--mask-pii"], input=f"{QA[4][0]}\n", capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.splitlines() == ["<|tel|> 입니다."] and "masked" not in out.stdout
 
 
 def test_peft_loads_our_adapter_and_we_load_peft_adapters(trained, base_dir, tmp_path):
@@ -220,7 +224,7 @@ def test_lora_on_an_int8_base_learns(base_dir, tmp_path):
     cfg = FinetuneConfig(**settings(base_dir, data, tmp_path / "run", quantize_base="int8", max_steps=30))
     train(cfg, Finetuning(cfg))
     history = losses(tmp_path / "run")
-    assert history[-1] < history[0] / 5
+    assert history[-1] < history[0] / 4
 
 
 def test_resume_after_sigterm_equals_an_uninterrupted_run(base_dir, tmp_path):
@@ -245,13 +249,15 @@ def test_resume_after_sigterm_equals_an_uninterrupted_run(base_dir, tmp_path):
 
 
 @pytest.mark.distributed
-def test_fsdp_lora_on_two_ranks_equals_one(base_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_lora_on_two_ranks_equals_one(base_dir, tmp_path, parallel):
     from test_train_distributed import free_port
 
     data = write_jsonl(tmp_path / "qa.jsonl", chat_rows() * 2)
     one = settings(base_dir, data, tmp_path / "one", max_steps=4, global_batch=8)
     train(FinetuneConfig(**one), Finetuning(FinetuneConfig(**one)))
-    two = one | {"out_dir": str(tmp_path / "two"), "parallel": "fsdp"}
+    # activation checkpointing changes no number, and its wrapper no name in the adapter
+    two = one | {"out_dir": str(tmp_path / "two"), "parallel": parallel, "activation_checkpointing": True}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "neoxko", "finetune", *[f"{k}={json.dumps(v)}" for k, v in two.items()]]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -328,3 +334,23 @@ def test_bad_settings_and_adapters_are_refused(base_dir, tmp_path):
     save_adapter({n: p for n, p in small.named_parameters() if "lora_" in n}, settings_, tmp_path / "a32", None)
     with pytest.raises(CheckpointError, match="shape .* was it trained on another base model"):
         load_model(base_dir, adapter=tmp_path / "a32")
+
+
+def test_the_adapter_folder_serves_chat_with_its_own_template(trained):
+    """neoxko serve --model OUT/adapter: the openai client's chat call gets the trained answer."""
+    openai = pytest.importorskip("openai")
+    from neoxko.serve.engine import Engine
+    from neoxko.serve.server import ServeSettings, serve
+
+    adapter = trained / "adapter"
+    tokenizer = load_tokenizer(adapter)
+    server = serve(Engine(load_model(adapter), tokenizer.eos_id, max_batch=2), tokenizer,
+                   ServeSettings(model_name="tuned"))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none")
+        reply = client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": QA[2][0]}],
+                                               temperature=0, max_tokens=24)
+    finally:
+        server.close()
+    assert reply.choices[0].message.content.strip() == QA[2][1]
+    assert reply.choices[0].finish_reason == "stop"  # the end-of-text token the template taught

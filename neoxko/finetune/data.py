@@ -238,8 +238,8 @@ class InstructionBatches:
                 positions[b, at:] = torch.arange(width - at)
                 segments[b, at:] = len(self.rows[i if i is not None else 0])
         if not self.packing:
-            return Batch(inputs, targets)
-        return Batch(inputs, targets, positions, segments)
+            return Batch(inputs, targets, sparse=True)
+        return Batch(inputs, targets, positions, segments, sparse=True)
 
 
 def pack(encoded: list[Encoded], seq_len: int) -> list[list[Encoded]]:

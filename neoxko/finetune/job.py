@@ -71,19 +71,18 @@ class Finetuning:
 
     def build(self, dims, mesh, device: torch.device) -> nn.Module:
         cfg, lora = self.cfg, self.cfg.lora
-        adapt = (lambda m: apply_lora(m, lora)) if lora else None
+
+        def adapt(model):  # on the meta device, before any memory is allocated
+            apply_lora(model, lora)
+            if cfg.bf16 and not dims.sharded and not cfg.quantize_base:
+                frozen_to_bf16(model)  # frozen weights need no float32 master copy: loaded straight into bf16
 
         def loaded(model):
-            if lora:
-                init_lora(model, cfg.seed)
-                if cfg.quantize_base == "int8":
-                    quantize_frozen(model)
-                elif cfg.bf16 and not dims.sharded:  # frozen weights need no float32 master copy
-                    for p in model.parameters():
-                        if not p.requires_grad and p.is_floating_point():
-                            p.data = p.data.to(torch.bfloat16)
+            init_lora(model, cfg.seed)
+            if cfg.quantize_base == "int8":
+                quantize_frozen(model)
 
-        model = build_model(cfg, dims, mesh, device, adapt, loaded)
+        model = build_model(cfg, dims, mesh, device, adapt if lora else None, loaded if lora else None)
         if int(os.environ.get("RANK", "0")) == 0:
             total = sum(p.numel() for p in model.parameters())
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -141,6 +140,12 @@ def _format(cfg: FinetuneConfig) -> str:
     if cfg.data_format != "auto":
         return cfg.data_format
     return detect_format(next(rows(Path(cfg.data[0])))[1])
+
+
+def frozen_to_bf16(model: nn.Module) -> None:
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(torch.bfloat16)
 
 
 def quantize_frozen(model: nn.Module) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from neoxko.data.shards import read_tokens, token_shards
 from neoxko.errors import NeoxkoError
@@ -69,12 +70,13 @@ class Batch:
     """Inputs and targets (B, T), IGNORE where no loss falls; for packed rows also each token's rotary position
     and its segment (the example it belongs to), from which the attention mask is built."""
 
-    def __init__(self, inputs, targets, positions=None, segments=None):
+    def __init__(self, inputs, targets, positions=None, segments=None, sparse: bool = False):
         self.inputs, self.targets, self.positions, self.segments = inputs, targets, positions, segments
+        self.sparse = sparse  # some targets are IGNORE: the head runs on the others only
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) if t is not None else None
-                       for t in (self.inputs, self.targets, self.positions, self.segments)))
+                       for t in (self.inputs, self.targets, self.positions, self.segments)), sparse=self.sparse)
 
     @property
     def model_kwargs(self) -> dict:
@@ -85,3 +87,14 @@ class Batch:
         causal = torch.ones(n, n, dtype=torch.bool, device=self.inputs.device).tril()
         same = self.segments[:, :, None] == self.segments[:, None, :]
         return {"positions": self.positions, "mask": (same & causal)[:, None]}
+
+    def loss(self, model, scale: float = 1.0) -> torch.Tensor:
+        """The summed cross-entropy over the targets, times scale; with sparse targets the head (the vocabulary
+        projection and its float32 logits) runs on the target positions alone."""
+        if self.sparse:
+            keep = self.targets != IGNORE
+            logits = model(self.inputs, keep=keep, **self.model_kwargs)
+            targets = self.targets[keep]
+        else:
+            logits, targets = model(self.inputs, **self.model_kwargs).flatten(0, 1), self.targets.flatten()
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum") * scale

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -124,9 +123,7 @@ def train(cfg: TrainConfig, job=None) -> dict:
             # gradients are reduced once per step, on the last micro-batch
             with gradient_sync(model, wrapped, micro == accumulation - 1, cfg.grad_sync == "micro"):
                 with autocast:
-                    logits = wrapped(batch.inputs, **batch.model_kwargs)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
-                                           ignore_index=IGNORE, reduction="sum") * scale
+                    loss = batch.loss(wrapped, scale)
                 loss.backward()
             loss_sum += loss.detach()
         grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -264,9 +261,7 @@ def evaluate(model: nn.Module, held_out, n_batches: int, cfg: TrainConfig, devic
     with torch.no_grad():
         for i in range(n_batches):
             batch = held_out.batch((i * world + rank) * cfg.micro_batch, cfg.micro_batch).to(device)
-            logits = model(batch.inputs, **batch.model_kwargs)
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
-                                        reduction="sum").double()
+            total[0] += batch.loss(model).double()
             total[1] += (batch.targets != IGNORE).sum()
     if world > 1:
         dist.all_reduce(total)
