@@ -162,8 +162,11 @@ def test_bad_data_and_model_settings(shards, tmp_path):
 def test_shipped_recipes_are_valid_configs():
     recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
     assert len(recipes) >= 2
-    for recipe in recipes:
-        cfg = TrainConfig.load(recipe)
+    from neoxko.finetune.config import FinetuneConfig
+
+    for recipe in recipes:  # a fine-tuning recipe says `neoxko finetune` in its header
+        kind = FinetuneConfig if "neoxko finetune" in recipe.read_text(encoding="utf-8") else TrainConfig
+        cfg = kind.load(recipe)
         assert cfg.model_config().num_parameters > 0
         assert cfg.accumulation(1) >= 1
 
