@@ -73,32 +73,28 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def long_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny model with a 2,048-token context (no KoBEST prompt is cut, by lm-eval or by us) and its tokenizer."""
+def model_folder(folder: Path, tokenizer_dir: Path, config: ModelConfig, seed: int = 0) -> Path:
+    """A random model saved in Hugging Face layout, with the fixture tokenizer beside it."""
     import shutil
 
     from neoxko.checkpoint import save_model
 
-    folder = tmp_path_factory.mktemp("long")
-    save_model(random_model(tiny_config(max_position_embeddings=2048), seed=3), folder)
+    save_model(random_model(config, seed=seed), folder)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny model with a 2,048-token context (no KoBEST prompt is cut, by lm-eval or by us) and its tokenizer."""
+    return model_folder(tmp_path_factory.mktemp("long"), tokenizer_dir, tiny_config(max_position_embeddings=2048), 3)
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A saved tiny model with its tokenizer: the layout of a Hugging Face model folder."""
-    import shutil
-
-    from neoxko.checkpoint import save_model
-
-    folder = tmp_path_factory.mktemp("model")
-    save_model(random_model(tiny_config()), folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
+    return model_folder(tmp_path_factory.mktemp("model"), tokenizer_dir, tiny_config())
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 transformers, learning, resume, FSDP under torchrun, and the data errors."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_model, tiny_config
+from conftest import model_folder, random_model, tiny_config
 from neoxko.checkpoint import load_model, save_model
 from neoxko.finetune.config import FinetuneConfig
 from neoxko.finetune.data import DataError, Example, InstructionBatches, encode, fit, read_examples
@@ -31,11 +30,7 @@ TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny model folder with a context long enough for packed rows, and the fixture tokenizer."""
-    folder = tmp_path_factory.mktemp("base")
-    save_model(random_model(tiny_config(max_position_embeddings=256), seed=5), folder)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, folder / f.name)
-    return folder
+    return model_folder(tmp_path_factory.mktemp("base"), tokenizer_dir, tiny_config(max_position_embeddings=256), 5)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

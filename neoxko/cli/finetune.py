@@ -1,8 +1,6 @@
 """`neoxko finetune | merge-lora | chat`: instruction fine-tuning, adapters, and talking to the result."""
 
 import argparse
-import json
-import os
 import sys
 
 from neoxko.builtin import DEFAULT_MODEL, MODEL_HELP
@@ -45,21 +43,12 @@ def add_commands(commands) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from neoxko.cli.train import run_job
     from neoxko.finetune.config import FinetuneConfig
     from neoxko.finetune.job import Finetuning
-    from neoxko.train.loop import train
 
     cfg = FinetuneConfig.load(args.config, args.overrides)
-    try:
-        last = train(cfg, Finetuning(cfg))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0 and last:
-        print(json.dumps(last))
-    return 0
+    return run_job(cfg, Finetuning(cfg))
 
 
 def run_merge(args: argparse.Namespace) -> int:

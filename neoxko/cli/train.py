@@ -33,7 +33,6 @@ def add_commands(commands) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from neoxko.train.config import TrainConfig
-    from neoxko.train.loop import train
 
     cfg = TrainConfig.load(args.config, args.overrides)
     if args.dry_run:
@@ -42,8 +41,15 @@ def run_train(args: argparse.Namespace) -> int:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(cfg, world, args.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         return 0
+    return run_job(cfg)
+
+
+def run_job(cfg, job=None) -> int:
+    """Train (pretraining, or the given job), take the process group down, and print the last log row on rank 0."""
+    from neoxko.train.loop import train
+
     try:
-        last = train(cfg)
+        last = train(cfg, job)
     finally:
         import torch.distributed as dist
 
