@@ -250,3 +250,27 @@ def test_the_exported_model_gets_a_tokenizer_by_name_or_from_the_data(shards, tm
     with pytest.raises(NeoxkoError, match="neither an existing folder nor a valid hub id"):
         train(TrainConfig(**cfg | {"tokenizer": "no/such/tokenizer/here", "out_dir": str(tmp_path / "bad")}))
     assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before training
+
+
+def test_a_tied_head_stays_tied_in_training_and_the_export_is_the_trained_model(shards, tmp_path):
+    """Built on the meta device and moved with to_empty, a tied model once got a head of its own: trained apart
+    from the embedding and dropped at export. The head is the embedding, in training and in the export."""
+    import torch
+    import torch.nn.functional as F
+
+    from neoxko import load_model
+    from neoxko.train.build import build_model
+    from neoxko.train.data import Batches
+    from neoxko.train.parallel import ParallelDims
+
+    cfg = TrainConfig(**settings(shards, tmp_path, model=TINY | {"tie_word_embeddings": True}, max_steps=6,
+                                 eval_every=0))
+    model = build_model(cfg, ParallelDims(1, 1), None, torch.device("cpu"))
+    assert model.embed_out.weight is model.gpt_neox.embed_in.weight
+    last = train(cfg)
+    batch = Batches([str(shards)], None, 32, 0).batch(0, 4)
+    exported = load_model(tmp_path / "model")
+    with torch.no_grad():
+        loss = F.cross_entropy(exported(batch.inputs).flatten(0, 1), batch.targets.flatten()).item()
+    assert loss < losses(tmp_path)[0] - 0.3  # the export learned what training learned
+    assert last["step"] == 6
