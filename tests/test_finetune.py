@@ -349,3 +349,16 @@ def test_the_adapter_folder_serves_chat_with_its_own_template(trained):
         server.close()
     assert reply.choices[0].message.content.strip() == QA[2][1]
     assert reply.choices[0].finish_reason == "stop"  # the end-of-text token the template taught
+
+
+def test_a_run_resumed_with_another_lora_shape_or_method_is_refused(base_dir, tmp_path):
+    from neoxko.errors import CheckpointError
+
+    data = write_jsonl(tmp_path / "qa.jsonl", chat_rows())
+    first = settings(base_dir, data, tmp_path / "run", max_steps=2, lora_r=4)
+    train(FinetuneConfig(**first), Finetuning(FinetuneConfig(**first)))
+    for change, said in [({"lora_r": 8}, "lora_r 4.*this run trains method lora, lora_r 8"),
+                         ({"method": "full"}, "lora_r 4.*this run trains method full")]:
+        again = FinetuneConfig(**first | {"max_steps": 4} | change)
+        with pytest.raises(CheckpointError, match=f"saved by a run that trains method lora, {said}.*new out_dir"):
+            train(again, Finetuning(again))

@@ -27,6 +27,9 @@ class Finetuning:
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
         self.trainable_only = cfg.method == "lora"
+        lora = cfg.lora
+        self.signature = {"method": cfg.method} | ({"lora_r": lora.r, "lora_targets": lora.targets if isinstance(
+            lora.targets, str) else sorted(lora.targets), "quantize_base": cfg.quantize_base} if lora else {})
 
     def setup(self, rank: int) -> None:
         from neoxko.chat_template import load_template

@@ -41,9 +41,11 @@ class Checkpointer:
     in a background thread while training goes on; the checkpoint is finalised (digests, meta.json,
     rename, latest) by wait(), which the next save and the end of the run call on every rank."""
 
-    def __init__(self, out: Path, keep: int = 2, asynchronous: bool = False, trainable_only: bool = False):
+    def __init__(self, out: Path, keep: int = 2, asynchronous: bool = False, trainable_only: bool = False,
+                 job: dict | None = None):
         self.root, self.keep, self.asynchronous = out / "checkpoints", keep, asynchronous
         self.trainable_only = trainable_only  # LoRA: the adapters and their optimizer state, not the frozen base
+        self.job = job  # what trains (fine-tuning's method and LoRA shape), in meta.json, checked on resume
         self.pending = None
         # the background writes' collectives get a gloo group of their own, apart from training's
         self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
@@ -93,6 +95,8 @@ class Checkpointer:
     def _commit(self, tmp: Path, step: int, world: int, config: ModelConfig, files: dict) -> None:
         name = tmp.name.removeprefix(".").removesuffix(".tmp")
         meta = {"format": FORMAT, "step": step, "world_size": world, "model_config": config.to_hf(), "files": files}
+        if self.job is not None:
+            meta["job"] = self.job
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         shutil.rmtree(self.root / name, ignore_errors=True)
         os.replace(tmp, self.root / name)
@@ -166,10 +170,13 @@ def model_state(model, trainable_only: bool = False) -> dict:
     return {k: v for k, v in state.items() if plain_name(k) in trainable}
 
 
-def load(folder: Path, model, optimizer, trainable_only: bool = False) -> int:
+def load(folder: Path, model, optimizer, trainable_only: bool = False, job: dict | None = None) -> int:
     """Restore this rank's shards of model and optimizer state; returns the step it was saved at."""
     meta = read_meta(folder)
     check_same_model(folder, meta, model.config)
+    if meta.get("job") != job:
+        raise CheckpointError(f"checkpoint {folder} was saved by a run that trains {_job(meta.get('job'))}, but this "
+                              f"run trains {_job(job)}; use a new out_dir, or the settings it was run with")
     verify(folder, meta)
     state = {"model": model_state(model, trainable_only), "optimizer": get_optimizer_state_dict(model, optimizer)}
     with _single_process_quiet():
@@ -177,6 +184,10 @@ def load(folder: Path, model, optimizer, trainable_only: bool = False) -> int:
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not trainable_only))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return int(meta["step"])
+
+
+def _job(job: dict | None) -> str:
+    return "every parameter (pretraining)" if job is None else ", ".join(f"{k} {v}" for k, v in job.items())
 
 
 def check_same_model(folder: Path, meta: dict, config: ModelConfig) -> None:

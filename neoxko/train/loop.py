@@ -36,6 +36,7 @@ class Pretraining:
     Hugging Face folder at the end. Fine-tuning (neoxko.finetune.job) brings its own."""
 
     trainable_only = False  # checkpoints hold every parameter
+    signature = None  # what trains, when it is not every parameter of the model (see checkpoint.load)
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -88,7 +89,7 @@ def train(cfg: TrainConfig, job=None) -> dict:
     held_out = job.held_out(world)
     start = 0
     if (found := checkpoint.latest(out)) is not None:
-        start = checkpoint.load(found, model, optimizer, job.trainable_only)
+        start = checkpoint.load(found, model, optimizer, job.trainable_only, job.signature)
         if rank == 0:
             trim_log(out / "log.jsonl", start)
     if start >= cfg.max_steps:  # finished before: export again if that is what failed
@@ -104,7 +105,8 @@ def train(cfg: TrainConfig, job=None) -> dict:
     if cfg.bf16 and device.type == "cpu" and rank == 0:
         warn_emulated_bf16()
     last, saved = {}, None
-    saver = checkpoint.Checkpointer(out, asynchronous=cfg.async_checkpoint, trainable_only=job.trainable_only)
+    saver = checkpoint.Checkpointer(out, asynchronous=cfg.async_checkpoint, trainable_only=job.trainable_only,
+                                    job=job.signature)
     peak = peak_flops(cfg, device)
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
