@@ -27,9 +27,10 @@ class Finetuning:
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
         self.trainable_only = cfg.method == "lora"
-        lora = cfg.lora
-        self.signature = {"method": cfg.method} | ({"lora_r": lora.r, "lora_targets": lora.targets if isinstance(
-            lora.targets, str) else sorted(lora.targets), "quantize_base": cfg.quantize_base} if lora else {})
+        self.signature = {"method": cfg.method}  # what trains, in every checkpoint's meta.json, checked on resume
+        if (lora := cfg.lora) is not None:
+            targets = lora.targets if isinstance(lora.targets, str) else sorted(lora.targets)
+            self.signature |= {"lora_r": lora.r, "lora_targets": targets, "quantize_base": cfg.quantize_base}
 
     def setup(self, rank: int) -> None:
         from neoxko.chat_template import load_template
