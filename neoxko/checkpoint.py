@@ -138,14 +138,16 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
     if adapter is not None:
         from neoxko.finetune.lora import load_adapter
 
-        load_adapter(model, resolve(adapter))
+        adapter = resolve(adapter)
+        load_adapter(model, adapter)
     if quantize == "int8":
         quantize_model(model)
     elif quantize == "int4" and method != INT4_METHOD:  # (an int4 checkpoint keeps the group size it was written with)
         if method:
             raise CheckpointError(f"{folder} is already int8; int4 quantizes from the float checkpoint")
         quantize_model(model, bits=4, group_size=group_size)
-    model.source_folder = folder  # save_model copies the tokenizer from here
+    # save_model copies the tokenizer from here: an adapter's own (with its chat template) if it has one
+    model.source_folder = adapter if adapter is not None and (adapter / "tokenizer.json").is_file() else folder
     return model.eval()
 
 

@@ -362,3 +362,13 @@ def test_a_run_resumed_with_another_lora_shape_or_method_is_refused(base_dir, tm
         again = FinetuneConfig(**first | {"max_steps": 4} | change)
         with pytest.raises(CheckpointError, match=f"saved by a run that trains method lora, {said}.*new out_dir"):
             train(again, Finetuning(again))
+
+
+def test_a_model_saved_from_an_adapter_keeps_its_tokenizer_and_template(trained, tmp_path):
+    """neoxko quantize --model ADAPTER (and save_model) write the adapter's tokenizer, with its chat template."""
+    from neoxko.chat_template import tokenizer_template
+
+    out = subprocess.run([sys.executable, "-m", "neoxko", "quantize", "--model", str(trained / "adapter"),
+                          "--output", str(tmp_path / "q")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert tokenizer_template(tmp_path / "q") == template("chat")
