@@ -23,6 +23,13 @@ class Hardware:
     vnni: bool  # int8 dot products in hardware (AVX512_VNNI or AVX_VNNI)
     cores: int
     threads: int  # what torch will use
+    amx_int8: bool = False  # Intel AMX int8 tiles (Sapphire Rapids and later)
+
+    @property
+    def int8_activations(self) -> bool:
+        """int8 layers quantize their activations too when 8 or more rows go through at once (prefill, batched
+        decoding): measured on AMX only, where torch._int_mm was 2-10x torch's weight-only int8 kernel."""
+        return self.amx_int8
 
     @property
     def fused_int8(self) -> bool:
@@ -41,12 +48,19 @@ class Hardware:
                      else "no native bf16 on this CPU: bf16 arithmetic is emulated, slower than float32 "
                           "(--dtype bfloat16 still keeps half the memory)")
         int8 = "inductor-fused reduction" if self.fused_int8 else "torch's int8 kernel"
+        w8a8 = "int8 x int8 (torch._int_mm), activations quantized per row" if self.int8_activations else \
+            "torch's weight-only int8 kernel"
+        why_w8a8 = ("AMX int8 tiles: for a 2048 x 8192 layer 1.47 ms against 14.0 ms weight-only at 64 rows, "
+                    "0.92 against 1.95 at 8; held-out perplexity of ko-small 186.16 against 186.04"
+                    if self.int8_activations else "measured faster only with AMX int8 tiles "
+                    "(NEOXKO_INT8_ACTIVATIONS=1 tries it here)")
         why_int8 = ("fused into one pass over the weights, about 2x torch's kernel on AVX-512" if self.fused_int8
                     else "the fused reduction compiles to code slower than the eager kernel without AVX-512 "
                          "(measured 1.42 against 8.26 tok/s on an AVX2 CPU)")
         return [
             ("default compute dtype (generate, serve, quantized models)", dtype, why_dtype),
             ("int8 decoding under --compile", int8, why_int8),
+            ("int8 layers, 8 or more rows at once (prefill, batched decoding)", w8a8, why_w8a8),
             ("int4", "torch's _weight_int4pack_mm_for_cpu",
              "the only CPU int4 kernel in torch; its weight layout is made for this CPU at load time"),
             ("threads", str(self.threads), "torch's default: one per physical core"
@@ -62,7 +76,7 @@ def detect() -> Hardware:
         flags & {"avx512_bf16", "amx_bf16", "bf16"})
     vnni = _probe("_is_vnni_supported") or bool(flags & {"avx512_vnni", "avx_vnni", "asimddp"})
     return Hardware(capability=capability, native_bf16=native_bf16, vnni=vnni, cores=os.cpu_count() or 1,
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), amx_int8="amx_int8" in flags)
 
 
 def _probe(name: str) -> bool:

@@ -36,6 +36,11 @@ def fused_int8_choice(setting: str | None, hardware) -> bool:
 
 
 FUSED_INT8 = fused_int8_choice(os.environ.get("NEOXKO_FUSED_INT8"), detect())
+# From this many rows at once (prefill, batched decoding), int8 layers quantize their activations per row and
+# multiply int8 by int8 (W8A8), where the CPU does that fast (neoxko.hardware); NEOXKO_INT8_ACTIVATIONS=0/1 overrides.
+W8A8_MIN_ROWS = 8
+INT8_ACTIVATIONS = {"0": False, "1": True}.get(os.environ.get("NEOXKO_INT8_ACTIVATIONS", ""),
+                                               detect().int8_activations)
 
 
 @torch.library.custom_op("neoxko::materialize", mutates_args=())
@@ -79,6 +84,9 @@ class Int8Linear(nn.Module):
             # recomputed for every output row.
             x32 = materialize(x.float())
             y = ((x32.unsqueeze(-2) * self.weight).sum(-1) * self.weight_scale.float()).to(x.dtype)
+        elif INT8_ACTIVATIONS and x.numel() >= W8A8_MIN_ROWS * shape[-1] and not x.requires_grad:
+            y = int8_matmul(x.reshape(-1, shape[-1]), self.weight, self.weight_scale).to(x.dtype)
+            y = y.view(*shape[:-1], self.out_features)
         elif torch.is_grad_enabled() and x.requires_grad:  # LoRA on a frozen int8 base: gradients to x only
             y = _Int8MatMul.apply(x.reshape(-1, shape[-1]), self.weight, self.weight_scale.to(x.dtype))
             y = y.view(*shape[:-1], self.out_features)
@@ -90,6 +98,15 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def int8_matmul(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
+    """x (M, K) @ (int8 weight * scale).T with x quantized to int8 per row (symmetric, max |x| / 127): one int8 x
+    int8 -> int32 product (torch._int_mm, AMX or VNNI), rescaled in float32."""
+    x32 = x.float()
+    row_scale = x32.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    xq = (x32 / row_scale).round_().to(torch.int8)
+    return torch._int_mm(xq, weight.t()).float() * row_scale * scale.float()
 
 
 class _Int8MatMul(torch.autograd.Function):

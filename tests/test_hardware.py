@@ -51,3 +51,23 @@ def test_info_hardware_and_the_fused_int8_override(capsys):
     assert out.startswith("cpu capability  ") and "int4: torch's _weight_int4pack_mm_for_cpu" in out
     assert fused_int8_choice(None, ZEN4) and not fused_int8_choice(None, AVX2)
     assert fused_int8_choice("1", AVX2) and not fused_int8_choice("0", ZEN4)  # NEOXKO_FUSED_INT8 overrides
+
+
+def test_int8_activations_are_chosen_on_amx_and_match_the_weight_only_product(monkeypatch):
+    import neoxko.quantize as quantize
+    from neoxko.quantize import Int8Linear, dequantize
+
+    assert not ZEN4.int8_activations and Hardware("AVX512", True, True, 2, 2, amx_int8=True).int8_activations
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(256, 96))
+    x = torch.randn(2, 8, 256)  # 16 rows: the int8 x int8 path when it is on
+    reference = x @ dequantize(layer).T + layer.bias
+    for on in (False, True):
+        monkeypatch.setattr(quantize, "INT8_ACTIVATIONS", on)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.shape == (2, 8, 96)
+        assert (y - reference).abs().max() < (0.05 if on else 1e-4) * reference.abs().max()  # per-row int8 x: ~1%
+    monkeypatch.setattr(quantize, "INT8_ACTIVATIONS", True)
+    with torch.no_grad():  # fewer than 8 rows (batch-1 decoding): the weight-only kernel, as before
+        assert (layer(x[:1, :4]) - reference[:1, :4]).abs().max() < 1e-4
