@@ -324,7 +324,8 @@ def quantize_model(model: nn.Module, empty: bool = False, tied_head: str = "floa
     if bits == 4:
         check_int4(model, group_size, "cpu" if empty else next(model.parameters()).device)
         keep = {"embed_out"} if getattr(model.config, "tie_word_embeddings", False) else set()
-        for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in keep]:
+        for name, linear in [(n, m) for n, m in model.named_modules()
+                             if isinstance(m, nn.Linear) and n not in keep and ".lora_" not in n]:
             parent, _, child = name.rpartition(".")
             new = (Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, group_size,
                               linear.weight.dtype, linear.weight.device) if empty
@@ -334,8 +335,8 @@ def quantize_model(model: nn.Module, empty: bool = False, tied_head: str = "floa
         model.tied_head = "float" if keep else None
         return model
     keep = {"embed_out"} if getattr(model.config, "tie_word_embeddings", False) and tied_head == "float" else set()
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name not in keep]
+    targets = [(name, module) for name, module in model.named_modules()  # (never a LoRA adapter's own layers)
+               if isinstance(module, nn.Linear) and name not in keep and ".lora_" not in name]
     for name, linear in targets:
         parent, _, child = name.rpartition(".")
         if empty:

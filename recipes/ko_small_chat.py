@@ -60,8 +60,7 @@ def release(run: Path, out: Path) -> None:
     from neoxko.finetune.config import FinetuneConfig
     from neoxko.finetune.job import Finetuning
 
-    cfg = FinetuneConfig.load(run / "run.yaml") if (run / "run.yaml").is_file() else None
-    cfg = cfg or FinetuneConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items()})
+    cfg = FinetuneConfig(**json.loads((run / "config.json").read_text(encoding="utf-8")))  # the run's settings
     job = Finetuning(cfg)
     job.setup(rank=1)  # the same examples, split and rows as the run (rank 1: writes nothing)
     held = job.rows["held_out"]
@@ -72,7 +71,7 @@ def release(run: Path, out: Path) -> None:
     losses = {"ko-small": answer_loss(base, held), "ko-small-chat": answer_loss(tuned, held)}
 
     tokenizer = job.tokenizer
-    examples = [e for e in job_examples(job)][:8]
+    examples = held_out_examples(job)[:8]
     answers = []
     for i, e in enumerate(examples):
         prompt = render(job.template, [e.messages[0]], True, bos_token="", eos_token=tokenizer.eos_token)
@@ -102,8 +101,8 @@ def cpu_name() -> str:
     return f"a {os.cpu_count()}-core {name}"
 
 
-def job_examples(job):
-    """The held-out examples in the order of their rows' first example."""
+def held_out_examples(job) -> list:
+    """The examples the run held out, in file order."""
     from neoxko.finetune.data import read_examples, split_held_out
 
     cfg = job.cfg

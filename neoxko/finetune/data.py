@@ -225,8 +225,8 @@ class InstructionBatches:
         positions = torch.zeros((size, width), dtype=torch.long)
         segments = torch.full((size, width), -1, dtype=torch.long)
         for b, i in enumerate(picked):
-            at = 0
-            for s, e in enumerate(self.rows[i if i is not None else 0]):
+            row, at = self.rows[i if i is not None else 0], 0  # (past the end: row 0's tokens, no targets)
+            for s, e in enumerate(row):
                 n = len(e.ids)
                 inputs[b, at:at + n] = torch.tensor(e.ids)
                 if i is not None:
@@ -236,7 +236,7 @@ class InstructionBatches:
                 at += n
             if at < width:  # padding: its own segment, positions counting on
                 positions[b, at:] = torch.arange(width - at)
-                segments[b, at:] = len(self.rows[i if i is not None else 0])
+                segments[b, at:] = len(row)
         if not self.packing:
             return Batch(inputs, targets, sparse=True)
         return Batch(inputs, targets, positions, segments, sparse=True)

@@ -17,10 +17,21 @@ import torch
 from torch import nn
 
 from neoxko.finetune.config import FinetuneConfig
-from neoxko.finetune.data import InstructionBatches, detect_format, encode, fit, read_examples, split_held_out
+from neoxko.finetune.data import (
+    DataError,
+    InstructionBatches,
+    detect_format,
+    encode,
+    fit,
+    read_examples,
+    rows,
+    split_held_out,
+)
 from neoxko.finetune.lora import apply_lora, init_lora, is_lora_key, lora_layers, save_adapter
+from neoxko.quantize import quantize_model
 from neoxko.train import checkpoint
 from neoxko.train.build import build_model
+from neoxko.train.loop import export_once
 
 
 class Finetuning:
@@ -38,7 +49,7 @@ class Finetuning:
 
         cfg = self.cfg
         if not cfg.data:
-            raise _no_data()
+            raise DataError("no fine-tuning data: set data to one or more JSON / JSONL files")
         self.tokenizer = load_tokenizer(cfg.model)
         examples = read_examples(cfg.data, cfg.data_format, cfg.system)
         if cfg.eval_files():
@@ -52,7 +63,7 @@ class Finetuning:
         for name, part, shuffle in (("train", train, True), ("held_out", held, False)):
             kept, counts = fit([encode(e, self.template, self.tokenizer) for e in part], cfg.seq_len, cfg.overlong)
             if name == "train" and not kept:
-                raise _no_data(f"none of the {len(part)} training examples fits in seq_len {cfg.seq_len} tokens")
+                raise DataError(f"none of the {len(part)} training examples fits in seq_len {cfg.seq_len} tokens")
             rows[name] = InstructionBatches(kept, cfg.seq_len, pad, cfg.packing, cfg.seed, shuffle) if kept else None
             report[name] = counts | {"rows": len(rows[name]) if kept else 0,
                                      "target_tokens": int(rows[name].target_counts.sum()) if kept else 0}
@@ -83,8 +94,8 @@ class Finetuning:
 
         def loaded(model):
             init_lora(model, cfg.seed)
-            if cfg.quantize_base == "int8":
-                quantize_frozen(model)
+            if cfg.quantize_base == "int8":  # QLoRA's idea with int8: the frozen linear layers, not the adapters
+                quantize_model(model)
 
         model = build_model(cfg, dims, mesh, device, adapt if lora else None, loaded if lora else None)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -110,11 +121,9 @@ class Finetuning:
         from neoxko.tokenizer import copy_tokenizer_files
 
         name = "adapter" if self.cfg.method == "lora" else "model"
-        record = out / "export.json"
-        done = record.is_file() and json.loads(record.read_text()).get("step") == step and (out / name).is_dir()
-        if rank == 0 and not done:
-            dest = out / name
-            tmp = out / f".{name}.tmp"
+
+        def write(dest: Path) -> None:  # into a hidden folder first: the folder appears complete or not at all
+            tmp = dest.with_name(f".{name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             if self.cfg.method == "lora":
                 export_adapter(final, tmp, self.cfg)
@@ -124,23 +133,14 @@ class Finetuning:
             write_chat_template(tmp, self.template)
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
-            record.write_text(json.dumps({"step": step, "checkpoint": final.name, name: name}) + "\n")
-            print(f"neoxko: wrote the {'adapter' if name == 'adapter' else 'model'} after step {step} to {dest} "
-                  f"(chat template {self.template_name})", file=sys.stderr, flush=True)
-        rows = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").is_file() else []
-        return json.loads(rows[-1]) if rows else {}
+            print(f"neoxko: wrote the {name} after step {step} to {dest} (chat template {self.template_name})",
+                  file=sys.stderr, flush=True)
 
-
-def _no_data(why: str = "no fine-tuning data: set data to one or more JSON / JSONL files"):
-    from neoxko.finetune.data import DataError
-
-    return DataError(why)
+        return export_once(out, name, rank, final, step, write)
 
 
 def _format(cfg: FinetuneConfig) -> str:
     """The data's format: as set, or that of the first file's first row."""
-    from neoxko.finetune.data import rows
-
     if cfg.data_format != "auto":
         return cfg.data_format
     return detect_format(next(rows(Path(cfg.data[0])))[1])
@@ -150,17 +150,6 @@ def frozen_to_bf16(model: nn.Module) -> None:
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(torch.bfloat16)
-
-
-def quantize_frozen(model: nn.Module) -> None:
-    """QLoRA's idea with int8: every frozen linear layer (not the adapters, not a tied head) to int8 weights."""
-    from neoxko.quantize import Int8Linear
-
-    keep = {"embed_out"} if model.config.tie_word_embeddings else set()
-    for name, linear in [(n, m) for n, m in model.named_modules()
-                         if isinstance(m, nn.Linear) and ".lora_" not in n and n not in keep]:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_linear(linear))
 
 
 def export_adapter(folder: Path, dest: Path, cfg: FinetuneConfig) -> Path:

@@ -148,7 +148,6 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     for name, module in found:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, LoRALinear(module, settings.r, settings.scaling, settings.dropout))
-    model.lora = settings
     return [name for name, _ in found]
 
 
@@ -189,7 +188,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
             base.weight.copy_((base.weight.float() + layer.delta().to(base.weight.device)).to(base.weight.dtype))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, base)
-    model.lora = None
     return model
 
 

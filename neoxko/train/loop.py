@@ -190,17 +190,26 @@ def tokenizer_for_export(cfg: TrainConfig) -> str | None:
 
 
 def finish(out: Path, tokenizer: str | None, rank: int, final: Path, step: int) -> dict:
-    """Rank 0 writes OUT/model from the final checkpoint unless that step's export is there (OUT/export.json
-    says which step OUT/model holds); returns the last log row."""
-    record = out / "export.json"
-    done = record.is_file() and json.loads(record.read_text()).get("step") == step and (out / "model").is_dir()
-    if rank == 0 and not done:
-        checkpoint.export(final, out / "model", tokenizer)
-        record.write_text(json.dumps({"step": step, "checkpoint": final.name, "model": "model"}) + "\n")
+    """OUT/model from the final checkpoint (see export_once); returns the last log row."""
+    def write(dest: Path) -> None:
+        checkpoint.export(final, dest, tokenizer)
         with_tokenizer = f"with the tokenizer of {tokenizer}" if tokenizer else \
             "without a tokenizer (set tokenizer= to add one)"
-        print(f"neoxko: wrote the model after step {step} to {out / 'model'} (Hugging Face format, "
-              f"{with_tokenizer})", file=sys.stderr, flush=True)
+        print(f"neoxko: wrote the model after step {step} to {dest} (Hugging Face format, {with_tokenizer})",
+              file=sys.stderr, flush=True)
+
+    return export_once(out, "model", rank, final, step, write)
+
+
+def export_once(out: Path, name: str, rank: int, final: Path, step: int, write) -> dict:
+    """Rank 0 writes OUT/name with write(dest) from the final checkpoint unless that step's export is there
+    (OUT/export.json says which step it holds: a run that finished before exports again only if that failed);
+    returns the last log row."""
+    record = out / "export.json"
+    done = record.is_file() and json.loads(record.read_text()).get("step") == step and (out / name).is_dir()
+    if rank == 0 and not done:
+        write(out / name)
+        record.write_text(json.dumps({"step": step, "checkpoint": final.name, name: name}) + "\n")
     rows = (out / "log.jsonl").read_text(encoding="utf-8").splitlines() if (out / "log.jsonl").is_file() else []
     return json.loads(rows[-1]) if rows else {}
 
