@@ -103,17 +103,19 @@ def _windows(text: str) -> list[tuple[int, int, int]]:
     """The pre-scan: (start, end, digits) around the numbers of 8 or more digits that are not dates, the only
     places the rules look. Windows never overlap, nor end inside a number."""
     windows: list[tuple[int, int, int]] = []
+    size = len(text)
     for m in _CANDIDATE.finditer(text):
+        start, end = m.span()
         number = m.group()
-        digits = len(number.translate(_SEPARATORS_OUT))
+        digits = end - start if number.isdigit() else len(number.translate(_SEPARATORS_OUT))
         if digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (a date has 8 digits at most)
             continue
-        start, end = m.span()
-        a, b = max(start - 4, 0), end + 4
-        if b < len(text) and text[b - 1] in _DIGITS:  # not inside the next number: after it
-            b = min(_DIGIT_RUN.match(text, b - 1).end() + 1, len(text))
+        a, b = start - 4 if start > 4 else 0, end + 4
+        if b < size and text[b - 1] in _DIGITS:  # not inside the next number: after it
+            b = min(_DIGIT_RUN.match(text, b - 1).end() + 1, size)  # type: ignore[union-attr]
         if windows and a <= windows[-1][1]:
-            windows[-1] = (windows[-1][0], b, max(windows[-1][2], digits))
+            last = windows[-1]
+            windows[-1] = (last[0], b, digits if digits > last[2] else last[2])
         else:
             windows.append((a, b, digits))
     return windows
@@ -141,10 +143,11 @@ class _Context:
     """The text being searched and where each number's cues are (the text before it, or its table header)."""
 
     def __init__(self, text: str):
-        structure = Structure(text)
-        self.text = structure.text
-        self.structure = structure if structure.rows else None
-        self.seen: dict = {}
+        self.text, self.structure, self.seen = text, None, {}
+        if "\n" in text:  # (a table has two lines at least)
+            structure = Structure(text)
+            self.text = structure.text
+            self.structure = structure if structure.rows else None
 
     def cues(self, pos: int) -> dict[str, tuple[str, int, int, str]]:
         """The last cue of each kind before the number at pos, found in one scan: kind -> (its text, its
@@ -172,39 +175,58 @@ class _Context:
 
     def last(self, kind: str, pos: int, window: int) -> tuple[str, int, int, str] | None:
         """The last cue of a kind that starts within window characters before the number at pos."""
-        hit = self.cues(pos).get(kind)
+        hit = (self.seen.get(pos) or self.cues(pos)).get(kind)
         return None if hit is None or hit[2] > window else hit
 
     def near(self, kind: str, pos: int, window: int) -> int | None:
         """Distance from the last cue of a kind to the number at pos, or None."""
-        hit = self.last(kind, pos, window)
-        return None if hit is None else hit[1]
+        hit = (self.seen.get(pos) or self.cues(pos)).get(kind)
+        return None if hit is None or hit[2] > window else hit[1]
+
+    def judge(self, kind: str, pos: int, window: int) -> tuple[int | None, bool]:
+        """near(kind, pos, window), and whether a not-PII word is closer than that cue (vetoed), in one look."""
+        found = self.seen.get(pos) or self.cues(pos)
+        hit, veto = found.get(kind), found.get("veto")
+        cue = None if hit is None or hit[2] > window else hit[1]
+        return cue, veto is not None and veto[2] <= _VETO_WINDOW and (cue is None or veto[1] < cue)
 
     def vetoed(self, start: int, cue: int | None = None) -> bool:
         """A not-PII word (order number, barcode...) closer to the number than its cue word."""
-        veto = self.near("veto", start, _VETO_WINDOW)
-        return veto is not None and (cue is None or veto < cue)
+        veto = (self.seen.get(start) or self.cues(start)).get("veto")
+        return veto is not None and veto[2] <= _VETO_WINDOW and (cue is None or veto[1] < cue)
 
 
-def _account_cue(ctx: _Context, start: int, end: int, phone_shaped: bool) -> int | None:
-    """Distance to the account word or bank name before the number, 0 for a bank name just after it.
+def _account_cue(ctx: _Context, start: int, end: int, number: str) -> int | None:
+    """Distance to the account word or bank name before the number, 0 for a bank name just after it; None
+    where it has none, or a not-PII word is nearer.
 
     A phone-shaped number (평생계좌) needs more than a bank that is also a city name: 부산 051-...
     is a phone number in Busan, and it is a phone if a phone word is nearer than the account cue.
     """
-    found = ctx.last("acc", start, _ACC_WINDOW)
+    cues = ctx.seen.get(start) or ctx.cues(start)
+    found = cues.get("acc")
+    if found is not None and found[2] > _ACC_WINDOW:
+        found = None
+    shaped = None  # whether the number is phone-shaped, found out only where it counts
     cue = None
-    if found is not None and not (phone_shaped and _CITY.fullmatch(found[0])):
-        cue = found[1]
-    elif not (ctx.structure and ctx.structure.in_cell(start)):
+    if found is not None:
+        if _CITY.fullmatch(found[0]) is None or not (shaped := _PHONE.fullmatch(number) is not None):
+            cue = found[1]
+    if cue is None and not (ctx.structure and ctx.structure.in_cell(start)):
         after = _BANK_AFTER.match(ctx.text[end:end + 12])
-        if after is not None and not (phone_shaped and _CITY.search(after.group())):
+        if after is not None and (_CITY.search(after.group()) is None or not (
+                shaped if shaped is not None else (shaped := _PHONE.fullmatch(number) is not None))):
             cue = 0
-    if cue is not None and phone_shaped and "평생" not in (found[3] if found else ""):
-        phone_cue = ctx.near("tel", start, _ACC_WINDOW)
-        if phone_cue is not None and phone_cue < cue:
+    if cue is None:
+        return None
+    if shaped is None:
+        shaped = _PHONE.fullmatch(number) is not None
+    if shaped and "평생" not in (found[3] if found else ""):
+        phone = cues.get("tel")
+        if phone is not None and phone[2] <= _ACC_WINDOW and phone[1] < cue:
             return None
-    return cue
+    veto = cues.get("veto")
+    return None if veto is not None and veto[2] <= _VETO_WINDOW and veto[1] < cue else cue
 
 
 def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
@@ -218,32 +240,45 @@ def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
             continue
         if ". " in number or _DATE_LIKE.match(number) or _TIMESTAMP.fullmatch(number):
             continue  # "2016. 7. 23. 2013" is dates and 20021008011100 a time, not accounts
-        cue = _account_cue(ctx, start, end, _PHONE.fullmatch(number) is not None)
-        if cue is None or ctx.vetoed(start, cue):
-            continue
-        found.append((3 if cue <= _NEAR_WINDOW else 1, start, end, "acc"))
+        cue = _account_cue(ctx, start, end, number)
+        if cue is not None:
+            found.append((3 if cue <= _NEAR_WINDOW else 1, start, end, "acc"))
 
 
 def _rrns(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
     for m in _RRN.finditer(ctx.text, a, b):
-        yy, mm, dd, s = (int(g) for g in m.groups())
-        century = 1900 if s in (1, 2, 5, 6) else 2000
-        try:
-            born = datetime.date(century + yy, mm, dd)
-        except ValueError:
-            continue
-        if born > _today():
+        if not _born(m.group(1, 2, 3, 4)):
             continue
         start = m.start()
-        cue = ctx.near("rrn", start, 20)
-        number = m.group()
-        digits = _NON_DIGITS.sub("", number)
-        junk = len(set(digits)) <= 3  # 1010101010110 is a pattern, not a person's number
-        if ctx.vetoed(start, cue) or cue is None and (junk or _is_korean_ean13(digits, number)):
+        cue, vetoed = ctx.judge("rrn", start, 20)
+        if vetoed:
             continue
+        if cue is None:
+            number = m.group()
+            digits = _NON_DIGITS.sub("", number)
+            if len(set(digits)) <= 3 or _is_korean_ean13(digits, number):  # 1010101010110 is a pattern, not a person's
+                continue
         found.append((4 if cue is not None else 2, start, m.end(), "rrn"))
 
 
+def _born(head: tuple[str, str, str, str]) -> bool:
+    """Whether YY, MM, DD and the sex digit of an RRN are a real birth date, not after today (memoized: a few
+    thousand heads at most, and the date arithmetic costs more than the rest of a number's checks)."""
+    today = _today()
+    if _heads[0] != today:
+        _heads[:] = [today, {}]
+    known = _heads[1].get(head)
+    if known is None:
+        yy, mm, dd, s = map(int, head)
+        try:
+            known = datetime.date((1900 if s in (1, 2, 5, 6) else 2000) + yy, mm, dd) <= today
+        except ValueError:
+            known = False
+        _heads[1][head] = known
+    return known
+
+
+_heads: list = [None, {}]  # (the day the memo holds for, head -> born)
 _day: list = [0.0, None]  # (when today ends, today)
 
 
@@ -272,24 +307,24 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
         contiguous = plain and not sep1 and not sep2
         mobile = (plain or intl or intl00 or intl82 or "").startswith("1")
         start = m.start()
-        cue = ctx.near("tel", start, 20)
+        cue, vetoed = ctx.judge("tel", start, 20)
         phone_word = cue is not None
-        if contiguous and not mobile and not phone_word:
-            continue  # 10-digit customer numbers starting with 0 look like landlines
-        if ctx.vetoed(start, cue):
-            continue
+        if vetoed or contiguous and not mobile and not phone_word:
+            continue  # (contiguous: 10-digit customer numbers starting with 0 look like landlines)
         found.append((2 + phone_word, start, m.end(), "tel"))
     for m in _REPRESENTATIVE.finditer(text, a, b):
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
         start, end = m.span()
-        cue = ctx.near("rep", start, 12)
-        if cue is not None and not ctx.vetoed(start, cue) and not text.startswith("년", end):
+        cue, vetoed = ctx.judge("rep", start, 12)
+        if cue is not None and not vetoed and not text.startswith("년", end):
             found.append((2, start, end, "tel"))
 
 
 def _resolve(candidates: list[_Candidate]) -> list[Span]:
     """Keep the most confident of overlapping candidates (ties: the longer span, then the earlier one)."""
     new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of this function)
+    if len(candidates) == 1:
+        return [new(Span, candidates[0][1:])]
     by_start = sorted(candidates, key=lambda c: c[1])
     if all(a[2] <= b[1] for a, b in itertools.pairwise(by_start)):  # nothing overlaps: keep them all
         return [new(Span, c[1:]) for c in by_start]

@@ -109,11 +109,11 @@ def open_keys(text: str) -> str:
 def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[int]]:
     """The lines of text (start, line) and the indexes of the lines of CSV tables; each table's data rows go
     into rows."""
-    lines, at = [], 0
-    for line in text.split("\n"):
+    lines, at, parts = [], 0, text.split("\n")
+    for line in parts:
         lines.append((at, line))
         at += len(line) + 1
-    rules = [bool("---" in line and _RULE.match(line)) for _, line in lines]
+    rules = [bool("---" in line and _RULE.match(line)) for line in parts] if "---" in text else [False] * len(parts)
     csv: list[int] = []
     i = 0
     while i < len(lines):
