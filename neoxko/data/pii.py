@@ -65,9 +65,9 @@ _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
 _NON_DIGITS = re.compile("[^0-9]+")
 _DIGITS, _DIGIT_RUN = frozenset("0123456789"), re.compile("[0-9]*")
 _SEPARATORS_OUT = str.maketrans("", "", "-. ()+")  # a candidate without its separators: its digits
-# 8 or more digits with short separators between; only from a digit that starts a run (a match never starts
-# later), the first 8 digits spelled out (re is faster at a fixed count)
-_CANDIDATE = re.compile(r"[0-9](?<![0-9].)(?:[-. ()+]{0,3}[0-9]){7}(?:[-. ()+]{0,3}[0-9])*")
+# Digits with short separators between, from a digit that starts a run (a match never starts later) and only
+# where 8 characters could hold 8 digits: re runs through digit groups, not digit by digit; _windows counts them
+_CANDIDATE = re.compile(r"[0-9](?<![0-9].)(?=[-. ()+0-9]{7})[0-9]*+(?:[-. ()+]{1,3}+[0-9]++)*+")
 _ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
 _Candidate = tuple[int, int, int, str]  # (confidence, start, end, label)
 
@@ -108,7 +108,7 @@ def _windows(text: str) -> list[tuple[int, int, int]]:
         start, end = m.span()
         number = m.group()
         digits = end - start if number.isdigit() else len(number.translate(_SEPARATORS_OUT))
-        if digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (a date has 8 digits at most)
+        if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (a date: 8 at most)
             continue
         a, b = start - 4 if start > 4 else 0, end + 4
         if b < size and text[b - 1] in _DIGITS:  # not inside the next number: after it

@@ -36,16 +36,16 @@ class _Row(NamedTuple):
     end: int
     line: int  # its index in Structure.lines
     name: str  # the splitter of its table
-    header: list[tuple[int, int, str]]  # its table's header cells
+    header: list[str]  # its table's header cells
 
 
 class Structure:
-    """The tables of a text. Rows are found at once; a row is split into cells only when a number in it asks."""
+    """The tables of a text. Rows are found at once; a number's cell is found from the splitters before it."""
 
     def __init__(self, text: str):
         self.rows: list[_Row] = []
         self.lines: list[tuple[int, str]] = []
-        self.cells: dict[int, list[tuple[int, int, str]]] = {}  # row line -> its cells, as they are asked for
+        self.cells: dict[int, list[tuple[int, int, str]]] = {}  # aligned row line -> its cells, as asked for
         if "\n" in text and "\n" in text.rstrip("\n"):
             self.lines, csv = _tables(text, self.rows)
             if csv:  # a CSV cell's comma ends a number: "010-1234-5678,840..." is two values, not 5,840
@@ -56,19 +56,30 @@ class Structure:
         self.starts = [row.start for row in self.rows]
         self.text = text
 
-    def _cell(self, pos: int) -> tuple[_Row, list[tuple[int, int, str]], int] | None:
-        """The row, its cells and the column of the cell that pos is in, or None outside tables."""
+    def _cell(self, pos: int) -> tuple[_Row, int, int, str] | None:
+        """The row that pos is in, the column and start of its cell, and the row's first cell (for forms); None
+        outside tables."""
         i = bisect_right(self.starts, pos) - 1
         if i < 0 or pos >= self.rows[i].end:
             return None
         row = self.rows[i]
-        cells = self.cells.get(row.line)
-        if cells is None:
-            cells = self.cells[row.line] = _split(self.lines[row.line], row.name)
-        for column, (start, end, _) in enumerate(cells):
-            if start <= pos < end:
-                return row, cells, column
-        return None
+        name = row.name
+        if name == "  ":  # aligned columns: split the row once
+            cells = self.cells.get(row.line)
+            if cells is None:
+                cells = self.cells[row.line] = _split(self.lines[row.line], name)
+            for column, (start, end, _) in enumerate(cells):
+                if start <= pos < end:
+                    return row, column, start, cells[0][2]
+            return None
+        base, inner = self.lines[row.line]
+        if name == "|":
+            base, inner = _inner(base, inner)
+        at = pos - base  # a one-character splitter: the cell is what lies between the splitters around pos
+        if at < 0 or at >= len(inner) or inner[at] == name:
+            return None
+        split = inner.rfind(name, 0, at)
+        return row, inner.count(name, 0, at), base + split + 1, inner[:inner.find(name)].strip()
 
     def cell_before(self, text: str, pos: int) -> str | None:
         """The text a cue for the number at pos is looked for in when it stands in a table's cell: its column
@@ -76,12 +87,12 @@ class Structure:
         found = self._cell(pos)
         if found is None:
             return None
-        row, cells, column = found
+        row, column, start, first = found
         header = row.header
-        head = header[column][2] if column < len(header) else ""
+        head = header[column] if column < len(header) else ""
         if len(header) == 2 and column == 1:  # a label / value form reads as a 2-column table: both count
-            head += " " + cells[0][2]
-        return head + " " + text[cells[column][0]:pos]
+            head += " " + first
+        return head + " " + text[start:pos]
 
     def in_cell(self, pos: int) -> bool:
         return self._cell(pos) is not None
@@ -136,8 +147,8 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
                     j += 1
             data = [k for k in range(i + 1, j) if not rules[k]]
             # (a line no longer than MAX_CELL has no longer cell)
-            if data and all(len(c[2]) <= MAX_CELL for k in [i, *data] if len(lines[k][1]) > MAX_CELL
-                            for c in _split(lines[k], name)):
+            if data and all(len(c) <= MAX_CELL for k in [i, *data] if len(lines[k][1]) > MAX_CELL
+                            for c in _texts(lines[k][1], name)):
                 found = (name, j, data)
                 break
         if found is None:
@@ -145,7 +156,7 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
             continue
         name, j, data = found
         if not any(map(str.isdigit, lines[i][1])):  # else no header row (or a form whose first line holds a
-            header = _split(lines[i], name)         # value): the text before each number is its cue
+            header = _texts(lines[i][1], name)      # value): the text before each number is its cue
             new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of a row's handling)
             rows.extend(new(_Row, (lines[k][0], lines[k][0] + len(lines[k][1]), k, name, header)) for k in data)
             if name == ",":
@@ -164,26 +175,30 @@ def _count(line: str, name: str) -> int:
     return n + 1 if n and line.strip() else 0
 
 
-def _split(line: tuple[int, str], name: str) -> list[tuple[int, int, str]]:
-    """(start, end, text) of each cell of a line, in whole-text offsets."""
-    base, text = line
-    if name == "|":
-        stripped = text.strip()
-        lead = text.index(stripped) if stripped else 0
-        if stripped.startswith("|"):
-            lead += 1
-        inner = stripped.strip("|")
-        base, text = base + lead, inner
-    out = []
+def _inner(base: int, line: str) -> tuple[int, str]:
+    """Where a Markdown row's cells start, and the row without its outer pipes."""
+    stripped = line.strip()
+    lead = line.index(stripped) if stripped else 0
+    if stripped.startswith("|"):
+        lead += 1
+    return base + lead, stripped.strip("|")
+
+
+def _texts(line: str, name: str) -> list[str]:
+    """The text of each cell of a line."""
     if name == "  ":
-        at = 0
-        for m in _SPACES.finditer(text):
-            out.append((base + at, base + m.start(), text[at:m.start()].strip()))
-            at = m.end()
-        out.append((base + at, base + len(text), text[at:].strip()))
-        return out
-    at = base
-    for part in text.split(name):
-        out.append((at, at + len(part), part.strip()))
-        at += len(part) + 1
+        return [cell.strip() for cell in _SPACES.split(line)]
+    if name == "|":
+        line = _inner(0, line)[1]
+    return [cell.strip() for cell in line.split(name)]
+
+
+def _split(line: tuple[int, str], name: str) -> list[tuple[int, int, str]]:
+    """(start, end, text) of each cell of a line of aligned columns, in whole-text offsets."""
+    base, text = line
+    out, at = [], 0
+    for m in _SPACES.finditer(text):
+        out.append((base + at, base + m.start(), text[at:m.start()].strip()))
+        at = m.end()
+    out.append((base + at, base + len(text), text[at:].strip()))
     return out
