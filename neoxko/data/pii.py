@@ -12,6 +12,7 @@ Digits are matched with explicit look-arounds, never \\b, which fails next to Ha
 
 import datetime
 import itertools
+import operator
 import re
 import time
 from collections import Counter
@@ -90,34 +91,51 @@ def find_pii(text: str) -> list[Span]:
     # Most text has no account word or bank name anywhere: then it holds no account (the cheap test first)
     accounts = CUE_KINDS["acc"].search(ctx.text) is not None
     found: list[_Candidate] = []
-    for a, b, digits in windows:  # accounts, RRNs, phones: the order ties are broken in (windows never overlap)
+    for a, b, digits, shapes in windows:  # accounts, RRNs, phones: the order ties are broken in (never overlapping)
         if accounts and digits >= 10:
             _accounts(ctx, a, b, found)
-        if digits >= 13:
+        if shapes & _MAY_RRN:
             _rrns(ctx, a, b, found)
-        _phones(ctx, a, b, found)
+        if shapes & _MAY_PHONE:
+            _phones(ctx, a, b, found)
+        if shapes & _MAY_REPRESENTATIVE:
+            _representatives(ctx, a, b, found)
     return _resolve(found)
 
 
-def _windows(text: str) -> list[tuple[int, int, int]]:
-    """The pre-scan: (start, end, digits) around the numbers of 8 or more digits that are not dates, the only
-    places the rules look. Windows never overlap, nor end inside a number."""
-    windows: list[tuple[int, int, int]] = []
+# What a number's digit groups allow (a match of each shape lies within one candidate and starts a group): a phone
+# starts with 0 or 8 (82-..., +82), a representative number holds a dash, an RRN is 13 digits or 6 and 7.
+_MAY_PHONE, _MAY_REPRESENTATIVE, _MAY_RRN = 1, 2, 4
+_PHONE_GROUP = re.compile("(?<![0-9])[08]")
+_RRN_GROUPS = re.compile("(?<![0-9])[0-9]{6}(?:[^0-9]{1,3})?[0-9]{7}(?![0-9])")
+
+
+def _windows(text: str) -> list[tuple[int, int, int, int]]:
+    """The pre-scan: (start, end, digits, shapes) around the numbers of 8 or more digits that are not dates, the
+    only places the rules look, and which rules can match there. Windows never overlap, nor end inside a number."""
+    windows: list[tuple[int, int, int, int]] = []
     size = len(text)
     for m in _CANDIDATE.finditer(text):
         start, end = m.span()
         number = m.group()
-        digits = end - start if number.isdigit() else len(number.translate(_SEPARATORS_OUT))
-        if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (a date: 8 at most)
-            continue
+        if number.isdigit():
+            digits = end - start
+            if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (8 at most)
+                continue
+            shapes = (number[0] in "08") | (digits == 13) << 2
+        else:
+            digits = len(number.translate(_SEPARATORS_OUT))
+            if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):
+                continue
+            shapes = _MAY_PHONE | ("-" in number) << 1 | (digits >= 13) << 2
         a, b = start - 4 if start > 4 else 0, end + 4
         if b < size and text[b - 1] in _DIGITS:  # not inside the next number: after it
             b = min(_DIGIT_RUN.match(text, b - 1).end() + 1, size)  # type: ignore[union-attr]
         if windows and a <= windows[-1][1]:
             last = windows[-1]
-            windows[-1] = (last[0], b, digits if digits > last[2] else last[2])
+            windows[-1] = (last[0], b, digits if digits > last[2] else last[2], last[3] | shapes)
         else:
-            windows.append((a, b, digits))
+            windows.append((a, b, digits, shapes))
     return windows
 
 
@@ -303,15 +321,19 @@ def _is_korean_ean13(digits: str, raw: str) -> bool:
 def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
     text = ctx.text
     for m in _PHONE.finditer(text, a, b):
-        plain, sep1, sep2, intl, intl00, intl82 = m.group("plain", "sep1", "sep2", "intl", "intl00", "intl82")
-        contiguous = plain and not sep1 and not sep2
-        mobile = (plain or intl or intl00 or intl82 or "").startswith("1")
         start = m.start()
         cue, vetoed = ctx.judge("tel", start, 20)
-        phone_word = cue is not None
-        if vetoed or contiguous and not mobile and not phone_word:
-            continue  # (contiguous: 10-digit customer numbers starting with 0 look like landlines)
-        found.append((2 + phone_word, start, m.end(), "tel"))
+        if vetoed:
+            continue
+        if cue is None:  # a contiguous landline needs a phone word (10-digit customer numbers starting with 0)
+            plain, sep1, sep2 = m.group("plain", "sep1", "sep2")
+            if plain and not sep1 and not sep2 and not plain.startswith("1"):
+                continue
+        found.append((2 + (cue is not None), start, m.end(), "tel"))
+
+
+def _representatives(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
+    text = ctx.text
     for m in _REPRESENTATIVE.finditer(text, a, b):
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
         start, end = m.span()
@@ -320,12 +342,15 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
             found.append((2, start, end, "tel"))
 
 
+_START_OF = operator.itemgetter(1)
+
+
 def _resolve(candidates: list[_Candidate]) -> list[Span]:
     """Keep the most confident of overlapping candidates (ties: the longer span, then the earlier one)."""
     new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of this function)
-    if len(candidates) == 1:
-        return [new(Span, candidates[0][1:])]
-    by_start = sorted(candidates, key=lambda c: c[1])
+    if len(candidates) <= 1:  # (most lines)
+        return [new(Span, candidates[0][1:])] if candidates else []
+    by_start = sorted(candidates, key=_START_OF)
     if all(a[2] <= b[1] for a, b in itertools.pairwise(by_start)):  # nothing overlaps: keep them all
         return [new(Span, c[1:]) for c in by_start]
     chosen: list[tuple[int, int, str]] = []
