@@ -65,7 +65,7 @@ _DATE_LIKE = re.compile(
 _ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
 _NON_DIGITS = re.compile("[^0-9]+")
 _DIGITS, _DIGIT_RUN = frozenset("0123456789"), re.compile("[0-9]*")
-_SEPARATORS_OUT = str.maketrans("", "", "-. ()+")  # a candidate without its separators: its digits
+_SEPARATOR_BYTES = b"-. ()+"  # a candidate's bytes without them: its digits (bytes.translate is fast, str's is not)
 # Digits with short separators between, from a digit that starts a run (a match never starts later) and only
 # where 8 characters could hold 8 digits: re runs through digit groups, not digit by digit; _windows counts them
 _CANDIDATE = re.compile(r"[0-9](?<![0-9].)(?=[-. ()+0-9]{7})[0-9]*+(?:[-. ()+]{1,3}+[0-9]++)*+")
@@ -103,11 +103,9 @@ def find_pii(text: str) -> list[Span]:
     return _resolve(found)
 
 
-# What a number's digit groups allow (a match of each shape lies within one candidate and starts a group): a phone
-# starts with 0 or 8 (82-..., +82), a representative number holds a dash, an RRN is 13 digits or 6 and 7.
+# Which rules a number allows (a match lies within one number and starts one of its digit groups): a phone starts
+# with 0 or 8 (82-..., +82), a representative number holds a dash, an RRN has 13 digits.
 _MAY_PHONE, _MAY_REPRESENTATIVE, _MAY_RRN = 1, 2, 4
-_PHONE_GROUP = re.compile("(?<![0-9])[08]")
-_RRN_GROUPS = re.compile("(?<![0-9])[0-9]{6}(?:[^0-9]{1,3})?[0-9]{7}(?![0-9])")
 
 
 def _windows(text: str) -> list[tuple[int, int, int, int]]:
@@ -122,9 +120,9 @@ def _windows(text: str) -> list[tuple[int, int, int, int]]:
             digits = end - start
             if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (8 at most)
                 continue
-            shapes = (number[0] in "08") | (digits == 13) << 2
+            shapes = (number[0] in "08") | (digits == 13) << 2  # (one group: the RRN is all of it)
         else:
-            digits = len(number.translate(_SEPARATORS_OUT))
+            digits = len(number.encode().translate(None, _SEPARATOR_BYTES))
             if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):
                 continue
             shapes = _MAY_PHONE | ("-" in number) << 1 | (digits >= 13) << 2
@@ -253,9 +251,9 @@ def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
         if end - start < 10:  # fewer than 10 characters cannot hold 10 digits
             continue
         number = m.group()
-        groups = [len(g) for g in _NON_DIGITS.split(number)]
-        if not 10 <= sum(groups) <= 16 or groups == [3, 2, 5]:  # 3-2-5 is a business registration number
-            continue
+        digits = end - start if number.isdigit() else len(number.encode().translate(None, _SEPARATOR_BYTES))
+        if not 10 <= digits <= 16 or digits == 10 and [len(g) for g in _NON_DIGITS.split(number)] == [3, 2, 5]:
+            continue  # (3-2-5 is a business registration number)
         if ". " in number or _DATE_LIKE.match(number) or _TIMESTAMP.fullmatch(number):
             continue  # "2016. 7. 23. 2013" is dates and 20021008011100 a time, not accounts
         cue = _account_cue(ctx, start, end, number)
@@ -272,9 +270,11 @@ def _rrns(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
         if vetoed:
             continue
         if cue is None:
-            number = m.group()
-            digits = _NON_DIGITS.sub("", number)
-            if len(set(digits)) <= 3 or _is_korean_ean13(digits, number):  # 1010101010110 is a pattern, not a person's
+            number = m.group()  # 1010101010110 is a pattern, not a person's; 880... a barcode
+            if number.isdigit():
+                if len(set(number)) <= 3 or _is_korean_ean13(number):
+                    continue
+            elif len(set(number.encode().translate(None, _SEPARATOR_BYTES))) <= 3:
                 continue
         found.append((4 if cue is not None else 2, start, m.end(), "rrn"))
 
@@ -310,9 +310,9 @@ def _today() -> datetime.date:
     return _day[1]
 
 
-def _is_korean_ean13(digits: str, raw: str) -> bool:
-    """A GS1 Korea barcode (880...) with a valid EAN-13 check digit, written without separators."""
-    if raw != digits or not digits.startswith("880"):
+def _is_korean_ean13(digits: str) -> bool:
+    """A GS1 Korea barcode (880...) with a valid EAN-13 check digit."""
+    if not digits.startswith("880"):
         return False
     total = sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(digits[:12]))
     return (10 - total % 10) % 10 == int(digits[12])
