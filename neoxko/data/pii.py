@@ -262,8 +262,10 @@ def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
 
 
 def _rrns(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
+    born = _births()
     for m in _RRN.finditer(ctx.text, a, b):
-        if not _born(m.group(1, 2, 3, 4)):
+        head = m.groups()
+        if not (born[head] if head in born else _born(head, born)):
             continue
         start = m.start()
         cue, vetoed = ctx.judge("rrn", start, 20)
@@ -279,21 +281,24 @@ def _rrns(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
         found.append((4 if cue is not None else 2, start, m.end(), "rrn"))
 
 
-def _born(head: tuple[str, str, str, str]) -> bool:
-    """Whether YY, MM, DD and the sex digit of an RRN are a real birth date, not after today (memoized: a few
-    thousand heads at most, and the date arithmetic costs more than the rest of a number's checks)."""
+def _births() -> dict[tuple[str, str, str, str], bool]:
+    """Today's memo of _born (a few thousand heads at most; the date arithmetic costs more than the rest of a
+    number's checks)."""
     today = _today()
     if _heads[0] != today:
         _heads[:] = [today, {}]
-    known = _heads[1].get(head)
-    if known is None:
-        yy, mm, dd, s = map(int, head)
-        try:
-            known = datetime.date((1900 if s in (1, 2, 5, 6) else 2000) + yy, mm, dd) <= today
-        except ValueError:
-            known = False
-        _heads[1][head] = known
-    return known
+    return _heads[1]
+
+
+def _born(head: tuple[str, str, str, str], memo: dict) -> bool:
+    """Whether YY, MM, DD and the sex digit of an RRN are a real birth date, not after today."""
+    yy, mm, dd, s = map(int, head)
+    try:
+        born = datetime.date((1900 if s in (1, 2, 5, 6) else 2000) + yy, mm, dd) <= _heads[0]
+    except ValueError:
+        born = False
+    memo[head] = born
+    return born
 
 
 _heads: list = [None, {}]  # (the day the memo holds for, head -> born)

@@ -44,12 +44,12 @@ class Structure:
 
     def __init__(self, text: str):
         self.rows: list[_Row] = []
-        self.lines: list[tuple[int, str]] = []
+        self.lines: list[str] = []
         self.cells: dict[int, list[tuple[int, int, str]]] = {}  # aligned row line -> its cells, as asked for
-        if "\n" in text and "\n" in text.rstrip("\n"):
+        if "\n" in text.rstrip("\n"):  # (two lines at least)
             self.lines, csv = _tables(text, self.rows)
             if csv:  # a CSV cell's comma ends a number: "010-1234-5678,840..." is two values, not 5,840
-                lines = [line for _, line in self.lines]
+                lines = self.lines.copy()
                 for k in csv:
                     lines[k] = lines[k].replace(",", "\t")
                 text = "\n".join(lines)
@@ -67,12 +67,12 @@ class Structure:
         if name == "  ":  # aligned columns: split the row once
             cells = self.cells.get(row.line)
             if cells is None:
-                cells = self.cells[row.line] = _split(self.lines[row.line], name)
+                cells = self.cells[row.line] = _split(row.start, self.lines[row.line])
             for column, (start, end, _) in enumerate(cells):
                 if start <= pos < end:
                     return row, column, start, cells[0][2]
             return None
-        base, inner = self.lines[row.line]
+        base, inner = row.start, self.lines[row.line]
         if name == "|":
             base, inner = _inner(base, inner)
         at = pos - base  # a one-character splitter: the cell is what lies between the splitters around pos
@@ -117,20 +117,18 @@ def open_keys(text: str) -> str:
     return "".join(parts) + text[last:]
 
 
-def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[int]]:
-    """The lines of text (start, line) and the indexes of the lines of CSV tables; each table's data rows go
-    into rows."""
-    lines, at, parts = [], 0, text.split("\n")
-    for line in parts:
-        lines.append((at, line))
-        at += len(line) + 1
-    rules = [bool("---" in line and _RULE.match(line)) for line in parts] if "---" in text else [False] * len(parts)
+def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
+    """The lines of text and the indexes of the lines of CSV tables; each table's data rows go into rows."""
+    lines = text.split("\n")
+    count = len(lines)
+    rules = [bool("---" in line and _RULE.match(line)) for line in lines] if "---" in text else [False] * count
     csv: list[int] = []
-    i = 0
-    while i < len(lines):
-        found, line = None, lines[i][1]
+    i = at = 0  # a line and where it starts
+    while i < count:
+        found, line = None, lines[i]
         if "\t" not in line and "|" not in line and "," not in line and "  " not in line:
             i += 1  # (most lines)
+            at += len(line) + 1
             continue
         for name in _SPLITTERS:
             if name not in line:
@@ -140,27 +138,36 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[tuple[int, str]], list[in
                 continue
             j = i + 1
             if name in "\t,":  # (the common tables, counted inline)
-                while j < len(lines) and (rules[j] or lines[j][1].count(name) == n - 1 and lines[j][1].strip()):
+                while j < count and (rules[j] or lines[j].count(name) == n - 1 and lines[j].strip()):
                     j += 1
             else:
-                while j < len(lines) and (rules[j] or _count(lines[j][1], name) == n):
+                while j < count and (rules[j] or _count(lines[j], name) == n):
                     j += 1
-            data = [k for k in range(i + 1, j) if not rules[k]]
             # (a line no longer than MAX_CELL has no longer cell)
-            if data and all(len(c) <= MAX_CELL for k in [i, *data] if len(lines[k][1]) > MAX_CELL
-                            for c in _texts(lines[k][1], name)):
-                found = (name, j, data)
+            if j > i + 1 and not all(rules[i + 1:j]) and all(
+                    len(c) <= MAX_CELL for k in range(i, j) if len(lines[k]) > MAX_CELL and (k == i or not rules[k])
+                    for c in _texts(lines[k], name)):
+                found = (name, j)
                 break
         if found is None:
             i += 1
+            at += len(line) + 1
             continue
-        name, j, data = found
-        if not any(map(str.isdigit, lines[i][1])):  # else no header row (or a form whose first line holds a
-            header = _texts(lines[i][1], name)      # value): the text before each number is its cue
+        name, j = found
+        at += len(line) + 1
+        if any(map(str.isdigit, line)):  # no header row (or a form whose first line holds a value): the text
+            for k in range(i + 1, j):      # before each number is its cue
+                at += len(lines[k]) + 1
+        else:
+            header = _texts(line, name)
             new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of a row's handling)
-            rows.extend(new(_Row, (lines[k][0], lines[k][0] + len(lines[k][1]), k, name, header)) for k in data)
+            for k in range(i + 1, j):
+                end = at + len(lines[k])
+                if not rules[k]:
+                    rows.append(new(_Row, (at, end, k, name, header)))
+                at = end + 1
             if name == ",":
-                csv.extend([i, *data])
+                csv.extend(k for k in range(i, j) if k == i or not rules[k])
         i = j
     return lines, csv
 
@@ -193,12 +200,11 @@ def _texts(line: str, name: str) -> list[str]:
     return [cell.strip() for cell in line.split(name)]
 
 
-def _split(line: tuple[int, str], name: str) -> list[tuple[int, int, str]]:
-    """(start, end, text) of each cell of a line of aligned columns, in whole-text offsets."""
-    base, text = line
+def _split(base: int, line: str) -> list[tuple[int, int, str]]:
+    """(start, end, text) of each cell of a line of aligned columns that starts at base."""
     out, at = [], 0
-    for m in _SPACES.finditer(text):
-        out.append((base + at, base + m.start(), text[at:m.start()].strip()))
+    for m in _SPACES.finditer(line):
+        out.append((base + at, base + m.start(), line[at:m.start()].strip()))
         at = m.end()
-    out.append((base + at, base + len(text), text[at:].strip()))
+    out.append((base + at, base + len(line), line[at:].strip()))
     return out
