@@ -112,8 +112,8 @@ def _windows(text: str) -> list[tuple[int, int, int, int]]:
     """The pre-scan: (start, end, digits, shapes) around the numbers of 8 or more digits that are not dates, the
     only places the rules look, and which rules can match there. Windows never overlap, nor end inside a number."""
     windows: list[tuple[int, int, int, int]] = []
-    size = len(text)
-    for m in _CANDIDATE.finditer(text):
+    size, search, end = len(text), _CANDIDATE.search, 0
+    while (m := search(text, end)) is not None:  # (a search loop costs less than finditer's iterator)
         start, end = m.span()
         number = m.group()
         if number.isdigit():
@@ -180,8 +180,10 @@ class _Context:
                 found = self.seen[pos] = self.seen[before]
                 return found
             found, n = {}, len(before)
-            for m in ALL_CUES.finditer(before):
-                hit = (m.group(), n - m.end(), 0 if cell else n - m.start(), before)
+            search, at = ALL_CUES.search, 0
+            while (m := search(before, at)) is not None:
+                start, at = m.span()
+                hit = (m.group(), n - at, 0 if cell else n - start, before)
                 for kind in kinds(hit[0]):
                     found[kind] = hit
             self.seen[pos] = found
@@ -246,7 +248,8 @@ def _account_cue(ctx: _Context, start: int, end: int, number: str) -> int | None
 
 
 def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
-    for m in _DIGIT_GROUPS.finditer(ctx.text, a, b):
+    search, end = _DIGIT_GROUPS.search, a
+    while (m := search(ctx.text, end, b)) is not None:
         start, end = m.span()
         if end - start < 10:  # fewer than 10 characters cannot hold 10 digits
             continue
@@ -262,12 +265,12 @@ def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
 
 
 def _rrns(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
-    born = _births()
-    for m in _RRN.finditer(ctx.text, a, b):
+    born, search, at = _births(), _RRN.search, a
+    while (m := search(ctx.text, at, b)) is not None:
+        start, at = m.span()
         head = m.groups()
         if not (born[head] if head in born else _born(head, born)):
             continue
-        start = m.start()
         cue, vetoed = ctx.judge("rrn", start, 20)
         if vetoed:
             continue
@@ -278,7 +281,7 @@ def _rrns(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
                     continue
             elif len(set(number.encode().translate(None, _SEPARATOR_BYTES))) <= 3:
                 continue
-        found.append((4 if cue is not None else 2, start, m.end(), "rrn"))
+        found.append((4 if cue is not None else 2, start, at, "rrn"))
 
 
 def _births() -> dict[tuple[str, str, str, str], bool]:
@@ -325,8 +328,9 @@ def _is_korean_ean13(digits: str) -> bool:
 
 def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
     text = ctx.text
-    for m in _PHONE.finditer(text, a, b):
-        start = m.start()
+    search, at = _PHONE.search, a
+    while (m := search(text, at, b)) is not None:
+        start, at = m.span()
         cue, vetoed = ctx.judge("tel", start, 20)
         if vetoed:
             continue
@@ -334,12 +338,13 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
             plain, sep1, sep2 = m.group("plain", "sep1", "sep2")
             if plain and not sep1 and not sep2 and not plain.startswith("1"):
                 continue
-        found.append((2 + (cue is not None), start, m.end(), "tel"))
+        found.append((2 + (cue is not None), start, at, "tel"))
 
 
 def _representatives(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
     text = ctx.text
-    for m in _REPRESENTATIVE.finditer(text, a, b):
+    search, end = _REPRESENTATIVE.search, a
+    while (m := search(text, end, b)) is not None:
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
         start, end = m.span()
         cue, vetoed = ctx.judge("rep", start, 12)
