@@ -257,7 +257,7 @@ def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
         digits = end - start if number.isdigit() else len(number.encode().translate(None, _SEPARATOR_BYTES))
         if not 10 <= digits <= 16 or digits == 10 and [len(g) for g in _NON_DIGITS.split(number)] == [3, 2, 5]:
             continue  # (3-2-5 is a business registration number)
-        if ". " in number or _DATE_LIKE.match(number) or _TIMESTAMP.fullmatch(number):
+        if ". " in number or number[:2] in ("19", "20") and (_DATE_LIKE.match(number) or _TIMESTAMP.fullmatch(number)):
             continue  # "2016. 7. 23. 2013" is dates and 20021008011100 a time, not accounts
         cue = _account_cue(ctx, start, end, number)
         if cue is not None:
