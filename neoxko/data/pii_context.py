@@ -133,33 +133,35 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
         for name in _SPLITTERS:
             if name not in line:
                 continue
-            n = _count(line, name)
+            head = _cells(line, name)
+            n = len(head)
             if n < 2:
                 continue
-            j = i + 1
+            j, split = i + 1, {i: head}  # (each line is split once)
             if name in "\t,":  # (the common tables, counted inline)
                 while j < count and (rules[j] or lines[j].count(name) == n - 1 and lines[j].strip()):
                     j += 1
             else:
-                while j < count and (rules[j] or _count(lines[j], name) == n):
+                while j < count and (rules[j] or len(split.setdefault(j, _cells(lines[j], name))) == n):
                     j += 1
             # (a line no longer than MAX_CELL has no longer cell)
             if j > i + 1 and not all(rules[i + 1:j]) and all(
-                    len(c) <= MAX_CELL for k in range(i, j) if len(lines[k]) > MAX_CELL and (k == i or not rules[k])
-                    for c in _texts(lines[k], name)):
-                found = (name, j)
+                    len(c.strip()) <= MAX_CELL for k in range(i, j)
+                    if len(lines[k]) > MAX_CELL and (k == i or not rules[k])
+                    for c in (split[k] if k in split else _cells(lines[k], name))):
+                found = (name, j, head)
                 break
         if found is None:
             i += 1
             at += len(line) + 1
             continue
-        name, j = found
+        name, j, head = found
         at += len(line) + 1
         if any(map(str.isdigit, line)):  # no header row (or a form whose first line holds a value): the text
             for k in range(i + 1, j):      # before each number is its cue
                 at += len(lines[k]) + 1
         else:
-            header = _texts(line, name)
+            header = [cell.strip() for cell in head]
             new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of a row's handling)
             for k in range(i + 1, j):
                 end = at + len(lines[k])
@@ -172,14 +174,13 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
     return lines, csv
 
 
-def _count(line: str, name: str) -> int:
-    """How many cells line splits into by name (0 where it does not split)."""
+def _cells(line: str, name: str) -> list[str]:
+    """The cells of a line split by name, not stripped; none where it does not split."""
     if name == "  ":
-        return len(_SPACES.split(line)) if "  " in line.strip() else 0
+        return _SPACES.split(line) if "  " in line.strip() else []
     if name == "|":
         line = line.strip().strip("|")
-    n = line.count(name)
-    return n + 1 if n and line.strip() else 0
+    return line.split(name) if name in line and line.strip() else []
 
 
 def _inner(base: int, line: str) -> tuple[int, str]:
@@ -189,15 +190,6 @@ def _inner(base: int, line: str) -> tuple[int, str]:
     if stripped.startswith("|"):
         lead += 1
     return base + lead, stripped.strip("|")
-
-
-def _texts(line: str, name: str) -> list[str]:
-    """The text of each cell of a line."""
-    if name == "  ":
-        return [cell.strip() for cell in _SPACES.split(line)]
-    if name == "|":
-        line = _inner(0, line)[1]
-    return [cell.strip() for cell in line.split(name)]
 
 
 def _split(base: int, line: str) -> list[tuple[int, int, str]]:
