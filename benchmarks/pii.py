@@ -99,7 +99,7 @@ def main():
     print(f"\n| text | MB | {heads} |" + (" ratio |" if len(tools) > 1 else ""))
     print("|---|---:|" + "---:|" * (len(tools) + (len(tools) > 1)))
     for name, texts in samples.items():
-        speeds = {tool: throughput(find, texts, 3 if tool == "neoxko" else 1) for tool, find in tools.items()}
+        speeds = {tool: throughput(find, texts, 5 if tool == "neoxko" else 1) for tool, find in tools.items()}
         size = sum(len(t.encode()) for t in texts) / 1e6
         ratio = f" {speeds['neoxko'] / speeds['ko-pii']:.1f}x |" if "ko-pii" in speeds else ""
         print(f"| {name} | {size:.2f} | " + " | ".join(f"{v:.2f}" for v in speeds.values()) + " |" + ratio)
