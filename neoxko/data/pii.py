@@ -191,27 +191,13 @@ class _Context:
                 self.seen[before] = found
         return found
 
-    def last(self, kind: str, pos: int, window: int) -> tuple[str, int, int, str] | None:
-        """The last cue of a kind that starts within window characters before the number at pos."""
-        hit = (self.seen.get(pos) or self.cues(pos)).get(kind)
-        return None if hit is None or hit[2] > window else hit
-
-    def near(self, kind: str, pos: int, window: int) -> int | None:
-        """Distance from the last cue of a kind to the number at pos, or None."""
-        hit = (self.seen.get(pos) or self.cues(pos)).get(kind)
-        return None if hit is None or hit[2] > window else hit[1]
-
     def judge(self, kind: str, pos: int, window: int) -> tuple[int | None, bool]:
-        """near(kind, pos, window), and whether a not-PII word is closer than that cue (vetoed), in one look."""
+        """The distance from the last cue of a kind that starts within window characters before the number at
+        pos (or None), and whether a not-PII word (order number, barcode...) is closer than that cue."""
         found = self.seen.get(pos) or self.cues(pos)
         hit, veto = found.get(kind), found.get("veto")
         cue = None if hit is None or hit[2] > window else hit[1]
         return cue, veto is not None and veto[2] <= _VETO_WINDOW and (cue is None or veto[1] < cue)
-
-    def vetoed(self, start: int, cue: int | None = None) -> bool:
-        """A not-PII word (order number, barcode...) closer to the number than its cue word."""
-        veto = (self.seen.get(start) or self.cues(start)).get("veto")
-        return veto is not None and veto[2] <= _VETO_WINDOW and (cue is None or veto[1] < cue)
 
 
 def _account_cue(ctx: _Context, start: int, end: int, number: str) -> int | None:
