@@ -92,7 +92,7 @@ def test_stream_command_bad_input(tmp_path):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_streamed_masking_equals_whole_text_masking_and_never_leaks_early(seed):
-    from neoxko.data.pii import PIIStream
+    from neoxko.data.pii_stream import PIIStream
 
     rng = random.Random(seed)
     for text, spans in read_cases():
@@ -116,7 +116,7 @@ def test_streamed_masking_equals_whole_text_masking_and_never_leaks_early(seed):
 ])
 def test_an_echoed_prompt_keeps_its_pii_masked_whatever_the_model_adds(prompt, continuation):
     """`echo` with `mask_pii`: digits the model appends must not turn the prompt's number into a non-match."""
-    from neoxko.data.pii import PIIStream
+    from neoxko.data.pii_stream import PIIStream
 
     guard = PIIStream()
     out = guard.push_prompt(prompt) + "".join(guard.push(c) for c in continuation) + guard.flush()
@@ -187,7 +187,7 @@ def test_structure_and_the_new_kinds(text, expected):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_stream_guard_equals_whole_text_masking_on_tables_and_machine_text(seed):
-    from neoxko.data.pii import PIIStream
+    from neoxko.data.pii_stream import PIIStream
 
     records, _ = _generated(11, 140)
     rng = random.Random(seed)

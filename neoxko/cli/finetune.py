@@ -68,7 +68,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from neoxko import chat_template
     from neoxko.checkpoint import load_model, resolve
     from neoxko.cli.models import compute_dtype
-    from neoxko.data.pii import PIIStream
+    from neoxko.data.pii_stream import PIIStream
     from neoxko.generate import Sampling, stream
     from neoxko.tokenizer import load_tokenizer
 

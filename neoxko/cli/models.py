@@ -96,7 +96,7 @@ def compute_dtype(args: argparse.Namespace) -> str | None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from neoxko.checkpoint import load_model
-    from neoxko.data.pii import PIIStream
+    from neoxko.data.pii_stream import PIIStream
     from neoxko.generate import Sampling, stream
     from neoxko.tokenizer import load_tokenizer
 

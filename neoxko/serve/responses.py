@@ -5,7 +5,7 @@ import time
 import uuid
 from collections import Counter
 
-from neoxko.data.pii import PIIStream
+from neoxko.data.pii_stream import PIIStream
 from neoxko.generate import StopStrings
 from neoxko.serve.engine import Finished, Request
 from neoxko.serve.protocol import ApiError, Job
