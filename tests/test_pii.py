@@ -180,6 +180,13 @@ def test_held_out_generated_text_meets_the_targets():
     ("송금: 도이치은행 123-456789-012", "송금: 도이치은행 <|acc|>"),
     ("의약품 표준코드 8806123456781 재고", "의약품 표준코드 8806123456781 재고"),
     ("승인번호 16422062, ISSN 1598-1234, 이순신(1545-1598)", "승인번호 16422062, ISSN 1598-1234, 이순신(1545-1598)"),
+    # a quoted CSV field holds its own commas: the columns still line up with their header
+    ('이름,금액,법인등록번호\n권혁진,"286,650원",110111-8591992\n조은비,"1,935,296원",134511-7804683\n',
+     '이름,금액,법인등록번호\n권혁진,"286,650원",110111-8591992\n조은비,"1,935,296원",134511-7804683\n'),
+    ('이름,"메모, 비고",연락처\n김민수,"부재 시, 문자",010-1234-5678\n', '이름,"메모, 비고",연락처\n김민수,"부재 시, 문자",<|tel|>\n'),
+    # 14 digits that read as a date and a time are a timestamp (POLICY.md); 12 after an account word, an account
+    ("bank=광주은행; 계좌=197401012138;", "bank=광주은행; 계좌=<|acc|>;"),
+    ("급여계좌: 부산은행 790-2594-2317-68\n일시: 20240318150926", "급여계좌: 부산은행 <|acc|>\n일시: 20240318150926"),
 ])
 def test_structure_and_the_new_kinds(text, expected):
     assert replace_pii(text) == expected

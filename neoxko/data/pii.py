@@ -57,8 +57,9 @@ _DIGIT_GROUPS = re.compile("[0-9]" + _START + r"[0-9]{0,15}(?:" + _SEP + r"[0-9]
 
 _CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
 _BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{BANK}")
+# A 14-digit timestamp (POLICY.md); twelve digits that read as a date and a time may be an account
 _TIMESTAMP = re.compile(r"(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9]"
-                        r"(?:[0-5][0-9])?")
+                        r"[0-5][0-9]")
 _DATE_LIKE = re.compile(
     r"(?:19|20)[0-9]{2}[ ]?[-.][ ]?(?:0?[1-9]|1[0-2])[ ]?[-.][ ]?(?:0?[1-9]|[12][0-9]|3[01])(?![0-9])")
 

@@ -51,7 +51,7 @@ class Structure:
             if csv:  # a CSV cell's comma ends a number: "010-1234-5678,840..." is two values, not 5,840
                 lines = self.lines.copy()
                 for k in csv:
-                    lines[k] = lines[k].replace(",", "\t")
+                    lines[k] = lines[k].replace(",", "\t") if '"' not in lines[k] else _unquoted_tabs(lines[k])
                 text = "\n".join(lines)
         self.starts = [row.start for row in self.rows]
         self.text = text
@@ -75,6 +75,13 @@ class Structure:
         base, inner = row.start, self.lines[row.line]
         if name == "|":
             base, inner = _inner(base, inner)
+        elif name == "," and '"' in inner:  # a quoted field's commas are its own
+            at, commas = pos - base, _csv_commas(inner)
+            if at < 0 or at >= len(inner) or at in commas:
+                return None
+            column = bisect_right(commas, at)
+            first = inner[:commas[0]] if commas else inner
+            return row, column, base + (commas[column - 1] + 1 if column else 0), first.strip()
         at = pos - base  # a one-character splitter: the cell is what lies between the splitters around pos
         if at < 0 or at >= len(inner) or inner[at] == name:
             return None
@@ -138,7 +145,7 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
             if n < 2:
                 continue
             j, split = i + 1, {i: head}  # (each line is split once)
-            if name in "\t,":  # (the common tables, counted inline)
+            if name == "\t" or name == "," and '"' not in text:  # (the common tables, counted inline)
                 while j < count and (rules[j] or lines[j].count(name) == n - 1 and lines[j].strip()):
                     j += 1
             else:
@@ -180,7 +187,29 @@ def _cells(line: str, name: str) -> list[str]:
         return _SPACES.split(line) if "  " in line.strip() else []
     if name == "|":
         line = line.strip().strip("|")
+    elif name == "," and '"' in line:  # RFC 4180: a field in double quotes may hold commas
+        commas = _csv_commas(line)
+        return [line[a + 1:b] for a, b in zip([-1, *commas], [*commas, len(line)])] if commas and line.strip() else []
     return line.split(name) if name in line and line.strip() else []
+
+
+def _csv_commas(line: str) -> list[int]:
+    """Where the commas that separate a CSV line's fields are (not those inside a quoted field)."""
+    commas, quoted = [], False
+    for at, char in enumerate(line):
+        if char == '"':
+            quoted = not quoted  # ("" inside a quoted field turns it off and on again)
+        elif char == "," and not quoted:
+            commas.append(at)
+    return commas
+
+
+def _unquoted_tabs(line: str) -> str:
+    """A CSV line with its separating commas made tabs (the same length)."""
+    chars = list(line)
+    for at in _csv_commas(line):
+        chars[at] = "\t"
+    return "".join(chars)
 
 
 def _inner(base: int, line: str) -> tuple[int, str]:

@@ -211,7 +211,8 @@ def _table(sep: str, r, line, name, labels, markdown=False, aligned=False):
     for row in rows:
         line.add("| " if markdown else "")
         for i, (value, span) in enumerate(row):
-            line.pii(value, span)
+            quoted = sep == "," and "," in value  # (as CSV writers do: "1,234,000원")
+            line.add('"' if quoted else "").pii(value, span).add('"' if quoted else "")
             if aligned:
                 line.add(" " * max(2, width - len(value)))
             elif i < len(row) - 1:

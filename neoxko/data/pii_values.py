@@ -14,6 +14,11 @@ def random_digits(r: random.Random, n: int) -> str:
     return "".join(r.choice("0123456789") for _ in range(n))
 
 
+def clock(digits: str) -> str:
+    """Four random digits as a real minute and second (a 14-digit timestamp's last four)."""
+    return f"{int(digits[:2]) % 60:02d}{int(digits[2:]) % 60:02d}"
+
+
 def rrn(r: random.Random, foreign: bool = False) -> str:
     """13 digits: a real birth date, digit 7 by century and sex, a legacy tail with its check digit or a
     post-2020 random one."""
@@ -152,7 +157,7 @@ def negative(r: random.Random) -> tuple[str, str]:
         lambda: ("고객번호", "0" + random_digits(r, 9)),
         lambda: ("회원번호", random_digits(r, 12)),
         lambda: ("예약번호", f"{random_digits(r, 4)}-{random_digits(r, 4)}-{random_digits(r, 4)}"),
-        lambda: ("일시", f"{y}{r.randint(1, 12):02d}{r.randint(1, 28):02d}{r.randint(0, 23):02d}{random_digits(r, 4)}"),
+        lambda: ("일시", f"{y}{r.randint(1, 12):02d}{r.randint(1, 28):02d}{r.randint(0, 23):02d}{clock(random_digits(r, 4))}"),
         lambda: ("기간", f"{y}-{r.randint(1, 12):02d}-{r.randint(1, 28):02d} ~ {y}.{r.randint(1, 12)}.{r.randint(1, 28)}"),  # noqa: E501
         lambda: ("금액", f"{r.randint(1, 999):,},{r.randint(0, 999):03d}원"),
         lambda: ("생몰", f"({r.randint(1500, 1700)}-{r.randint(1701, 1800)})"),
