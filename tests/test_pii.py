@@ -233,3 +233,15 @@ def test_pii_generate_refuses_bad_counts(tmp_path):
 def test_key_value_keys_open_only_pii_keys(text, opened):
     from neoxko.data.pii_context import open_keys
     assert open_keys(text) == opened
+
+
+@pytest.mark.parametrize("line", [
+    'a,b,c', '권혁진,"286,650원",110111-8591992', '"a ""quoted"", b",2,3', '"",x,"y,z"', 'one,"two, three, four"',
+])
+def test_csv_rows_split_as_the_csv_module_reads_them(line):
+    import csv
+
+    from neoxko.data.pii_context import _cells
+    expected = next(csv.reader([line]))
+    cells = [c[1:-1].replace('""', '"') if c.startswith('"') else c for c in _cells(line, ",")]
+    assert cells == expected

@@ -119,14 +119,12 @@ def _windows(text: str) -> list[tuple[int, int, int, int]]:
         number = m.group()
         if number.isdigit():
             digits = end - start
-            if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (8 at most)
-                continue
             shapes = (number[0] in "08") | (digits == 13) << 2  # (one group: the RRN is all of it)
         else:
             digits = len(number.encode().translate(None, _SEPARATOR_BYTES))
-            if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):
-                continue
             shapes = _MAY_PHONE | ("-" in number) << 1 | (digits >= 13) << 2
+        if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (a date: 8 at most)
+            continue
         a, b = start - 4 if start > 4 else 0, end + 4
         if b < size and text[b - 1] in _DIGITS:  # not inside the next number: after it
             b = min(_DIGIT_RUN.match(text, b - 1).end() + 1, size)  # type: ignore[union-attr]

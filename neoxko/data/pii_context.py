@@ -189,7 +189,9 @@ def _cells(line: str, name: str) -> list[str]:
         line = line.strip().strip("|")
     elif name == "," and '"' in line:  # RFC 4180: a field in double quotes may hold commas
         commas = _csv_commas(line)
-        return [line[a + 1:b] for a, b in zip([-1, *commas], [*commas, len(line)])] if commas and line.strip() else []
+        if not commas or not line.strip():
+            return []
+        return [line[a + 1:b] for a, b in zip([-1, *commas], [*commas, len(line)], strict=True)]
     return line.split(name) if name in line and line.strip() else []
 
 
