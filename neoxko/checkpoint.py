@@ -120,12 +120,13 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
             raise CheckpointError(f"{folder} is already int4; int8 quantizes from the float checkpoint")
     dtype = parse_dtype(dtype)
     tied_head = _quant_config(folder).get("tied_head", "int8")  # files from before 0.2 have an int8 tied head
+    kernel = None if torch.device(device).type == "cpu" else False  # neoxko's kernels are for the CPU
     with torch.device("meta"):
         model = GPTNeoX(config)
         if method == INT4_METHOD:
-            quantize_model(model, empty=True, bits=4, group_size=stored)
+            quantize_model(model, empty=True, bits=4, group_size=stored, kernel=kernel)
         elif method:
-            quantize_model(model, empty=True, tied_head=tied_head)
+            quantize_model(model, empty=True, tied_head=tied_head, kernel=kernel)
     tied = config.tie_word_embeddings and (not method or tied_head == "float" or method == INT4_METHOD)
     shapes = {name: p.shape for name, p in model.state_dict().items()}
     loaded = {name: _aligned(tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else

@@ -57,12 +57,28 @@ class Hardware:
         why_int8 = ("fused into one pass over the weights, about 2x torch's kernel on AVX-512" if self.fused_int8
                     else "the fused reduction compiles to code slower than the eager kernel without AVX-512 "
                          "(measured 1.42 against 8.26 tok/s on an AVX2 CPU)")
+        from neoxko import kernels
+
+        isa = kernels.isa()
+        if isa:
+            built = (f"built for this CPU ({isa}): bf16 layers at 1-16 rows, every int8 layer, int4 in groups of "
+                     "64-256", "torch's matrix-vector kernels reach a third to two thirds of the memory bandwidth "
+                     "(README); the int8 and int4 ones quantize activations to int8 per 128 inputs (NEOXKO_KERNELS=0 "
+                     "switches them off)")
+        else:
+            built = ("not used: torch's kernels run every layer", kernels.why_not())
+        spin = os.environ.get("GOMP_SPINCOUNT")
         return [
             ("default compute dtype (generate, serve, quantized models)", dtype, why_dtype),
-            ("int8 decoding under --compile", int8, why_int8),
-            ("int8 layers, 8 or more rows at once (prefill, batched decoding)", w8a8, why_w8a8),
-            ("int4", "torch's _weight_int4pack_mm_for_cpu",
-             "the only CPU int4 kernel in torch; its weight layout is made for this CPU at load time"),
+            ("neoxko's CPU kernels", *built),
+            ("int8 decoding under --compile" + (" (without neoxko's kernels)" if isa else ""), int8, why_int8),
+            ("int8 layers, 8 or more rows at once" + (" (without neoxko's kernels)" if isa else ""), w8a8, why_w8a8),
+            ("int4" + (" in groups of 32" if isa else ""), "torch's _weight_int4pack_mm_for_cpu",
+             "torch's CPU int4 kernel; its weight layout is made for this CPU at load time"),
+            ("OpenMP idle threads", f"spin {spin} rounds before sleeping" if spin else "libgomp's default",
+             "set by neoxko when it is imported before torch: waking a sleeping thread cost 0.1-0.3 ms a small op"
+             if spin else "torch was imported before neoxko (or GOMP_SPINCOUNT is unset): waking a sleeping "
+             "thread can cost 0.1-0.3 ms a small op; import neoxko first or set GOMP_SPINCOUNT=1000000"),
             ("threads", str(self.threads), "torch's default: one per physical core"
              + (" (OMP_NUM_THREADS is set)" if "OMP_NUM_THREADS" in os.environ else "")),
         ]

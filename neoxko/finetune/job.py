@@ -95,7 +95,7 @@ class Finetuning:
         def loaded(model):
             init_lora(model, cfg.seed)
             if cfg.quantize_base == "int8":  # QLoRA's idea with int8: the frozen linear layers, not the adapters
-                quantize_model(model)
+                quantize_model(model, kernel=False)  # row-major: the backward to the adapters reads the weights
 
         model = build_model(cfg, dims, mesh, device, adapt if lora else None, loaded if lora else None)
         if int(os.environ.get("RANK", "0")) == 0:

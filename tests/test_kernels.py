@@ -1,0 +1,144 @@
+"""neoxko's CPU kernels (neoxko/kernels): each product against a float reference, with bounds derived from what the
+kernel rounds, the layouts, the layers that use them, and the fallbacks when they cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neoxko import kernels
+from neoxko.quantize import Int4Linear, Int8Linear, dequantize, quantize_weight
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason=f"kernels not built here: {kernels.why_not()}")
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The most that quantizing x to int8 per block of 128 (error at most max |x_block| / 254 a value) can move
+    x @ w.T, per output: sum over blocks of max |x_block| / 254 * sum |w over the block|."""
+    m, k = x.shape
+    xmax = x.float().abs().view(m, k // 128, 128).amax(-1)  # (M, blocks)
+    wabs = w.float().abs().view(w.shape[0], k // 128, 128).sum(-1)  # (N, blocks)
+    return xmax @ wabs.T / 254
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_matches_the_dequantized_product_within_the_activation_rounding(rows, dtype):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 384, dtype=dtype)
+    linear = torch.nn.Linear(384, 72).to(dtype)
+    layer = Int8Linear.from_linear(linear)
+    assert layer.kernel
+    w = dequantize(layer)
+    with torch.no_grad():
+        y = layer(x).float()
+    reference = x.float() @ w.T + linear.bias.float()
+    slack = 1e-4 + (8e-3 * reference.abs() if dtype == torch.bfloat16 else 0)  # bf16 output: one rounding
+    assert ((y - reference).abs() <= activation_bound(x, w) + slack).all()
+    assert (y - reference).abs().max() > 0  # it did quantize the activations (weight-only would be exact)
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int4_matches_the_dequantized_product_within_the_activation_rounding(group_size, rows):
+    torch.manual_seed(group_size + rows)
+    x = torch.randn(rows, 512)
+    linear = torch.nn.Linear(512, 40)
+    layer = Int4Linear.from_linear(linear, group_size)
+    assert layer.kernel
+    q, scales, zeros = layer._get()
+    w = ((q.float().view(40, -1, group_size) - 8) * scales.float()[..., None] + zeros.float()[..., None]).view(40, 512)
+    with torch.no_grad():
+        y = layer(x)
+    reference = x @ w.T + linear.bias
+    assert ((y - reference).abs() <= activation_bound(x, w) + 1e-4).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_bf16_matches_float32_within_a_bf16_rounding(rows):
+    torch.manual_seed(rows)
+    x = torch.randn(1, rows, 256).to(torch.bfloat16)
+    layer = kernels.Linear(256, 70).to(torch.bfloat16)  # 70 rows: a partial last tile
+    with torch.no_grad():
+        y = layer(x).float()
+    reference = x.float() @ layer.weight.float().T + layer.bias.float()
+    assert ((y - reference).abs() <= 2 ** -8 * reference.abs() + 1e-3).all()
+    assert torch.equal(y, kernels.bf16_linear(x, layer.weight, layer.bias).float())
+
+
+@needs_kernels
+def test_bf16_linear_leaves_training_and_prefill_to_torch():
+    layer = kernels.Linear(256, 64).to(torch.bfloat16)
+    x = torch.randn(2, 256, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()  # a gradient is wanted: nn.Linear's own forward, so backward works
+    assert x.grad is not None and layer.weight.grad is not None
+    long = torch.randn(32, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(long), torch.nn.functional.linear(long, layer.weight, layer.bias))
+
+
+def test_layouts_round_trip():
+    q = torch.randint(0, 16, (8, 256))
+    packed = kernels.pack_int4(q)
+    assert packed.shape == (8, 128) and torch.equal(kernels.unpack_int4(packed), q.to(torch.uint8))
+    # byte j of a row's 128-input chunk holds input j (low nibble) and j + 64 (high); rows 0-3 interleave by chunk
+    assert packed[0, 0] == q[0, 0] | (q[0, 64] << 4) and packed[0, 64] == q[1, 0] | (q[1, 64] << 4)
+    w = torch.randint(-127, 128, (8, 256), dtype=torch.int8)
+    tiled = kernels.tile_int8(w)
+    assert torch.equal(kernels.untile_int8(tiled), w) and torch.equal(tiled[0, 128:], w[1, :128])
+
+
+@needs_kernels
+def test_int8_state_dict_is_row_major_whichever_kernel_holds_it():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64)
+    ours, torchs = Int8Linear.from_linear(linear), Int8Linear.from_linear(linear, kernel=False)
+    assert ours.kernel and not torchs.kernel
+    a, b = ours.state_dict(), torchs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(a["weight"], quantize_weight(linear.weight.detach())[0])
+    loaded = Int8Linear(256, 64, True, torch.float32)
+    loaded.load_state_dict(b)
+    assert loaded.kernel and torch.equal(loaded.weight, ours.weight)
+
+
+@needs_kernels
+def test_int4_kernel_and_torch_kernel_write_the_same_state_dict():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64).to(torch.bfloat16)
+    ours, torchs = Int4Linear.from_linear(linear, 64), Int4Linear.from_linear(linear, 64, kernel=False)
+    a, b = ours.state_dict(), torchs.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in ("qweight", "scales", "zeros", "bias"))
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert (ours(x).float() - torchs(x).float()).abs().max() < 0.05 * torchs(x).float().abs().max()
+
+
+@needs_kernels
+def test_a_gradient_through_a_kernel_layer_uses_the_dequantized_weights():
+    layer = Int8Linear.from_linear(torch.nn.Linear(256, 64))
+    x = torch.randn(3, 256, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, dequantize(layer).sum(0).expand(3, -1), atol=1e-4)
+
+
+def _run(code: str, **env) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, **env}, check=True)
+    return out.stdout.strip()
+
+
+def test_switched_off_or_unbuildable_kernels_fall_back_to_torch_and_say_why(tmp_path):
+    code = ("from neoxko import kernels; from neoxko.quantize import Int8Linear; import torch\n"
+            "print(kernels.library() is None, '|', kernels.why_not(), '|', "
+            "Int8Linear.from_linear(torch.nn.Linear(256, 64)).kernel)")
+    assert _run(code, NEOXKO_KERNELS="0") == "True | NEOXKO_KERNELS=0 | False"
+    broken = _run(code, CC="/bin/false", NEOXKO_KERNELS_CACHE=str(tmp_path))
+    assert broken.startswith("True | building linear.c failed") and broken.endswith("False")
+    missing = _run(code, CC=str(tmp_path / "no-such-cc"), NEOXKO_KERNELS_CACHE=str(tmp_path))
+    assert missing.startswith("True | building linear.c failed") and "no-such-cc" in missing
