@@ -23,7 +23,10 @@ import argparse
 import copy
 import time
 
+# isort: off
+import neoxko  # noqa: F401  (first: it sets GOMP_SPINCOUNT before torch loads libgomp, as the neoxko command does)
 import torch
+# isort: on
 import torch.nn.functional as F
 from machine import describe
 
@@ -105,7 +108,10 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--llamacpp", action="store_true", help="time llama.cpp (bf16, q8_0, q4_0) beside neoxko")
     parser.add_argument("--build-llamacpp", action="store_true", help="pip install llama-cpp-python if missing")
+    parser.add_argument("--llamacpp-only", action="store_true",
+                        help="only the llama.cpp table (which has transformers bf16 and compiled neoxko rows too)")
     args = parser.parse_args()
+    args.llamacpp |= args.llamacpp_only
     torch.set_num_threads(args.threads)
     print(describe())
     bandwidth = read_bandwidth()
@@ -118,7 +124,7 @@ def main():
         dtype = getattr(torch, dtype_name)
         ours, hf = build_models(dtype)
         weight_bytes = weight_bytes_read(ours)
-        for batch in map(int, args.batches.split(",")):
+        for batch in map(int, args.batches.split(",")) if not args.llamacpp_only else ():
             prompts = torch.randint(5, 30000, (batch, args.prompt))
             o1, on = time_ours(ours, prompts, args.new_tokens, args.repeat)
             c1, cn = time_ours(ours, prompts, args.new_tokens, args.repeat, compile=True) if batch == 1 else (o1, on)
@@ -139,17 +145,17 @@ def main():
                         "neoxko bf16 compiled": (dec_c, weight_bytes)}
                 int8_rows = int8_table(ours, prompts, args, bf16, bandwidth)
         if dtype == torch.bfloat16 and args.llamacpp:
-            del hf
-            llama_rows = llamacpp_table(ours, args, bandwidth)
-        del ours
-    if "bfloat16" in args.dtypes:
+            llama_rows = llamacpp_table(ours, hf, args, bandwidth)
+        del ours, hf
+    if "bfloat16" in args.dtypes and not args.llamacpp_only:
         print(int8_rows)
     if args.llamacpp:
         print(llama_rows)
 
 
-def llamacpp_table(ours, args, bandwidth: float) -> str:
-    """neoxko bf16, int8 and int4 against llama.cpp bf16, q8_0 and q4_0 on the same weights and prompts."""
+def llamacpp_table(ours, hf, args, bandwidth: float) -> str:
+    """neoxko bf16, int8 and int4 (eager, and compiled at batch 1) against llama.cpp bf16, q8_0 and q4_0 and
+    transformers bf16, on the same weights and prompts."""
     import tempfile
     from pathlib import Path
 
@@ -171,29 +177,37 @@ def llamacpp_table(ours, args, bandwidth: float) -> str:
     for batch in map(int, args.batches.split(",")):
         torch.manual_seed(batch)
         prompts = torch.randint(5, 30000, (batch, args.prompt))
+        h1, hn = time_hf(hf, prompts, args.new_tokens, args.repeat)
+        speeds["transformers bf16", batch] = (batch * args.prompt / h1, batch * args.new_tokens / (hn - h1),
+                                              weight_bytes_read(ours))
         for name, model in engines.items():
-            o1, on = time_ours(model, prompts, args.new_tokens, args.repeat)
-            speeds[name, batch] = (batch * args.prompt / o1, batch * args.new_tokens / (on - o1),
-                                   weight_bytes_read(model))
+            for compile in (False, True) if batch == 1 else (False,):  # compile=True compiles batch 1 only
+                o1, on = time_ours(model, prompts, args.new_tokens, args.repeat, compile=compile)
+                speeds[name + (", compiled" if compile else ""), batch] = (
+                    batch * args.prompt / o1, batch * args.new_tokens / (on - o1), weight_bytes_read(model))
         for kind, path in ggufs.items():
             prefill, decode = llamacpp.time_llamacpp(lib, path, prompts.tolist(), args.new_tokens, args.threads,
                                                      args.repeat)
-            speeds[f"llama.cpp {kind}", batch] = (prefill, decode, llamacpp.weight_bytes(path))
+            speeds[f"llama.cpp {kind}", batch] = (prefill, decode, llamacpp.weight_bytes(lib, path))
     for (name, batch), (prefill, decode, nbytes) in speeds.items():
         ceiling = bandwidth / nbytes * batch
         rows.append(f"| {name} | {batch} | {prefill:.1f} | {decode:.2f} | {nbytes / 1e9:.2f} | {ceiling:.1f} | "
                     f"{decode / ceiling:.0%} |")
     pairs = [("neoxko bf16", "llama.cpp bf16", 0.9), ("neoxko int8", "llama.cpp q8_0", 1.0),
              ("neoxko int4 (groups of 64)", "llama.cpp q4_0", 1.0)]
-    ratios = [f"| {ours_name} / {theirs} | {batch} | {speeds[ours_name, batch][1] / speeds[theirs, batch][1]:.2f}x | "
-              f"{target:.1f}x |" for batch in map(int, args.batches.split(",")) for ours_name, theirs, target in pairs]
+    ratios = [f"| {name} / {theirs} | {batch} | {speeds[name, batch][1] / speeds[theirs, batch][1]:.2f}x | "
+              f"{target:.1f}x |" for batch in map(int, args.batches.split(",")) for ours_name, theirs, target in pairs
+              for name in (ours_name, ours_name + ", compiled") if (name, batch) in speeds]
+    ratios += [f"| prefill {name} / transformers bf16 | {batch} | "
+               f"{speeds[name, batch][0] / speeds['transformers bf16', batch][0]:.2f}x | 1.0x |"
+               for batch in map(int, args.batches.split(",")) for name in engines]
     return "\n".join([
         "", f"neoxko against llama.cpp {lib.__version__} (llama-cpp-python, built for this CPU; GGUFs by its own "
             f"converter and quantizer in {setup:.0f} s), same random weights and prompt ids, greedy, "
             f"{args.threads} threads:", "",
         "| engine | batch | prefill tok/s | decode tok/s | weights read GB | bandwidth ceiling tok/s | of ceiling |",
         "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
-        "| decode ratio | batch | measured | target |", "|---|---:|---:|---:|", *ratios])
+        "| ratio | batch | measured | target |", "|---|---:|---:|---:|", *ratios])
 
 
 def weight_bytes_read(model) -> int:

@@ -89,8 +89,10 @@ def quantize(llama_cpp, source: Path, out: Path, kind: str) -> Path:
     return out
 
 
-def weight_bytes(path: Path) -> int:
-    """Bytes a decode step reads: every tensor but the token embedding table (one row of it)."""
+def weight_bytes(llama_cpp, path: Path) -> int:
+    """Bytes a decode step reads: every tensor but the token embedding table (one row of it), read with the gguf-py
+    that ships beside the converter."""
+    sys.path.insert(0, str(converter(llama_cpp) / "gguf-py"))
     import gguf
 
     reader = gguf.GGUFReader(str(path))

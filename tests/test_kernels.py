@@ -139,6 +139,52 @@ def test_switched_off_or_unbuildable_kernels_fall_back_to_torch_and_say_why(tmp_
             "Int8Linear.from_linear(torch.nn.Linear(256, 64)).kernel)")
     assert _run(code, NEOXKO_KERNELS="0") == "True | NEOXKO_KERNELS=0 | False"
     broken = _run(code, CC="/bin/false", NEOXKO_KERNELS_CACHE=str(tmp_path))
-    assert broken.startswith("True | building linear.c failed") and broken.endswith("False")
+    assert broken.startswith("True | building neoxko's kernels (linear.c, attention.c) failed") and broken.endswith("False")
     missing = _run(code, CC=str(tmp_path / "no-such-cc"), NEOXKO_KERNELS_CACHE=str(tmp_path))
-    assert missing.startswith("True | building linear.c failed") and "no-such-cc" in missing
+    assert missing.startswith("True | building neoxko's kernels (linear.c, attention.c) failed") and "no-such-cc" in missing
+
+
+@needs_kernels
+def test_the_avx2_code_matches_too(tmp_path):
+    """Most laptops have AVX2 without AVX-512 or VNNI: the same products, built for Haswell (AVX2 + FMA, which this
+    CPU also runs), pass the same bounds."""
+    if "AVX-512" not in (kernels.isa() or ""):
+        pytest.skip("the native build is already the AVX2 code")
+    env = {**os.environ, "NEOXKO_KERNELS_MARCH": "haswell", "NEOXKO_KERNELS_CACHE": str(tmp_path)}
+    isa = subprocess.run([sys.executable, "-c", "from neoxko import kernels; print(kernels.isa())"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert isa.startswith("AVX2 (int8 through vpmaddubsw")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "matches and not avx2"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-2000:]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_size,keys", [(64, 5), (128, 67), (256, 300)])
+def test_decoding_attention_matches_float_sdpa(dtype, head_size, keys):
+    """One query a row over a cache view (rows and slots cut from a bigger cache, as decoding passes it), a mask with
+    holes (left padding, free slots) per row or shared: the float32 result of SDPA, within one rounding of the
+    output's dtype."""
+    torch.manual_seed(head_size + keys)
+    cache_k, cache_v = (torch.randn(3, 4, keys + 9, head_size).to(dtype) for _ in range(2))
+    k, v = cache_k[:2, :, :keys], cache_v[:2, :, :keys]
+    q = torch.randn(2, 1, 4, head_size).to(dtype).transpose(1, 2)  # (B, H, 1, D), not contiguous
+    for mask in (torch.rand(2, 1, 1, keys) > 0.3, torch.arange(keys).view(1, 1, 1, keys) < keys - 2):
+        mask[..., 0] = True
+        assert kernels.attention_takes(q, k, v, mask)
+        got = kernels.attend_one(q, k, v, mask).float()
+        reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8 * reference.abs() + 1e-3
+        assert ((got - reference).abs() <= tolerance).all()
+
+
+@needs_kernels
+def test_decoding_attention_leaves_the_rest_to_torch():
+    q, k = torch.randn(1, 2, 1, 64), torch.randn(1, 2, 8, 64)
+    mask = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    assert kernels.attention_takes(q, k, k, mask)
+    assert not kernels.attention_takes(torch.randn(1, 2, 3, 64), k, k, mask)  # prefill: several queries
+    assert not kernels.attention_takes(q, k, k, mask.float())  # an additive mask
+    assert not kernels.attention_takes(torch.randn(1, 2, 1, 24), torch.randn(1, 2, 8, 24), k[..., :24], mask)  # 24
+    assert not kernels.attention_takes(q.bfloat16(), k, k, mask)  # mixed dtypes

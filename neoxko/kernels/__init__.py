@@ -1,65 +1,83 @@
-"""neoxko's CPU kernels for decoding (linear.c): bf16, int8 and int4 matrix-vector products near the memory bandwidth.
+"""neoxko's CPU kernels for decoding: bf16, int8 and int4 matrix-vector products near the memory bandwidth (linear.c),
+and attention of one query over the cache (attention.c).
 
 torch's CPU kernels for one row at a time (batch-1 decoding) reach a third to two thirds of the bandwidth
-(README, issue 14). linear.c is built on first use with the system C compiler for the CPU it runs on
-(-march=native, into ~/.cache/neoxko/kernels or $NEOXKO_KERNELS_CACHE) and called through ctypes, on torch's
-OpenMP threads. Where it cannot be built (no compiler, no AVX2, not x86) or NEOXKO_KERNELS=0, `library()` is None,
-`why_not()` says why, and the layers use torch's kernels.
+(README, issue 14), and its attention spends 0.2-4 ms a layer on a single query. They are built on first use
+(a few seconds, once) with the system C compiler for the CPU it runs on (-march=native, or NEOXKO_KERNELS_MARCH;
+into ~/.cache/neoxko/kernels or $NEOXKO_KERNELS_CACHE) and called through ctypes, on torch's OpenMP threads.
+Where they cannot be built (no compiler, no AVX2, not x86) or NEOXKO_KERNELS=0, `library()` is None, `why_not()`
+says why, and the layers use torch's kernels.
 """
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-SOURCE = Path(__file__).with_name("linear.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+HERE = Path(__file__).parent
+SOURCES = [HERE / "linear.c", HERE / "attention.c"]  # one library; both include common.h
+FLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ALIGN = 128  # the inputs every kernel needs to be a multiple of (one activation block)
 INT4_GROUPS = (64, 128, 256)  # the int4 group sizes the kernel takes
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 _why_not = ""
+_library: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+_ready = False  # library() built: a plain bool that torch.compile reads
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("NEOXKO_KERNELS_CACHE") or Path.home() / ".cache" / "neoxko" / "kernels")
 
 
-@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The built kernels, or None (why_not() says why)."""
-    global _why_not
+    """The built kernels, or None (why_not() says why); built or found once per process."""
+    global _tried
+    if _tried:
+        return _library
+    with _lock:  # (serving threads may ask at once)
+        if not _tried:
+            _find()
+            _tried = True
+    return _library
+
+
+def _find() -> None:
+    global _library, _ready, _why_not
     if os.environ.get("NEOXKO_KERNELS", "") == "0":
         _why_not = "NEOXKO_KERNELS=0"
-        return None
+        return
     if platform.machine().lower() not in ("x86_64", "amd64"):
         _why_not = f"written for x86 (AVX2); this CPU is {platform.machine()}"
-        return None
+        return
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         _why_not = "no C compiler found (install gcc, or set CC)"
-        return None
+        return
     try:
         path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        _why_not = f"building {SOURCE.name} failed: {_first_line(e)}"
-        return None
-    lib = ctypes.CDLL(str(path))
+        _why_not = f"building neoxko's kernels ({', '.join(p.name for p in SOURCES)}) failed: {_first_line(e)}"
+        return
     _declare(lib)
-    return lib
+    _library, _ready = lib, True
 
 
 def _built() -> bool:
-    """library() is not None, answered from the cache under torch.compile (which cannot trace the build)."""
+    """library() is not None. Under torch.compile (which cannot trace a build) it reads the flag library() left:
+    kernels not yet looked for count as absent there, so a compiled graph never builds them."""
     if torch.compiler.is_compiling():
-        return library.cache_info().currsize > 0 and library() is not None
+        return _ready
     return library() is not None
 
 
@@ -73,9 +91,15 @@ def isa() -> str | None:
     return lib.nk_isa().decode() if lib else None
 
 
+def flags() -> list[str]:
+    """-march=native, or the CPU NEOXKO_KERNELS_MARCH names (haswell: the AVX2 code on an AVX-512 machine)."""
+    return [f"-march={os.environ.get('NEOXKO_KERNELS_MARCH') or 'native'}", *FLAGS]
+
+
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+    code = b"".join(path.read_bytes() for path in [*SOURCES, HERE / "common.h"])
+    key = hashlib.sha256(code + " ".join(flags()).encode() + version.encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     path = cache_dir() / f"linear-{key}.so"
     if path.exists():
@@ -83,8 +107,8 @@ def _build(compiler: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, renamed into place: no torn file
         out = Path(tmp) / path.name
-        run = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE), "-lm"], capture_output=True, text=True,
-                             timeout=300)
+        run = subprocess.run([compiler, *flags(), "-o", str(out), *map(str, SOURCES), "-lm"], capture_output=True,
+                             text=True, timeout=300)
         if run.returncode:
             raise subprocess.SubprocessError(run.stderr.strip() or f"{compiler} exited with {run.returncode}")
         os.replace(out, path)
@@ -114,7 +138,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.nk_int8_linear.argtypes = [p, i, i64, i64, p, p, i, i64, p, i, p, i]
     lib.nk_int4_linear.argtypes = [p, i, i64, i64, p, p, p, i64, i64, p, i, p, i]
     lib.nk_bf16_linear.argtypes = [p, i, i64, i64, p, i64, p, i, p, i]
-    for f in (lib.nk_int8_linear, lib.nk_int4_linear, lib.nk_bf16_linear):
+    lib.nk_attend_one.argtypes = [p, p, p, i, *[i64] * 10, p, i64, ctypes.c_float, p]
+    for f in (lib.nk_int8_linear, lib.nk_int4_linear, lib.nk_bf16_linear, lib.nk_attend_one):
         f.restype = i
     lib.nk_isa.restype = ctypes.c_char_p
 
@@ -143,7 +168,7 @@ def _bias(bias: Tensor | None) -> tuple[int | None, int]:
 
 def _check(status: int) -> None:
     if status:
-        raise MemoryError("neoxko's CPU kernel could not allocate its activation buffer")
+        raise MemoryError("neoxko's CPU kernel could not allocate its working buffer")
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -185,7 +210,35 @@ def bf16_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-# The same three as custom ops, so torch.compile sees one opaque call (a ctypes call would break the graph).
+MAX_HEAD = 256  # head sizes the attention kernel takes (a multiple of 16 up to this)
+
+
+def attention_takes(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether attend_one takes this decoding step: one query a row, on the CPU, k and v as the cache holds them (the
+    query's dtype, contiguous head dimension), a boolean mask of one row per batch row or shared, no gradient."""
+    return (q.size(2) == 1 and q.device.type == "cpu" and q.dtype in _TYPES and k.dtype == v.dtype == q.dtype
+            and mask is not None and mask.dtype == torch.bool and mask.size(-2) == 1 and mask.size(1) == 1
+            and mask.size(-1) == k.size(2) and mask.stride(-1) == 1 and k.stride(-1) == v.stride(-1) == 1
+            and q.size(-1) % 16 == 0 and q.size(-1) <= MAX_HEAD and not (torch.is_grad_enabled() and q.requires_grad)
+            and _built())
+
+
+def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D), hidden where mask is False) v for q (B, H, 1, D) over k, v (B, H, S, D); computed in
+    float32 from the cache as stored, reading only the slots the mask shows."""
+    if torch.compiler.is_compiling():
+        return torch.ops.neoxko.attend_one(q, k, v, mask)
+    B, H, _, D = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    m = mask.view(torch.uint8)
+    _check(library().nk_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), _TYPES[q.dtype], B, H, k.size(2), D,
+                                   k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                   m.data_ptr(), m.stride(0) if m.size(0) > 1 else 0, D ** -0.5, out.data_ptr()))
+    return out
+
+
+# The same four as custom ops, so torch.compile sees one opaque call (a ctypes call would break the graph).
 @torch.library.custom_op("neoxko::int8_linear", mutates_args=())
 def _int8_op(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     return int8_linear(x, weight, scale, bias)
@@ -200,6 +253,16 @@ def _int4_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_si
 @torch.library.custom_op("neoxko::bf16_linear", mutates_args=())
 def _bf16_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return bf16_linear(x, weight, bias)
+
+
+@torch.library.custom_op("neoxko::attend_one", mutates_args=())
+def _attend_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return attend_one(q, k, v, mask)
+
+
+@_attend_op.register_fake
+def _(q, k, v, mask):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @_int8_op.register_fake

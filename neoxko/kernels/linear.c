@@ -13,47 +13,14 @@
  * does per 32) and multiplied int8 by int8 (VNNI vpdpbusd, or AVX2 vpmaddubsw), rescaled per block in fp32.
  * K must be a multiple of QB. Types: 0 float32, 1 bfloat16 (x, bias, y, int8 scales).
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "neoxko's CPU kernels need AVX2 and FMA"
-#endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define NK_AVX512 1
-#endif
+#include "common.h"
 
 #define QB 128  /* activation block: one scale per 128 inputs */
+#ifndef PF
 #define PF 1024 /* bytes to prefetch ahead in each weight row */
+#endif
 #define NT 4    /* output rows per tile */
 #define MT 4    /* activation rows per tile */
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fff + ((u >> 16) & 1); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
-static inline float load_f(const void *p, int type, int64_t i) {
-    return type ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store_f(void *p, int type, int64_t i, float v) {
-    if (type) ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else ((float *)p)[i] = v;
-}
 
 /* A tile reads NT rows side by side, each a short stream (1-4 KB) that the hardware prefetcher barely learns
  * before it ends: prefetch each row PF bytes ahead of its reads (`step` bytes of every row per call). */
@@ -63,16 +30,6 @@ static inline void prefetch(const void *base, int64_t row_bytes, int nn, int64_t
             _mm_prefetch((const char *)base + i * row_bytes + offset + PF + b, _MM_HINT_T0);
 }
 
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-#ifdef NK_AVX512
-static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
-#endif
 
 /* Activations quantized per block of QB: xq (M, K) int8, xs (M, K / QB) scales, and per row
  * xsum[b] = xs[b] * sum(xq over block b), the block's sum as the products see it. */

@@ -23,8 +23,17 @@ from torch import Tensor, nn
 
 from neoxko import kernels
 from neoxko.hardware import detect
-from neoxko.quantize.int4 import (GROUP_SIZES, INT4_METHOD, Int4Linear, check_int4, int4_config,  # noqa: F401
-                                  pack_nibbles, quantize_weight_int4, unpack_kernel_layout, unpack_nibbles)
+from neoxko.quantize.int4 import (  # noqa: F401
+    GROUP_SIZES,
+    INT4_METHOD,
+    Int4Linear,
+    check_int4,
+    int4_config,
+    pack_nibbles,
+    quantize_weight_int4,
+    unpack_kernel_layout,
+    unpack_nibbles,
+)
 
 QUANT_METHOD = "neoxko_int8"
 QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "weight-only, symmetric, per output channel",
