@@ -117,9 +117,10 @@ def main():
     bandwidth = read_bandwidth()
     print(f"threads {args.threads}, read bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, greedy, torch {torch.__version__}\n")
-    print("| dtype | batch | prefill tok/s neoxko | transformers | ratio | decode tok/s neoxko | "
-          "neoxko compiled | transformers | ratio | ratio compiled | bandwidth ceiling | matvec ceiling |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if not args.llamacpp_only:
+        print("| dtype | batch | prefill tok/s neoxko | transformers | ratio | decode tok/s neoxko | "
+              "neoxko compiled | transformers | ratio | ratio compiled | bandwidth ceiling | matvec ceiling |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         ours, hf = build_models(dtype)
@@ -177,18 +178,22 @@ def llamacpp_table(ours, hf, args, bandwidth: float) -> str:
     for batch in map(int, args.batches.split(",")):
         torch.manual_seed(batch)
         prompts = torch.randint(5, 30000, (batch, args.prompt))
-        h1, hn = time_hf(hf, prompts, args.new_tokens, args.repeat)
-        speeds["transformers bf16", batch] = (batch * args.prompt / h1, batch * args.new_tokens / (hn - h1),
-                                              weight_bytes_read(ours))
+        runners = {"transformers bf16": (hf_once(hf, prompts, args.new_tokens), weight_bytes_read(ours))}
         for name, model in engines.items():
             for compile in (False, True) if batch == 1 else (False,):  # compile=True compiles batch 1 only
-                o1, on = time_ours(model, prompts, args.new_tokens, args.repeat, compile=compile)
-                speeds[name + (", compiled" if compile else ""), batch] = (
-                    batch * args.prompt / o1, batch * args.new_tokens / (on - o1), weight_bytes_read(model))
-        for kind, path in ggufs.items():
-            prefill, decode = llamacpp.time_llamacpp(lib, path, prompts.tolist(), args.new_tokens, args.threads,
-                                                     args.repeat)
-            speeds[f"llama.cpp {kind}", batch] = (prefill, decode, llamacpp.weight_bytes(lib, path))
+                runners[name + (", compiled" if compile else "")] = (
+                    ours_once(model, prompts, args.new_tokens, compile), weight_bytes_read(model))
+        timers = {kind: llamacpp.Timer(lib, path, batch, args.prompt + args.new_tokens + 1, args.threads)
+                  for kind, path in ggufs.items()}
+        for kind, timer in timers.items():
+            runners[f"llama.cpp {kind}"] = (timer.once(prompts.tolist(), args.new_tokens),
+                                            llamacpp.weight_bytes(lib, ggufs[kind]))
+        best = interleaved({name: once for name, (once, _) in runners.items()}, args.repeat)
+        for timer in timers.values():
+            timer.close()
+        for name, (first, total) in best.items():
+            speeds[name, batch] = (batch * args.prompt / first, batch * args.new_tokens / (total - first),
+                                   runners[name][1])
     for (name, batch), (prefill, decode, nbytes) in speeds.items():
         ceiling = bandwidth / nbytes * batch
         rows.append(f"| {name} | {batch} | {prefill:.1f} | {decode:.2f} | {nbytes / 1e9:.2f} | {ceiling:.1f} | "
@@ -208,6 +213,40 @@ def llamacpp_table(ours, hf, args, bandwidth: float) -> str:
         "| engine | batch | prefill tok/s | decode tok/s | weights read GB | bandwidth ceiling tok/s | of ceiling |",
         "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
         "| ratio | batch | measured | target |", "|---|---:|---:|---:|", *ratios])
+
+
+def ours_once(model, prompts, new_tokens: int, compile: bool):
+    """neoxko's timer: warmed up (and compiled) now; each call gives (seconds for the prompt and one token, seconds
+    for the prompt and new_tokens + 1), as transformers users measure it."""
+    def run(n):
+        start = time.perf_counter()
+        list(generate_tokens(model, prompts.tolist(), n, compile=compile))
+        return time.perf_counter() - start
+    run(2)
+    return lambda: (run(1), run(new_tokens + 1))
+
+
+@torch.inference_mode()
+def hf_once(model, prompts, new_tokens: int):
+    def run(n):
+        start = time.perf_counter()
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+    run(2)
+    return torch.inference_mode()(lambda: (run(1), run(new_tokens + 1)))
+
+
+def interleaved(runners: dict, repeat: int) -> dict:
+    """Every engine once a round, round after round, best of the rounds per engine: this machine's memory bandwidth
+    drifts by up to 1.5x within minutes (33-53 GB/s), so engines timed one after another would be compared across
+    drifts; interleaved, a slow spell slows them all alike."""
+    best = {}
+    for _ in range(repeat):
+        for name, once in runners.items():
+            got = once()
+            best[name] = tuple(min(a, b) for a, b in zip(best.get(name, got), got, strict=True))
+    return best
 
 
 def weight_bytes_read(model) -> int:

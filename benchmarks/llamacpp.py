@@ -140,20 +140,17 @@ class Timer:
             nxt = self._decode([(t, len(prompts[s]) + step, s, True) for s, t in enumerate(nxt)])
         return prefill, time.perf_counter() - start
 
+    def once(self, prompts: list[list[int]], new_tokens: int):
+        """Warmed up now; each call gives (prefill seconds, prefill and decode seconds)."""
+        prompts = [list(map(int, p)) for p in prompts]
+        self.run(prompts, 2)
+
+        def timed():
+            prefill, decode = self.run(prompts, new_tokens)
+            return prefill, prefill + decode
+        return timed
+
     def close(self) -> None:
         self.lib.llama_batch_free(self.tokens)
         self.lib.llama_free(self.ctx)
         self.llm.close()
-
-
-def time_llamacpp(llama_cpp, path: Path, prompts, new_tokens: int, threads: int, repeat: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s), best of repeat, after a warm-up run."""
-    prompts = [list(map(int, p)) for p in prompts]
-    timer = Timer(llama_cpp, path, len(prompts), len(prompts[0]) + new_tokens + 1, threads)
-    try:
-        timer.run(prompts, 2)
-        runs = [timer.run(prompts, new_tokens) for _ in range(repeat)]
-    finally:
-        timer.close()
-    tokens = sum(len(p) for p in prompts)
-    return tokens / min(r[0] for r in runs), len(prompts) * new_tokens / min(r[1] for r in runs)

@@ -6,10 +6,12 @@ The rows separate the two roundings: torch's kernels keep the activations in bf1
 also round them to int8 per 128 inputs (neoxko.kernels), so "int4 g64, torch" against "int4 g64, neoxko" is the
 cost of the activation rounding alone.
 
-Held-out text: ko-small's own held-out split (`--heldout DIR`, the heldout/ folder of `neoxko data prepare` run as
-its card says: never seen in training), else the 2,000-odd tokens of tests/fixtures/ko_heldout.jsonl.
+Held-out text, one of: ko-small's own held-out split (`--heldout DIR`, the heldout/ folder of `neoxko data prepare`
+run as its card says), a text file of a document a line that ko-small never saw (`--text FILE`, e.g.
+../shared/corpus/korsts_sentences.txt, which its card lists as left out of training), else the 2,000-odd tokens of
+tests/fixtures/ko_heldout.jsonl.
 
-    python benchmarks/quant_quality.py [--heldout runs/ko-small-data/heldout] [--seq 512]
+    python benchmarks/quant_quality.py [--text ../shared/corpus/korsts_sentences.txt --max-tokens 65536] [--seq 512]
 """
 
 import argparse
@@ -29,12 +31,19 @@ from machine import describe  # noqa: E402
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "ko_heldout.jsonl"
 
 
-def heldout_tokens(folder: str | None, tokenizer) -> tuple[np.ndarray, str]:
+def heldout_tokens(folder: str | None, text: str | None, max_tokens: int | None, tokenizer) -> tuple[np.ndarray, str]:
     if folder:
         from neoxko.evaluate.perplexity import stream_tokens
 
-        return stream_tokens(folder), folder
+        return stream_tokens(folder, max_tokens), folder
     ids = []
+    if text:
+        for line in open(text, encoding="utf-8"):
+            if line.strip():
+                ids += tokenizer.encode(line.strip()) + [tokenizer.eos_id]
+            if max_tokens and len(ids) > max_tokens:
+                break
+        return np.array(ids[:max_tokens], dtype=np.int64), text
     for line in FIXTURE.open(encoding="utf-8"):
         ids += tokenizer.encode(json.loads(line)["text"]) + [tokenizer.eos_id]
     return np.array(ids, dtype=np.int64), str(FIXTURE.relative_to(FIXTURE.parents[2]))
@@ -59,6 +68,7 @@ def score(model, reference, windows: list[torch.Tensor]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heldout", help="token shards of ko-small's held-out split (neoxko data prepare's heldout/)")
+    parser.add_argument("--text", help="a text file of a document a line that ko-small was not trained on")
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N held-out tokens")
     args = parser.parse_args()
@@ -69,7 +79,7 @@ def main() -> None:
     print(describe())
     print(f"neoxko's kernels: {kernels.isa() or 'not built (' + kernels.why_not() + ')'}")
     tokenizer = neoxko.load_tokenizer("ko-small")
-    tokens, source = heldout_tokens(args.heldout, tokenizer)
+    tokens, source = heldout_tokens(args.heldout, args.text, args.max_tokens, tokenizer)
     tokens = tokens[:args.max_tokens] if args.max_tokens else tokens
     windows = [torch.from_numpy(tokens[s:s + args.seq + 1].astype(np.int64))
                for s in range(0, len(tokens) - 1, args.seq)]

@@ -188,3 +188,22 @@ def test_decoding_attention_leaves_the_rest_to_torch():
     assert not kernels.attention_takes(q, k, k, mask.float())  # an additive mask
     assert not kernels.attention_takes(torch.randn(1, 2, 1, 24), torch.randn(1, 2, 8, 24), k[..., :24], mask)  # 24
     assert not kernels.attention_takes(q.bfloat16(), k, k, mask)  # mixed dtypes
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_long_prefill_multiplies_the_dequantized_weights(dtype):
+    """From INT4_DENSE_ROWS rows on, the layer dequantizes its weights (exactly: the values _get gives) for one dense
+    product, so the activations are not rounded to int8 there."""
+    torch.manual_seed(0)
+    layer = Int4Linear.from_linear(torch.nn.Linear(256, 64).to(dtype), 64)
+    q, scales, zeros = layer._get()
+    w = ((q.float().view(64, -1, 64) - 8) * scales.float()[..., None] + zeros.float()[..., None]).view(64, 256)
+    assert torch.equal(kernels.dequantize_int4(layer.weight_packed, scales, zeros, 64, torch.float32), w)
+    assert torch.equal(kernels.dequantize_int4(layer.weight_packed, scales, zeros, 64, torch.bfloat16),
+                       w.to(torch.bfloat16))
+    x = torch.randn(kernels.INT4_DENSE_ROWS, 256, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x).float()
+    reference = x.float() @ w.to(dtype).float().T + layer.bias.float()
+    assert ((y - reference).abs() <= 2 ** -7 * reference.abs() + 1e-3).all()
