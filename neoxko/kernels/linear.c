@@ -421,9 +421,9 @@ int nk_int4_dequantize(const uint8_t *q, const uint16_t *scales, const uint16_t 
 
 /* ---------------------------------------------------------------------------------------------- bf16 */
 
-/* bf16 weights are nn.Linear's own (row-major, shared with training): each thread takes a contiguous run of rows and
- * reads each row once, start to end, against up to MT activation rows at a time. One sequential stream per thread
- * reads faster than a tile of NT rows side by side (measured 43 against 35 GB/s on the 1.3B shapes, 2 threads). */
+/* bf16 weights are nn.Linear's own (row-major, shared with training). For one or two activation rows each thread
+ * takes a contiguous run of weight rows and reads each once, start to end: one sequential stream per thread reads
+ * faster than a tile of NT rows side by side (32 against 27 GB/s on the 1.3B shapes, 2 threads, one run). */
 #if defined(NK_AVX512) && defined(__AVX512BF16__)
 #define BF16_X_IS_BF16 1
 #define BK 64 /* inputs per step: two vdpbf16ps chains per activation row */
@@ -447,6 +447,24 @@ static inline __attribute__((always_inline)) void bf16_row(const uint16_t *x, in
             acc[j][0] = _mm512_dpbf16_ps(acc[j][0], w0, (__m512bh)_mm512_loadu_si512((const void *)(x + (m0 + j) * K + k)));
     }
     for (int j = 0; j < mm; j++) out[j] = hsum512(_mm512_add_ps(acc[j][0], acc[j][1]));
+}
+/* Three or more activation rows (batched decoding): NT weight rows side by side, each loaded vector used for every
+ * activation row, so the activations are loaded once per NT weight rows. */
+static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *x, int64_t K, const uint16_t *w,
+                                                            int64_t m0, int64_t n0, float out[NT][MT], int nn, int mm) {
+    __m512 acc[NT][MT];
+    for (int i = 0; i < NT; i++)
+        for (int j = 0; j < MT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512bh wv[NT];
+        for (int i = 0; i < nn; i++) wv[i] = (__m512bh)_mm512_loadu_si512((const void *)(w + (n0 + i) * K + k));
+        for (int j = 0; j < mm; j++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + (m0 + j) * K + k));
+            for (int i = 0; i < nn; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[i], xv);
+        }
+    }
+    for (int i = 0; i < nn; i++)
+        for (int j = 0; j < mm; j++) out[i][j] = hsum512(acc[i][j]);
 }
 #else
 #define BF16_X_IS_BF16 0
@@ -474,6 +492,22 @@ static inline __attribute__((always_inline)) void bf16_row(const float *x, int64
     }
     for (int j = 0; j < mm; j++) out[j] = hsum256(_mm256_add_ps(acc[j][0], acc[j][1]));
 }
+static inline __attribute__((always_inline)) void bf16_tile(const float *x, int64_t K, const uint16_t *w, int64_t m0,
+                                                            int64_t n0, float out[NT][MT], int nn, int mm) {
+    __m256 acc[NT][MT];
+    for (int i = 0; i < NT; i++)
+        for (int j = 0; j < MT; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 wv[NT];
+        for (int i = 0; i < nn; i++) wv[i] = widen(w + (n0 + i) * K + k);
+        for (int j = 0; j < mm; j++) {
+            __m256 xv = _mm256_loadu_ps(x + (m0 + j) * K + k);
+            for (int i = 0; i < nn; i++) acc[i][j] = _mm256_fmadd_ps(wv[i], xv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < nn; i++)
+        for (int j = 0; j < mm; j++) out[i][j] = hsum256(acc[i][j]);
+}
 #endif
 
 int nk_bf16_linear(const void *x, int xtype, int64_t M, int64_t K, const uint16_t *w, int64_t N, const void *bias,
@@ -490,18 +524,28 @@ int nk_bf16_linear(const void *x, int xtype, int64_t M, int64_t K, const uint16_
         }
         xt = xc;
     }
+    if (M <= 2) {
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float out[MT];
+        for (int64_t n = 0; n < N; n++) {
+            float out[MT];
+            if (M == 1) bf16_row(xt, K, w + n * K, 0, out, 1); /* row counts as constants: registers */
+            else bf16_row(xt, K, w + n * K, 0, out, 2);
+            for (int j = 0; j < M; j++) finish_row(y, ytype, N, j, n, out[j], bias, btype);
+        }
+        free(xc);
+        return 0;
+    }
+    int64_t tiles = (N + NT - 1) / NT;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * NT;
+        int nn = N - n0 < NT ? (int)(N - n0) : NT;
+        float out[NT][MT];
         for (int64_t m0 = 0; m0 < M; m0 += MT) {
             int mm = M - m0 < MT ? (int)(M - m0) : MT;
-            switch (mm) { /* row counts as constants, so the accumulators live in registers */
-            case 1: bf16_row(xt, K, w + n * K, m0, out, 1); break;
-            case 2: bf16_row(xt, K, w + n * K, m0, out, 2); break;
-            case 3: bf16_row(xt, K, w + n * K, m0, out, 3); break;
-            default: bf16_row(xt, K, w + n * K, m0, out, 4); break;
-            }
-            for (int j = 0; j < mm; j++) finish_row(y, ytype, N, m0 + j, n, out[j], bias, btype);
+            RUN_TILE(bf16_tile, nn, mm, n0, out, xt, K, w, m0);
+            for (int i = 0; i < nn; i++)
+                for (int j = 0; j < mm; j++) finish_row(y, ytype, N, m0 + j, n0 + i, out[i][j], bias, btype);
         }
     }
     free(xc);
