@@ -59,7 +59,8 @@ def test_info_hardware_and_the_fused_int8_override(capsys):
 
 def test_int8_activations_are_chosen_on_amx_and_match_the_weight_only_product(monkeypatch):
     import neoxko.quantize as quantize
-    from neoxko.quantize import Int8Linear, dequantize
+    from neoxko import kernels
+    from neoxko.quantize import Int8Linear, dequantize, int8_matmul
 
     assert not ZEN4.int8_activations and Hardware("AVX512", True, True, 2, 2, amx_int8=True).int8_activations
     torch.manual_seed(0)
@@ -75,3 +76,10 @@ def test_int8_activations_are_chosen_on_amx_and_match_the_weight_only_product(mo
     monkeypatch.setattr(quantize, "INT8_ACTIVATIONS", True)
     with torch.no_grad():  # fewer than 8 rows (batch-1 decoding): the weight-only kernel, as before
         assert (layer(x[:1, :4]) - reference[:1, :4]).abs().max() < 1e-4
+    if kernels.library() is not None:  # with neoxko's kernel too: AMX's torch._int_mm from 8 rows, the same numbers
+        ours = Int8Linear.from_linear(torch.nn.Linear(256, 96), kernel=True)
+        ours.load_state_dict(layer.state_dict())
+        calls = []
+        monkeypatch.setattr(quantize, "int8_matmul", lambda *a: calls.append(1) or int8_matmul(*a))
+        with torch.no_grad():
+            assert torch.equal(ours(x), layer(x)) and len(calls) == 2

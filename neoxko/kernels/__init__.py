@@ -309,6 +309,7 @@ class Linear(nn.Linear):
         w = self.weight
         if (w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.numel() <= BF16_MAX_ROWS * x.shape[-1]
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and w.device.type == "cpu"
+                and type(w) in (torch.Tensor, nn.Parameter) and w.is_contiguous()  # (not a DTensor shard, not a view)
                 and self.in_features % 32 == 0 and _built()):
             return bf16_linear(x, w, self.bias)
         return super().forward(x)

@@ -92,10 +92,11 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kernel and kernels.takes(x):
-            return kernels.int8_linear(x, self.weight, self.weight_scale, self.bias)
         shape = x.shape
-        weight = kernels.untile_int8(self.weight) if self.kernel else self.weight  # (a gradient wanted: rare)
+        amx = INT8_ACTIVATIONS and x.numel() >= W8A8_MIN_ROWS * shape[-1]  # AMX tiles beat VNNI at many rows
+        if self.kernel and kernels.takes(x) and not amx:
+            return kernels.int8_linear(x, self.weight, self.weight_scale, self.bias)
+        weight = kernels.untile_int8(self.weight) if self.kernel else self.weight  # (AMX, or a gradient wanted)
         if FUSED_INT8 and torch.compiler.is_compiling() and x.numel() == shape[-1] and shape[-1] <= FUSED_MAX_IN:
             # One row (batch-1 decoding) under torch.compile: written as a reduction, inductor fuses the
             # int8 load, the conversion and the multiply-add into one pass over the weights, near the
