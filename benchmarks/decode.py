@@ -5,18 +5,20 @@ generate(N + 1 tokens) minus generate(1 token), greedy, so prefill is not counte
 printed for batch 1: the memory-bandwidth ceiling (bytes of weights read per token over the measured
 read bandwidth) and the matrix-vector ceiling (torch's own F.linear time on the model's shapes).
 
-With bfloat16 in --dtypes, a second table sets int8 weight-only decoding (neoxko.quantize, eager and
-compiled) and int4 (groups of 64, torch's CPU int4 kernel, eager) against transformers and neoxko in
+With bfloat16 in --dtypes, a second table sets int8 decoding (neoxko.quantize, eager and compiled) and int4
+(groups of 64, eager), each through neoxko's kernels where they are built, against transformers and neoxko in
 bfloat16 at batch 1, each with its bandwidth ceiling, and reports their logit agreement with bfloat16
 on a 64-token prompt.
 
 With --llamacpp, llama.cpp (llama-cpp-python, benchmarks/llamacpp.py) runs the same random weights, converted to
 GGUF bf16, q8_0 and q4_0 by llama.cpp's own tools, on the same prompt token ids at every batch size, beside
-neoxko bf16, int8 and int4 at the same batch sizes: tokens/s, weight bytes read per token, the bandwidth
-ceiling and the ratios.
+neoxko bf16, int8 and int4 (eager, and compiled at batch 1) and transformers bf16: prefill and decode tokens/s,
+weight bytes read per token, the bandwidth ceiling and the ratios. Those engines run interleaved, one run each a
+round, best round each (--repeat rounds), with the read bandwidth timed in the same rounds; --llamacpp-only prints
+that table alone.
 
     python benchmarks/decode.py [--threads 2] [--prompt 64] [--new-tokens 16] [--dtypes float32,bfloat16]
-    python benchmarks/decode.py --dtypes bfloat16 --batches 1,8 --llamacpp [--build-llamacpp]
+    python benchmarks/decode.py --dtypes bfloat16 --batches 1,8 --llamacpp-only --repeat 6 [--build-llamacpp]
 """
 
 import argparse
@@ -250,7 +252,7 @@ def read_once(ones):
 
 def interleaved(runners: dict, repeat: int) -> dict:
     """Every engine once a round, round after round, best of the rounds per engine: this machine's memory bandwidth
-    drifts by up to 1.5x within minutes (33-53 GB/s), so engines timed one after another would be compared across
+    drifts by up to 2x within minutes (30-63 GB/s), so engines timed one after another would be compared across
     drifts; interleaved, a slow spell slows them all alike."""
     best = {}
     for _ in range(repeat):

@@ -1,7 +1,8 @@
 """llama.cpp beside neoxko in benchmarks/decode.py (--llamacpp): build or reuse it, convert, quantize, time.
 
 - llama-cpp-python is a PyPI source package compiled for this CPU on install (`pip install llama-cpp-python`;
-  5 min 46 s on the 2-core AMD EPYC these numbers come from). --build-llamacpp installs it when it is missing.
+  5 min 46 s and 5 min 57 s on the 2-core AMD EPYC these numbers come from). --build-llamacpp installs it when
+  it is missing.
 - The converter is the one that ships in that package's source, `vendor/llama.cpp/convert_hf_to_gguf.py` (with
   its own gguf-py), fetched once with `pip download` into ~/.cache/neoxko/llama.cpp-VERSION. Two things in it
   are bypassed, neither touching the weights: transformers 5 renames config.json's rotary_pct (the converter
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-BUILD_NOTE = "5 min 46 s on a 2-core AMD EPYC"
+BUILD_NOTE = "5 min 46 s to 5 min 57 s on a 2-core AMD EPYC"
 
 
 def ensure(build: bool):
