@@ -68,19 +68,12 @@ def best_of(fn, repeat: int) -> float:
 
 
 def time_ours(model, prompts, new_tokens, repeat, compile=False):
-    def run(n):
-        return lambda: list(generate_tokens(model, prompts.tolist(), n, compile=compile))
-    run(2)()  # warm up (and compile) outside the timing
-    return best_of(run(1), repeat), best_of(run(new_tokens + 1), repeat)
+    """(best seconds for prompt + 1 token, best for prompt + new_tokens + 1): ours_once, repeat times."""
+    return interleaved({"ours": ours_once(model, prompts, new_tokens, compile)}, repeat)["ours"]
 
 
-@torch.inference_mode()
 def time_hf(model, prompts, new_tokens, repeat):
-    def run(n):
-        return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
-    run(2)()  # warm up outside the timing
-    return best_of(run(1), repeat), best_of(run(new_tokens + 1), repeat)
+    return interleaved({"hf": hf_once(model, prompts, new_tokens)}, repeat)["hf"]
 
 
 def read_bandwidth() -> float:

@@ -93,7 +93,9 @@ def quantize(llama_cpp, source: Path, out: Path, kind: str) -> Path:
 def weight_bytes(llama_cpp, path: Path) -> int:
     """Bytes a decode step reads: every tensor but the token embedding table (one row of it), read with the gguf-py
     that ships beside the converter."""
-    sys.path.insert(0, str(converter(llama_cpp) / "gguf-py"))
+    gguf_py = str(converter(llama_cpp) / "gguf-py")
+    if gguf_py not in sys.path:
+        sys.path.insert(0, gguf_py)
     import gguf
 
     reader = gguf.GGUFReader(str(path))

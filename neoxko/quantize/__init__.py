@@ -1,10 +1,11 @@
-"""Int8 weight-only quantization: a state-dict transform plus a module swap.
+"""Int8 quantization of the weights: a state-dict transform plus a module swap.
 
 Every nn.Linear (attention, MLP and the output head) becomes an Int8Linear, except an output head
 tied to the input embedding, which keeps sharing it (an int8 copy beside the float embedding would make
 the file larger than the unquantized one): int8 weights with one
-float scale per output channel (symmetric, scale = max |w| / 127), dequantized inside the matrix
-product by torch's int8 weight-only kernel. Embedding lookups, LayerNorms and biases stay in float.
+float scale per output channel (symmetric, scale = max |w| / 127). Without neoxko's kernels they are
+dequantized inside the matrix product by torch's int8 weight-only kernel. Embedding lookups, LayerNorms and
+biases stay in float.
 Decoding on a CPU reads every weight once per token, so halving the bytes of the bf16 weights makes
 it up to twice as fast; the quality cost is measured in benchmarks/decode.py and the model card.
 

@@ -77,10 +77,8 @@ class Int4Linear(nn.Module):
             return kernels.int4_linear(x, self.weight_packed, self.scales, self.zeros, self.group_size,
                                        self.bias)
         if self.kernel:  # a gradient wanted through the layer: the dequantized weights, in float
-            q, scales, zeros = self._get()
-            w = (q.float().view(self.out_features, -1, self.group_size) - 8) * scales.float()[..., None]
-            w = (w + zeros.float()[..., None]).view(self.out_features, self.in_features).to(x.dtype)
-            return nn.functional.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+            w = kernels.dequantize_int4(self.weight_packed, self.scales, self.zeros, self.group_size, torch.float32)
+            return nn.functional.linear(x, w.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
         sz = self.scales_zeros if self.scales_zeros.dtype == x.dtype else self.scales_zeros.to(x.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), self.weight_packed,
                                                        self.group_size, sz)
