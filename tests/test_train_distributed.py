@@ -139,7 +139,7 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_the_resume_is_ex
     _, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 0 and time.time() - start < 60, err[-2000:]
     stopped = len(log.read_text().splitlines())
-    assert stopped < 60 and "(SIGTERM); saved" in err
+    assert stopped < 60 and f"neoxko: stopped at step {stopped} (" in err and "); saved" in err
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == f"step-{stopped:07d}"
     run(torchrun(2, cfg))
     train(TrainConfig(**cfg | {"out_dir": str(tmp_path / "full")}))

@@ -94,80 +94,84 @@ def train(cfg: TrainConfig, job=None) -> dict:
             trim_log(out / "log.jsonl", start)
     if start >= cfg.max_steps:  # finished before: export again if that is what failed
         return job.finish(out, rank, found, start)
-    stop = _stop_on_sigterm()
-
-    # 4. the loop
-    log = (out / "log.jsonl").open("a", encoding="utf-8") if rank == 0 else None
-    board = _tensorboard(out) if rank == 0 else None
-    tokens_per_step = cfg.global_batch * cfg.seq_len
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    if cfg.bf16 and device.type == "cpu" and rank == 0:
-        warn_emulated_bf16()
-    last, saved = {}, None
-    saver = checkpoint.Checkpointer(out, asynchronous=cfg.async_checkpoint, trainable_only=job.trainable_only,
-                                    job=job.signature)
-    peak = peak_flops(cfg, device)
-    for step in range(start, cfg.max_steps):
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        # dropout (LoRA's) draws from a generator seeded by the step and rank: a resumed run draws the same masks
-        torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
-        loss_sum = torch.zeros((), device=device)
-        # the step's loss is the mean over all its target tokens, on every rank alike: each micro-batch's summed
-        # loss is divided by the step's target count (and multiplied by the world size, which the gradient
-        # reduction averages over)
-        scale = world / batches.target_count(step * cfg.global_batch, cfg.global_batch)
-        for micro in range(accumulation):
-            first = step * cfg.global_batch + (micro * world + rank) * cfg.micro_batch
-            batch = batches.batch(first, cfg.micro_batch).to(device)
-            # gradients are reduced once per step, on the last micro-batch
-            with gradient_sync(model, wrapped, micro == accumulation - 1, cfg.grad_sync == "micro"):
-                with autocast:
-                    loss = batch.loss(wrapped, scale)
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # one all-reduce: the mean loss, and whether any rank was told to stop (all stop together)
-        shared = torch.stack([loss_sum, torch.tensor(float(stop()), device=device)])
-        if world > 1:
-            dist.all_reduce(shared)
-        stopping = bool(shared[1] > 0)
-        seconds = time.perf_counter() - t0
-        flops = flops_per_token(model.config, cfg.seq_len) * tokens_per_step / seconds
-        last = {"step": step + 1, "loss": shared[0].item() / world, "lr": learning_rate(cfg, step),
-                "grad_norm": _item(grad_norm), "tokens_per_s": tokens_per_step / seconds, "flops_per_s": flops}
-        if peak:
-            last["mfu"] = flops / (peak * world)
-        if held_out is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            last |= evaluate(wrapped, *held_out, cfg, device, rank, world)
-        if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps or "eval_loss" in last):
-            log.write(json.dumps(last) + "\n")
-            log.flush()
-            if board is not None:
-                for key, value in last.items():
-                    if key != "step":
-                        board.add_scalar(key, value, step + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
-            saved = saver.save(model, optimizer, step + 1)
-        if stopping:
-            saver.wait()
-            if rank == 0:
-                print(f"neoxko: stopped at step {step + 1} (SIGTERM); saved {saved}; run the same command to resume",
-                      file=sys.stderr, flush=True)
-            break
-    bar.close()
-    saver.wait()
-    if log is not None:
-        log.close()
-        plot_run(out)
-    if board is not None:
-        board.close()
+    stop = StopSignals()  # a scheduler's notice (SIGTERM, SIGUSR1): save and stop after this step
+    try:
+        # 4. the loop
+        log = (out / "log.jsonl").open("a", encoding="utf-8") if rank == 0 else None
+        board = _tensorboard(out) if rank == 0 else None
+        tokens_per_step = cfg.global_batch * cfg.seq_len
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=rank != 0)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        if cfg.bf16 and device.type == "cpu" and rank == 0:
+            warn_emulated_bf16()
+        last, saved = {}, None
+        saver = checkpoint.Checkpointer(out, asynchronous=cfg.async_checkpoint, trainable_only=job.trainable_only,
+                                        job=job.signature)
+        peak = peak_flops(cfg, device)
+        for step in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            # dropout (LoRA's) draws from a generator seeded by the step and rank: a resumed run draws the same masks
+            torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + rank)
+            loss_sum = torch.zeros((), device=device)
+            # the step's loss is the mean over all its target tokens, on every rank alike: each micro-batch's summed
+            # loss is divided by the step's target count (and multiplied by the world size, which the gradient
+            # reduction averages over)
+            scale = world / batches.target_count(step * cfg.global_batch, cfg.global_batch)
+            for micro in range(accumulation):
+                first = step * cfg.global_batch + (micro * world + rank) * cfg.micro_batch
+                batch = batches.batch(first, cfg.micro_batch).to(device)
+                # gradients are reduced once per step, on the last micro-batch
+                with gradient_sync(model, wrapped, micro == accumulation - 1, cfg.grad_sync == "micro"):
+                    with autocast:
+                        loss = batch.loss(wrapped, scale)
+                    loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # one all-reduce: the mean loss, and whether any rank was told to stop (all stop together)
+            shared = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
+            if world > 1:
+                dist.all_reduce(shared)
+            stopping = bool(shared[1] > 0)
+            seconds = time.perf_counter() - t0
+            flops = flops_per_token(model.config, cfg.seq_len) * tokens_per_step / seconds
+            last = {"step": step + 1, "loss": shared[0].item() / world, "lr": learning_rate(cfg, step),
+                    "grad_norm": _item(grad_norm), "tokens_per_s": tokens_per_step / seconds, "flops_per_s": flops}
+            if peak:
+                last["mfu"] = flops / (peak * world)
+            if held_out is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                last |= evaluate(wrapped, *held_out, cfg, device, rank, world)
+            if log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                                    or "eval_loss" in last):
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                if board is not None:
+                    for key, value in last.items():
+                        if key != "step":
+                            board.add_scalar(key, value, step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
+                saved = saver.save(model, optimizer, step + 1)
+            if stopping:
+                saver.wait()
+                if rank == 0:
+                    why = stop.name or "a signal to another rank"
+                    print(f"\nneoxko: stopped at step {step + 1} ({why}); saved {saved}; run the same command to "
+                          "resume", file=sys.stderr, flush=True)
+                break
+        bar.close()
+        saver.wait()
+        if log is not None:
+            log.close()
+            plot_run(out)
+        if board is not None:
+            board.close()
+    finally:
+        stop.restore()
 
     # 5. the final model in Hugging Face format, from the last checkpoint
     if last.get("step") == cfg.max_steps:
@@ -281,18 +285,29 @@ def evaluate(model: nn.Module, held_out, n_batches: int, cfg: TrainConfig, devic
     return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
 
 
-def _stop_on_sigterm():
-    """A SIGTERM (a scheduler's preemption) ends the run after the current step, with a checkpoint."""
-    flag = {"stop": False}
+class StopSignals:
+    """SIGTERM or SIGUSR1 (a scheduler's preemption or time-limit notice) ends the run after the current step,
+    with a checkpoint; restore() puts the previous handlers back. Slurm's srun answers a SIGTERM to itself by
+    killing its step, but passes SIGUSR1 on, so `scancel --full` should send USR1."""
 
-    def handler(signum, frame):
-        flag["stop"] = True
+    signals = (signal.SIGTERM, signal.SIGUSR1)
 
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        return lambda: False
-    return lambda: flag["stop"]
+    def __init__(self):
+        self.requested, self.name = False, None
+        self.previous = {}
+        try:
+            for sig in self.signals:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: the caller handles signals
+            self.previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.requested, self.name = True, signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
 
 
 def warn_emulated_bf16() -> None:
