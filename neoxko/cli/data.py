@@ -51,11 +51,19 @@ def add_commands(commands) -> None:
                       help="share of documents kept out of training, in heldout/ (e.g. 0.01)")
     prep.add_argument("--minhash-buckets", type=int, default=14, help="MinHash bands (8 hashes each)")
     prep.add_argument("--executor", choices=["local", "slurm", "ray"], default="local")
-    prep.add_argument("--slurm-partition", default=None)
-    prep.add_argument("--slurm-time", default="24:00:00")
+    prep.add_argument("--slurm-partition", default=None, help="with --executor slurm (sinfo lists them)")
+    prep.add_argument("--slurm-time", default="24:00:00", help="time limit of each Slurm task")
+    prep.add_argument("--slurm-mem-per-cpu-gb", type=int, default=2, help="memory per CPU of each Slurm task")
+    prep.add_argument("--no-wait", action="store_true",
+                      help="with --executor slurm: return once the jobs are submitted (see neoxko data status)")
+    prep.add_argument("--ray-address", default=None,
+                      help="with --executor ray: the cluster's host:port (default: Ray on this machine)")
     prep.add_argument("--verbose", action="store_true",
                       help="datatrove's log lines on stderr (default: in OUTPUT/logs/datatrove.log)")
     prep.set_defaults(run=run_prepare)
+    status = data_commands.add_parser("status", help="the stages of a prepare run on Slurm: tasks done, jobs queued")
+    status.add_argument("output", help="the run folder given to neoxko data prepare --output")
+    status.set_defaults(run=run_status)
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> int:
@@ -87,13 +95,41 @@ def run_prepare(args: argparse.Namespace) -> int:
         inputs=args.inputs, output=args.output, tokenizer=args.tokenizer, tasks=args.tasks or args.workers,
         workers=args.workers, text_key=args.text_key, kobest_dir=args.kobest_dir, executor=args.executor,
         slurm_partition=args.slurm_partition, slurm_time=args.slurm_time, minhash_buckets=args.minhash_buckets,
+        slurm_mem_per_cpu_gb=args.slurm_mem_per_cpu_gb, wait=not args.no_wait, ray_address=args.ray_address,
         holdout=args.holdout, hf_dataset=args.hf_dataset, verbose=args.verbose,
         hf_options={"split": args.hf_split} | ({"name": args.hf_config} if args.hf_config else {}),
     )
     prepare(config)
+    if args.executor == "slurm" and args.no_wait:
+        from neoxko.data.executors import slurm_states, status_table
+
+        print(status_table(slurm_states(Path(args.output))))
+        print(f"\nsubmitted; `neoxko data status {args.output}` follows the jobs and writes the report at the end")
+        return 0
     report = Path(args.output) / "report.md"
     if report.exists():
         print(report.read_text(encoding="utf-8"))
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """The table of stages; when every stage has finished, the report (written if it is not there yet).
+    Exits 1 while jobs run, 2 (with the failed stage's log) when one failed, 0 when done."""
+    from neoxko.data.executors import last_lines, slurm_states, status_table
+    from neoxko.data.prepare import collect_report, write_report
+
+    out = Path(args.output)
+    states = slurm_states(out)
+    print(status_table(states))
+    failed = next((s for s in states if s.failed), None)
+    if failed is not None:
+        raise NeoxkoError(f"stage {failed.name} failed ({failed.done}/{failed.tasks} tasks finished); fix the cause "
+                          f"and run the same prepare command again to resume. {last_lines(failed.logs)}")
+    if not all(s.finished for s in states):
+        return 1
+    if not (out / "report.json").is_file():
+        write_report(out, collect_report(out))
+    print("\n" + (out / "report.md").read_text(encoding="utf-8"))
     return 0
 
 

@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from neoxko.data import executors as engines
 from neoxko.errors import NeoxkoError
 
 STAGES = ["clean", "exact-sigs", "exact-find", "minhash-sigs", "minhash-bkts", "minhash-clst", "tokenize"]
@@ -65,6 +66,9 @@ class PrepareConfig:
     executor: str = "local"  # local, slurm or ray
     slurm_partition: str | None = None
     slurm_time: str = "24:00:00"
+    slurm_mem_per_cpu_gb: int = 2
+    ray_address: str | None = None  # None: Ray on this machine
+    wait: bool = True  # slurm: wait for the jobs (else return once they are submitted; `neoxko data status`)
     verbose: bool = False  # datatrove's own log lines on stderr (else in OUTPUT/logs/datatrove.log)
 
     def run_settings(self) -> dict:
@@ -226,8 +230,8 @@ def build_executors(config: PrepareConfig, tokenizer: Path) -> list:
     ]
     executors = []
     for n, (pipeline, tasks) in enumerate(stages):
-        executors.append(_executor(config, pipeline, tasks, out / "logs" / f"{n + 1}-{STAGES[n]}",
-                                   executors[-1] if executors else None, STAGES[n]))
+        executors.append(engines.make_executor(config, pipeline, tasks, out / "logs" / f"{n + 1}-{STAGES[n]}",
+                                               executors[-1] if executors else None, STAGES[n]))
     return executors
 
 
@@ -243,32 +247,6 @@ def _reader(config: PrepareConfig, out: Path):
     return KoreanTextReader(str(root), paths_file=str(out / "inputs.txt"), text_key=config.text_key)
 
 
-def _executor(config: PrepareConfig, pipeline: list, tasks: int, logs: Path, depends, name: str):
-    if config.executor == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
-        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(config.workers, tasks),
-                                     logging_dir=str(logs), depends=depends)
-    if config.executor == "slurm":
-        from datatrove.executor import SlurmPipelineExecutor
-
-        if not config.slurm_partition:
-            raise NeoxkoError("--executor slurm needs --slurm-partition")
-        return SlurmPipelineExecutor(pipeline, tasks=tasks, time=config.slurm_time, partition=config.slurm_partition,
-                                     logging_dir=str(logs), depends=depends, job_name=f"neoxko-{name}",
-                                     workers=config.workers)
-    if config.executor == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise NeoxkoError("--executor ray needs Ray: pip install ray") from None
-        from datatrove.executor import RayPipelineExecutor
-
-        return RayPipelineExecutor(pipeline, tasks=tasks, workers=config.workers, logging_dir=str(logs),
-                                   depends=depends)
-    raise NeoxkoError(f"unknown executor {config.executor!r}; use local, slurm or ray")
-
-
 def prepare(config: PrepareConfig) -> dict:
     """Run (or resume) the whole pipeline and write report.json and report.md into the output folder."""
     if config.tasks < 1 or config.workers < 1:
@@ -282,18 +260,26 @@ def prepare(config: PrepareConfig) -> dict:
         _check_datasets(config.hf_dataset, config.hf_options)
     else:
         input_files(config.inputs)
+    if config.executor == "slurm":
+        engines.check_slurm(config.slurm_partition)
+    if config.executor == "ray":
+        engines.connect_ray(config.ray_address, config.workers)
     claim_output(config)
-    executors = build_executors(config, tokenizer)
-    if config.executor != "local":
-        executors[-1].run()  # submits every stage, each depending on the one before
-        return {}
     out = Path(config.output)
-    for n, executor in enumerate(executors):  # finished tasks of a resumed run are skipped
-        _run_stage(executor, n, out, config.verbose)
-        if n == 0:
-            _require_survivors(out)
-    report = collect_report(Path(config.output))
-    write_report(Path(config.output), report)
+    executors = build_executors(config, tokenizer)
+    if config.executor == "slurm":
+        executors[-1].run()  # submits every stage not finished before, each depending on the one before
+        engines.record_jobs(out, STAGES, executors)
+        if not config.wait:
+            return {}
+        engines.wait_slurm(out)
+    else:
+        for n, executor in enumerate(executors):  # finished tasks of a resumed run are skipped
+            _run_stage(executor, n, out, config.verbose)
+            if n == 0:
+                _require_survivors(out)
+    report = collect_report(out)
+    write_report(out, report)
     return report
 
 

@@ -154,7 +154,6 @@ def frozen_to_bf16(model: nn.Module) -> None:
 
 def export_adapter(folder: Path, dest: Path, cfg: FinetuneConfig) -> Path:
     """The adapter of a LoRA run's checkpoint, read in this process alone, written in peft's format."""
-    import torch.distributed.checkpoint as dcp
 
     from neoxko.config import ModelConfig
     from neoxko.model import GPTNeoX
@@ -166,6 +165,5 @@ def export_adapter(folder: Path, dest: Path, cfg: FinetuneConfig) -> Path:
         apply_lora(model, cfg.lora)
     model.to_empty(device="cpu")
     state = {"model": {k: v for k, v in model.state_dict().items() if is_lora_key(k)}}
-    with checkpoint._single_process_quiet():
-        dcp.load(state, checkpoint_id=folder, no_dist=True)
+    checkpoint.read_state(folder, state)  # DCP's metadata through the restricted unpickler
     return save_adapter(state["model"], cfg.lora, dest, base_model=str(cfg.model))

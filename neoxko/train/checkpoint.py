@@ -3,14 +3,20 @@ and any world size or sharding reads them back (DCP reshards on load).
 
 Layout: OUT/checkpoints/step-0000100/ holds DCP's `.metadata` and `__R_I.distcp` files plus our
 `meta.json` (step, world, model config, an xxh3-128 digest per file). All ranks write into a hidden
-`.step-0000100.tmp`; only when every rank has finished and its digests are gathered does rank 0 write
-meta.json, rename the folder and then replace `latest` (with async saving: at the next save or the
-end). A rank killed mid-save leaves the previous checkpoint as latest. On load the ranks verify the
-digests between them, each a share of the files.
+`.step-0000100.tmp`; when the save is done the ranks digest the files `.metadata` lists, each a share, and
+rank 0 writes meta.json, renames the folder and then replaces `latest` (with async saving: at the next save
+or the end). Every file and folder is fsynced before the rename that commits it, so a power cut leaves the
+previous checkpoint as latest, as a rank killed mid-save does. On load the ranks verify the digests between
+them, each a share of the files.
+
+A checkpoint may come from elsewhere, so loading unpickles nothing freely: `.metadata` is read by an
+unpickler that admits DCP's metadata classes only, and the non-tensor values (the optimizer's settings) by
+torch's weights-only one; DCP's own reader and planner would run plain pickle on both.
 """
 
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -21,6 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import xxhash
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader, Metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -82,12 +91,16 @@ class Checkpointer:
         if future is not None:
             future.result()
         rank, world = _rank_world()
-        # DCP names each rank's data __RANK_I.distcp; the coordinator (rank 0) writes .metadata.
-        mine = sorted(tmp.glob(f"__{rank}_*")) + ([tmp / ".metadata"] if rank == 0 else [])
-        gathered = [{f.name: _digest(f) for f in mine}]
+        # DCP's coordinator writes .metadata last, before the save returns (or its future completes) on any rank
+        names = checkpoint_files(read_dcp_metadata(tmp))
+        mine = {}
+        for name in names[rank::world]:
+            _fsync(tmp / name)
+            mine[name] = _digest(tmp / name)
+        gathered = [mine]
         if world > 1:
             gathered = [None] * world
-            dist.all_gather_object(gathered, {f.name: _digest(f) for f in mine})
+            dist.all_gather_object(gathered, mine)
         if rank == 0:
             self._commit(tmp, step, world, config, {k: v for d in gathered for k, v in d.items()})
         _barrier()
@@ -98,10 +111,11 @@ class Checkpointer:
         if self.job is not None:
             meta["job"] = self.job
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        _fsync(tmp / "meta.json")
         shutil.rmtree(self.root / name, ignore_errors=True)
-        os.replace(tmp, self.root / name)
+        _replace(tmp, self.root / name)
         (self.root / "latest.tmp").write_text(name + "\n")
-        os.replace(self.root / "latest.tmp", self.root / "latest")
+        _replace(self.root / "latest.tmp", self.root / "latest")
         for old in sorted(p for p in self.root.glob("step-*") if p.is_dir())[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -179,8 +193,7 @@ def load(folder: Path, model, optimizer, trainable_only: bool = False, job: dict
                               f"run trains {_job(job)}; use a new out_dir, or the settings it was run with")
     verify(folder, meta)
     state = {"model": model_state(model, trainable_only), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    read_state(folder, state, no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not trainable_only))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     return int(meta["step"])
@@ -209,8 +222,7 @@ def export(folder: Path, dest: Path, tokenizer: str | Path | None = None) -> Pat
         model = GPTNeoX(ModelConfig.from_hf(meta["model_config"]))
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=folder, no_dist=True)
+    read_state(folder, state)
     model.setup_rope("cpu")
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
@@ -219,6 +231,128 @@ def export(folder: Path, dest: Path, tokenizer: str | Path | None = None) -> Pat
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
+
+
+def read_state(folder: Path, state: dict, no_dist: bool = True) -> None:
+    """Fill `state` (DCP's nested state dict) from a checkpoint, unpickling nothing that DCP does not write."""
+    reader = _MetadataReader(folder, read_dcp_metadata(folder))
+    try:
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=reader, planner=_WeightsOnlyPlanner(folder), no_dist=no_dist)
+    except CheckpointException as e:  # DCP gathers every rank's exception into one; ours says what to do
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointError)]
+        if not refused:
+            raise
+        raise refused[0] from None
+
+
+def checkpoint_files(metadata: Metadata) -> list[str]:
+    """The files a DCP checkpoint consists of, as its metadata lists them."""
+    return sorted({info.relative_path for info in metadata.storage_data.values()}) + [".metadata"]
+
+
+# What a .metadata pickle names, logged from the checkpoints the tests save (one process; DDP, FSDP and HSDP
+# ranks; sync and async; pretraining, LoRA and full fine-tuning, all with optimizer state); dtypes by name.
+METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata",
+                                              "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a tensor's layout, looked up by its name
+    "torch": {"Size"},
+    "pathlib": {"PosixPath"},  # StorageMeta.checkpoint_id (pathlib._local from Python 3.13)
+    "pathlib._local": {"PosixPath"},
+}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves the globals METADATA_GLOBALS names and torch's dtypes; refuses any other before importing it."""
+
+    def find_class(self, module: str, name: str):
+        # vars(torch), not getattr: torch's module __getattr__ would import whatever submodule is named
+        if name in METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(vars(torch).get(name), torch.dtype)):
+            return super().find_class(module, name)
+        raise _ForbiddenGlobal(f"{module}.{name}")
+
+
+def read_dcp_metadata(folder: Path) -> Metadata:
+    """DCP's .metadata, unpickled with only DCP's metadata classes admitted: a crafted file runs nothing."""
+    path = folder / ".metadata"
+    todo = "delete it and point checkpoints/latest at an earlier one"
+    try:
+        with path.open("rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except _ForbiddenGlobal as e:
+        raise CheckpointError(f"{path} asks to unpickle {e}, which torch.distributed.checkpoint's metadata never "
+                              "holds, so nothing of it was run; delete the checkpoint (it was not written by "
+                              "torch.distributed.checkpoint) and point checkpoints/latest at an earlier one") from None
+    except Exception as e:  # whatever a damaged pickle raises
+        reason = str(e).partition("\n")[0]
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {reason}); the checkpoint is damaged: "
+                              f"{todo}") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not torch.distributed.checkpoint's "
+                              f"Metadata; the checkpoint is damaged: {todo}")
+    return metadata
+
+
+class _MetadataReader(FileSystemReader):
+    """DCP's file reader, handed the metadata read_dcp_metadata parsed (its own unpickles with plain pickle)."""
+
+    def __init__(self, folder: Path, metadata: Metadata):
+        super().__init__(folder)
+        self.metadata = metadata
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        # as FileSystemReader.read_metadata after its pickle.load: the metadata carries this load's id
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but it reads the non-tensor values (the optimizer's settings: floats, tuples, names)
+    with torch's weights-only unpickler; DCP's own load_bytes calls torch.load(weights_only=False)."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def load_bytes(self, read_item, value) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise CheckpointError(f"checkpoint {self.folder} holds {fqn} as a pickle that asks for "
+                                  f"{found[1] if found else 'a global'}, which torch.distributed.checkpoint never "
+                                  "writes, so nothing of it was run; delete the checkpoint (it was not written by "
+                                  "torch.distributed.checkpoint) and point checkpoints/latest at an earlier one"
+                                  ) from None
+        set_element(self.original_state_dict, self.mappings[fqn], obj)  # where DefaultLoadPlanner puts it
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    """os.replace that a power cut cannot undo or expose half-written: src is on disk before the rename, the
+    rename before this returns (src's own files must have been fsynced already)."""
+    _fsync(src)
+    os.replace(src, dst)
+    _fsync(dst.parent)
 
 
 def _digest(path: Path) -> str:

@@ -112,7 +112,7 @@ def free_ports(n: int) -> list[int]:
 
 def write_config(folder: Path, ctld_port: int, node_ports: list[int]) -> Path:
     host = socket.gethostname()
-    nodes = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs=2 State=UNKNOWN"
+    nodes = "\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={p} CPUs=2 RealMemory=8000 State=UNKNOWN"
                       for n, p in zip(NODES, node_ports, strict=True))
     conf = folder / "slurm.conf"
     conf.write_text(f"""\
