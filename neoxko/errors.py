@@ -5,6 +5,10 @@ class NeoxkoError(Exception):
     """Bad input from the user; the command line prints the message without a traceback."""
 
 
+class EveryRankError(NeoxkoError):
+    """A refusal every rank of a torchrun launch reaches alike (the launch's sizes): printed by rank 0 only."""
+
+
 class ConfigError(NeoxkoError, ValueError):
     """A model config that neoxko cannot build."""
 

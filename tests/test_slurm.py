@@ -42,7 +42,7 @@ def cluster(tmp_path_factory):
 def readme_script(**sizes) -> str:
     """The README's sbatch script, with the allocation's sizes substituted (a real cluster's are larger)."""
     block = re.search(r"```bash\n(#!/bin/bash\n#SBATCH --nodes 32.*?)```", README.read_text(), re.S).group(1)
-    sizes = {"nodes": 2, "gpus-per-node": 0, "cpus-per-task": 1} | sizes
+    sizes = {"nodes": 2, "gpus-per-node": 0, "cpus-per-task": 2} | sizes
     for option, value in sizes.items():
         block, n = re.subn(rf"--{option}[ =]\S+", f"--{option} {value}", block, count=1)
         assert n == 1, option
@@ -55,11 +55,11 @@ def settings(shards: Path, out: Path, **changes) -> dict:
     return base | changes
 
 
-def submit(cluster, folder: Path, cfg: dict, **sizes) -> str:
-    """sbatch the README's script with NPROC=2 and this run's config; returns the job id."""
+def submit(cluster, folder: Path, cfg: dict, nproc: int = 2, **sizes) -> str:
+    """sbatch the README's script with NPROC ranks a node and this run's config; returns the job id."""
     (folder / "run.yaml").write_text(yaml.safe_dump(cfg))
     (folder / "train.sbatch").write_text(readme_script(**sizes))
-    env = {"NPROC": "2", "CONFIG": str(folder / "run.yaml"), "DATA": cfg["data"][0],
+    env = {"NPROC": str(nproc), "CONFIG": str(folder / "run.yaml"), "DATA": cfg["data"][0],
            "PORT": str(local_slurm.free_ports(1)[0])}
     out = cluster.run("sbatch", "--parsable", "--chdir", str(folder), "--output", str(folder / "slurm-%j.out"),
                       *[f"--export=ALL,{','.join(f'{k}={v}' for k, v in env.items())}"], str(folder / "train.sbatch"))
@@ -170,3 +170,12 @@ def test_a_node_lost_mid_run_fails_the_job_and_the_resubmit_resumes_from_the_las
     again = submit(cluster, tmp_path, cfg)
     assert wait_job(cluster, again, tmp_path) == ("COMPLETED", "0:0"), _log(tmp_path, again)[-3000:]
     assert losses(tmp_path / "run") == pytest.approx(reference(shards, tmp_path, cfg), abs=1e-5)
+
+
+def test_more_ranks_than_the_allocation_gives_a_node_is_refused_once_by_name(cluster, shards, tmp_path):
+    job = submit(cluster, tmp_path, settings(shards, tmp_path / "run"), nproc=3)
+    assert wait_job(cluster, job, tmp_path)[0] == "FAILED"
+    log = _log(tmp_path, job)
+    message = (r"3 ranks a node \(--nproc-per-node\) but the allocation gives n[12] 2 CPU\(s\) \(SLURM_CPUS_ON_NODE\); "
+               r"set NPROC to at most 2, or ask for more with --cpus-per-task")
+    assert log.count("neoxko: error: 3 ranks a node") == 1 and re.search(message, log), log[-3000:]

@@ -6,7 +6,7 @@ import sys
 
 from neoxko import __version__
 from neoxko.cli import data, evaluate, finetune, models, train
-from neoxko.errors import NeoxkoError
+from neoxko.errors import EveryRankError, NeoxkoError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return args.run(args)
     except NeoxkoError as e:
-        print(f"neoxko: error: {e}", file=sys.stderr)
+        if not isinstance(e, EveryRankError) or int(os.environ.get("RANK", "0")) == 0:
+            print(f"neoxko: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from neoxko.errors import ConfigError, NeoxkoError
+from neoxko.errors import ConfigError, EveryRankError, NeoxkoError
 from neoxko.model import GPTNeoX
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -68,6 +68,7 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_allocation(world)
     device = local_device(local_rank)
     if world > 1 and not dist.is_initialized():
         missing = [v for v in RENDEZVOUS_VARS if v not in os.environ]
@@ -84,6 +85,26 @@ def init_distributed(timeout_s: float = 600) -> tuple[int, int, torch.device]:
                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); check that every node was launched "
                 "with the same --rdzv-endpoint and --nnodes, and that the port is open") from None
     return rank, world, device
+
+
+def check_allocation(world: int) -> None:
+    """Under Slurm, the ranks a launcher starts on a node must fit what the allocation gives that node, and the
+    launchers must span the allocation's nodes (a GPU shared by two ranks, or idle nodes, is a sizing mistake)."""
+    if "SLURM_JOB_ID" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        return
+    ranks = int(os.environ["LOCAL_WORLD_SIZE"])
+    node = os.environ.get("SLURMD_NODENAME", "this node")
+    if torch.cuda.is_available() and ranks > torch.cuda.device_count():
+        raise EveryRankError(f"{ranks} ranks a node (--nproc-per-node) but {node} has {torch.cuda.device_count()} "
+                             "GPU(s) in this allocation; set NPROC to --gpus-per-node")
+    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE", ranks))
+    if not torch.cuda.is_available() and ranks > cpus:
+        raise EveryRankError(f"{ranks} ranks a node (--nproc-per-node) but the allocation gives {node} {cpus} CPU(s) "
+                             f"(SLURM_CPUS_ON_NODE); set NPROC to at most {cpus}, or ask for more with --cpus-per-task")
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "0"))
+    if nodes and world != ranks * nodes:
+        raise EveryRankError(f"{world} ranks in all, but the allocation has {nodes} node(s) x {ranks} ranks = "
+                             f"{ranks * nodes}; launch one torchrun a node with --nnodes \"$SLURM_NNODES\"")
 
 
 def local_device(local_rank: int) -> torch.device:
