@@ -55,13 +55,13 @@ def settings(shards: Path, out: Path, **changes) -> dict:
     return base | changes
 
 
-def submit(cluster, folder: Path, cfg: dict, nproc: int = 2, **sizes) -> str:
+def submit(cluster, folder: Path, cfg: dict, nproc: int = 2, sbatch: tuple[str, ...] = (), **sizes) -> str:
     """sbatch the README's script with NPROC ranks a node and this run's config; returns the job id."""
     (folder / "run.yaml").write_text(yaml.safe_dump(cfg))
     (folder / "train.sbatch").write_text(readme_script(**sizes))
     env = {"NPROC": str(nproc), "CONFIG": str(folder / "run.yaml"), "DATA": cfg["data"][0],
            "PORT": str(local_slurm.free_ports(1)[0])}
-    out = cluster.run("sbatch", "--parsable", "--chdir", str(folder), "--output", str(folder / "slurm-%j.out"),
+    out = cluster.run("sbatch", "--parsable", *sbatch, "--chdir", str(folder), "--output", str(folder / "slurm-%j.out"),
                       *[f"--export=ALL,{','.join(f'{k}={v}' for k, v in env.items())}"], str(folder / "train.sbatch"))
     return out.stdout.strip().split(";")[0]
 
@@ -136,6 +136,19 @@ def test_a_stop_signal_saves_one_checkpoint_completes_and_the_resubmit_resumes_e
     again = submit(cluster, tmp_path, cfg)
     assert wait_job(cluster, again, tmp_path) == ("COMPLETED", "0:0"), _log(tmp_path, again)[-3000:]
     assert losses(tmp_path / "run") == pytest.approx(reference(shards, tmp_path, cfg), abs=1e-5)
+
+
+def test_the_time_limit_notice_stops_the_run_with_a_checkpoint_before_the_limit(cluster, shards, tmp_path):
+    """--signal=TERM@50 with a 1-minute limit: Slurm signals the steps 50 s before the end (its time-limit
+    check runs every few seconds to 30 s), the run saves and the job ends COMPLETED before the limit."""
+    cfg = settings(shards, tmp_path / "run", max_steps=100_000)
+    job = submit(cluster, tmp_path, cfg, sbatch=("--time", "1"), signal="TERM@50")
+    state = wait_job(cluster, job, tmp_path, timeout=120)
+    log = _log(tmp_path, job)
+    assert state == ("COMPLETED", "0:0"), log[-3000:]
+    stopped = log_rows(tmp_path / "run")
+    assert f"stopped at step {stopped} (SIGTERM)" in log
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step-{stopped:07d}"
 
 
 def _processes_of(job: str, node: str) -> list[int]:
