@@ -49,6 +49,7 @@ def add_commands(commands) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    _quiet_other_ranks()
     from neoxko.evaluate.kobest import EvalSettings, evaluate, load_scorer, markdown_table, write_outputs
     from neoxko.evaluate.tasks import GROUPS, TASKS, resolve_tasks
 
@@ -115,6 +116,7 @@ def _task_manager(cls, include_path: str | None):
 
 def run_harness(argv: list[str]) -> int:
     """lm-eval's own command line (`lm_eval ...`), with neoxko's model registered first."""
+    _quiet_other_ranks()
     importlib.import_module("neoxko.evaluate.harness")  # first: registers --model neoxko (or says what is missing)
     from lm_eval.__main__ import cli_evaluate
 
@@ -127,6 +129,14 @@ def run_harness(argv: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def _quiet_other_ranks() -> None:
+    """Under torchrun every rank runs the whole evaluation and rank 0 reports it: on the others lm-eval logs only
+    errors, and progress bars that do not check the rank stay off (tqdm reads TQDM_DISABLE when first imported)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        os.environ.setdefault("LMEVAL_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def run_perplexity(args: argparse.Namespace) -> int:

@@ -31,7 +31,9 @@ def make_executor(config, pipeline: list, tasks: int, logs: Path, depends, name:
     if config.executor == "slurm":
         return slurm_executor()(pipeline, tasks=tasks, time=config.slurm_time, partition=config.slurm_partition,
                                 logging_dir=str(logs), depends=depends, job_name=f"neoxko-{name}",
-                                workers=config.workers, mem_per_cpu_gb=config.slurm_mem_per_cpu_gb,
+                                # tasks at once: --workers when given, else as many as Slurm will run
+                                workers=config.workers if config.workers > 1 else -1,
+                                mem_per_cpu_gb=config.slurm_mem_per_cpu_gb,
                                 qos=None, mail_type="NONE")
     if config.executor == "ray":
         from datatrove.executor import RayPipelineExecutor

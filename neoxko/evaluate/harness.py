@@ -14,10 +14,11 @@ outside its own package, so `neoxko harness ...` imports it and hands over to lm
 
 Model args: pretrained (a folder, hub id or built-in name), dtype, device, batch_size (documents per
 generation batch), batch_tokens (tokens per scoring forward), max_length, quantize (int8, int4) and group_size.
-Under torchrun each rank scores its share of the requests and lm-eval gathers them.
+Under torchrun lm-eval sees one process: every rank builds every request (lm-eval's own split by rank would draw
+other few-shot examples, as each rank's draws start from the seed) and the ranks deal out the scoring and generation
+batches, each the batch one process would run, so every number equals the one-process number.
 """
 
-import os
 import sys
 from collections import defaultdict
 
@@ -38,7 +39,8 @@ except ImportError as e:  # pragma: no cover - the message is what matters
                       f"(or pip install lm-eval) ({e})") from None
 
 from neoxko.errors import NeoxkoError
-from neoxko.evaluate.scoring import Item, NeoxkoScorer, fit_window
+from neoxko.evaluate.kobest import gather_everywhere, join_torchrun, rank_device, shared_loglikelihoods
+from neoxko.evaluate.scoring import Item, NeoxkoScorer
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -54,19 +56,14 @@ class NeoxkoLM(TemplateLM):
             raise NeoxkoError(f"unknown neoxko model arg(s) {', '.join(sorted(unknown))}; the ones it takes: "
                               "pretrained, dtype, device, batch_size, batch_tokens, max_length, quantize, group_size")
         from neoxko.checkpoint import load_model
-        from neoxko.evaluate.kobest import rank_device
         from neoxko.tokenizer import load_tokenizer
 
         if dtype in ("auto", None, ""):
             dtype = None
         elif dtype not in DTYPES:
             raise NeoxkoError(f"dtype {dtype!r} is not one neoxko loads; use one of {', '.join(DTYPES)} or auto")
-        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
-            print(f"neoxko: device {device!r} asked for (lm-eval's default) but there is no GPU: using the CPU",
-                  file=sys.stderr)  # as lm-eval's hf model does
-            device = "cpu"
-        self._rank, self._world_size = _distributed()
-        self._device = torch.device(rank_device(device))
+        self.torchrun_rank, self.torchrun_world = join_torchrun()  # lm-eval's rank and world size stay 0 and 1
+        self._device = torch.device(lm_eval_device(device, self.torchrun_rank, self.torchrun_world))
         self.tokenizer = load_tokenizer(pretrained)  # a missing tokenizer fails before the weights load
         self.model = load_model(pretrained, dtype=dtype, device=self._device, quantize=quantize,
                                 group_size=int(group_size))
@@ -95,6 +92,9 @@ class NeoxkoLM(TemplateLM):
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.torchrun_rank != 0)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of each (key, context_enc, continuation_enc); requests with one context share it."""
         by_context: dict[tuple, list[int]] = defaultdict(list)
@@ -103,10 +103,7 @@ class NeoxkoLM(TemplateLM):
                 raise NeoxkoError("an lm-eval request's continuation encodes to no tokens; cannot score it")
             by_context[tuple(context)].append(i)
         items = [Item(list(context), [requests[i][2] for i in which]) for context, which in by_context.items()]
-        bar = tqdm(total=sum(len(fit_window(item, self.max_length)) for item in items), desc="loglikelihood",
-                   unit="row", disable=disable_tqdm or self.rank != 0)
-        scores = self.scorer.loglikelihoods(items, progress=bar, greedy=True)
-        bar.close()
+        scores = shared_loglikelihoods(self.scorer, items, "loglikelihood", not disable_tqdm, greedy=True)
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         for (_, which), item_scores in zip(by_context.items(), scores, strict=True):
             for i, (ll, greedy) in zip(which, item_scores, strict=True):
@@ -140,58 +137,39 @@ class NeoxkoLM(TemplateLM):
             budget = max(self.max_length - max_gen_toks, 1)
             ids = self.tok_encode(context)[-budget:] or [self.eot_token_id]
             jobs.append((n, ids, until, max_gen_toks, sampling))
-        out = [""] * len(requests)
         # Same settings decode together, longest prompts first (little padding); each row stops on its own.
         groups: dict[tuple, list] = defaultdict(list)
         for job in jobs:
             groups[(tuple(job[2]), job[3], job[4])].append(job)
-        bar = tqdm(total=len(jobs), desc="generate_until", unit="doc", disable=disable_tqdm or self.rank != 0)
-        for (until, max_gen_toks, sampling), group in groups.items():
+        batches = []
+        for settings, group in groups.items():
             group.sort(key=lambda job: -len(job[1]))
-            for start in range(0, len(group), self.batch_size):
-                batch = group[start:start + self.batch_size]
-                texts = generate_batch(self.model, self.tokenizer, [job[1] for job in batch], list(until),
+            batches += [(settings, group[i:i + self.batch_size]) for i in range(0, len(group), self.batch_size)]
+        mine = batches[self.torchrun_rank::self.torchrun_world]  # under torchrun each rank decodes its share
+        texts = []  # (request, text)
+        bar = tqdm(total=sum(len(batch) for _, batch in mine), desc="generate_until", unit="doc",
+                   disable=disable_tqdm or self.torchrun_rank != 0)
+        for (until, max_gen_toks, sampling), batch in mine:
+            generated = generate_batch(self.model, self.tokenizer, [job[1] for job in batch], list(until),
                                        max_gen_toks, sampling)
-                for job, text in zip(batch, texts, strict=True):
-                    out[job[0]] = text
-                    self.cache_hook.add_partial("generate_until", requests[job[0]].args, text)
-                bar.update(len(batch))
+            texts += [(job[0], text) for job, text in zip(batch, generated, strict=True)]
+            bar.update(len(batch))
         bar.close()
+        out = [""] * len(requests)
+        for n, text in gather_everywhere(texts):
+            out[n] = text
+            self.cache_hook.add_partial("generate_until", requests[n].args, text)
         return out
 
-    # -- torchrun: lm-eval splits the requests by rank and gathers through these ------------------------------
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        import torch.distributed as dist
 
-        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor)
-        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
-
-    def gather_object(self, obj, dst: int = 0):
-        if self.world_size == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        gathered = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(obj, gathered, dst=dst)
-        return gathered
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), joining torchrun's process group (gloo on CPU, nccl on GPUs) if there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+def lm_eval_device(device: str | None, rank: int, world: int) -> str:
+    """The device this rank scores on: the CPU where lm-eval asks for a GPU there is not (its default is cuda:0), and
+    under torchrun each rank's own GPU whatever cuda index it asks for, as lm-eval's hf model does."""
+    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+        if rank == 0:
+            print(f"neoxko: device {device!r} asked for (lm-eval's default) but there is no GPU: using the CPU",
+                  file=sys.stderr)  # as lm-eval's hf model does
+        return "cpu"
+    if world > 1 and str(device).startswith("cuda"):
+        device = "cuda"
+    return rank_device(device)

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from neoxko.errors import NeoxkoError
 from neoxko.evaluate.metrics import accuracy, macro_f1, macro_f1_stderr, one_class_warning, prediction_counts
-from neoxko.evaluate.scoring import encode_item
+from neoxko.evaluate.scoring import HFScorer, Item, _batches, _row_length, encode_item, fit_window
 from neoxko.evaluate.tasks import TARGET_DELIMITER, TASKS, build_requests
 
 # The seed model card's GPT-NeoX-Ko 1.3B row (../shared/seed), by shot count, in task order.
@@ -32,20 +32,15 @@ class EvalSettings:
 
 
 def evaluate(scorer, settings: EvalSettings, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Results {task: {shots: metrics}} and per-document samples. Under torchrun, ranks share the work."""
-    rank, world = _distributed()
+    """Results {task: {shots: metrics}} and per-document samples. Under torchrun, ranks share the batches."""
     results: dict[str, dict[str, dict]] = {}
     samples: list[dict] = []
     for task in settings.tasks:
         for shots in settings.shots:
             requests = build_requests(task, shots, settings.data_dir, settings.prompt_style, settings.limit)
-            mine = requests[rank::world]
             items = [encode_item(scorer.encode, r.context, [TARGET_DELIMITER + c for c in r.doc.choices])
-                     for r in mine]
-            with tqdm(total=len(items), desc=f"{task} {shots}-shot", unit="doc",
-                      disable=not progress or rank != 0) as bar:
-                lls = scorer.loglikelihoods(items, bar)
-            lls = _gather(lls, rank, world, len(requests))
+                     for r in requests]
+            lls = shared_loglikelihoods(scorer, items, f"{task} {shots}-shot", progress)
             results.setdefault(task, {})[str(shots)] = task_metrics(task, requests, lls)
             samples += [{"task": task, "shots": shots, "doc_id": r.doc_id, "prompt": r.doc.text,
                          "choices": list(r.doc.choices), "label": r.doc.label, "loglikelihoods": ll,
@@ -93,29 +88,75 @@ def rank_device(device: str | None) -> str:
     return device
 
 
-def _distributed() -> tuple[int, int]:
+def join_torchrun() -> tuple[int, int]:
+    """(rank, world size), joining torchrun's process group on the first call; (0, 1) without torchrun.
+
+    On GPUs the group is NCCL's and each rank first takes its own GPU: NCCL's collectives run on the current
+    device, which is cuda:0 on every rank until set."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group("nccl")
+    else:
         dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
-def _gather(lls: list, rank: int, world: int, total: int) -> list:
-    """Every rank's share, put back in document order (rank r scored documents r, r + world, ...)."""
+def shared_loglikelihoods(scorer, items: list[Item], desc: str, progress: bool = True, **kwargs) -> list[list]:
+    """scorer.loglikelihoods(items), its batches dealt out over torchrun's ranks; every rank gets every score.
+
+    A rank scores the very batches one process would (same rows, same padding), so each score equals the
+    one-process score bit for bit; splitting by document would change the batches, and so the rounding."""
+    rank, world = join_torchrun()
+    batches = scorer_batches(scorer, items)
+    with tqdm(total=sum(map(len, batches[rank::world])), desc=desc, unit="row",
+              disable=not progress or rank != 0) as bar:
+        if world == 1:
+            return scorer.loglikelihoods(items, bar, **kwargs)
+        mine = []  # (item, branch, score)
+        for batch in batches[rank::world]:
+            scores = scorer.loglikelihoods([row for _, row, _ in batch], **kwargs)
+            mine += [(n, i, score) for (n, _, which), row_scores in zip(batch, scores, strict=True)
+                     for i, score in zip(which, row_scores, strict=True)]
+            bar.update(len(batch))
+    out = [[None] * len(item.branches) for item in items]
+    for n, i, score in gather_everywhere(mine):
+        out[n][i] = score
+    return out
+
+
+def scorer_batches(scorer, items: list[Item]) -> list[list[tuple[int, Item, list[int]]]]:
+    """The batches scorer.loglikelihoods(items) scores, in its order: (item, row, the item's branches the row holds).
+
+    A batch's rows, handed back to the scorer, come out as that one batch again."""
+    if isinstance(scorer, HFScorer):  # one row per choice, cut to the window
+        rows = [(n, Item(item.context, [branch]), [i]) for n, item in enumerate(items)
+                for i, branch in enumerate(item.branches)]
+
+        def length(row: Item) -> int:
+            return min(len(row.context) + len(row.branches[0]), scorer.max_length + 1) - 1
+    else:  # NeoxkoScorer: the choices share their context in one row
+        rows = [(n, part, which) for n, item in enumerate(items) for part, which in fit_window(item, scorer.max_length)]
+        length = _row_length
+    rows.sort(key=lambda r: -length(r[1]))
+    return list(_batches(rows, scorer.batch_tokens, lambda r: length(r[1])))
+
+
+def gather_everywhere(share: list) -> list:
+    """Every rank's share, concatenated in rank order, on every rank."""
+    _, world = join_torchrun()
     if world == 1:
-        return lls
+        return share
     import torch.distributed as dist
 
     shares = [None] * world
-    dist.all_gather_object(shares, lls)
-    out = [None] * total
-    for r, share in enumerate(shares):
-        out[r::world] = share
-    return out
+    dist.all_gather_object(shares, share)
+    return [x for s in shares for x in s]
 
 
 def write_outputs(folder: str | Path, model_name: str, settings: EvalSettings, results: dict,

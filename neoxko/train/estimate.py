@@ -105,6 +105,12 @@ def flops_per_token(c: ModelConfig, seq_len: int) -> float:
     return 6 * body + 12 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
+def training_seconds(cfg: TrainConfig, world: int, peak: float, mfu: float) -> float:
+    """Seconds for the whole run: max_steps x global_batch x seq_len tokens at mfu of world x peak FLOP/s."""
+    tokens = cfg.max_steps * cfg.global_batch * cfg.seq_len
+    return tokens * flops_per_token(cfg.model_config(), cfg.seq_len) / (world * peak * mfu)
+
+
 def peak_flops(cfg: TrainConfig, device: torch.device | None = None) -> float | None:
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
@@ -139,7 +145,7 @@ def check_fits(cfg: TrainConfig, dims: ParallelDims, ranks_per_node: int) -> Non
 
 
 def dry_run(cfg: TrainConfig, world: int, ranks_per_node: int) -> str:
-    """The plan as text: mesh, per-rank memory, FLOPs per step, expected tokens/s; raises if it cannot fit."""
+    """The plan as text: mesh, per-rank memory, FLOPs per step, expected tokens/s and days; raises if it cannot fit."""
     c = cfg.model_config()
     dims = ParallelDims.resolve(cfg.parallel, world, ranks_per_node, cfg.dp_replicate, cfg.dp_shard)
     accumulation = cfg.accumulation(world)
@@ -165,12 +171,17 @@ def dry_run(cfg: TrainConfig, world: int, ranks_per_node: int) -> str:
         f"  total      {plan.total / GB:10.2f}   of {limit / GB:.1f} available ({source})",
         f"FLOPs        {step_flops:.3e} per step ({flops_per_token(c, cfg.seq_len) / 1e9:.2f} GFLOP per token)",
     ]
+    run = f"run          {cfg.max_steps:,} steps = {cfg.max_steps * tokens_per_step / 1e9:,.1f}B tokens"
     if peak:
         rate = peak * world * ASSUMED_MFU / flops_per_token(c, cfg.seq_len)
         lines.append(f"expected     {rate:,.0f} tokens/s over {world} rank(s) at {ASSUMED_MFU:.0%} MFU of "
                      f"{peak / 1e12:.0f} TFLOP/s each; {tokens_per_step / rate:.2f} s per step")
+        days = {mfu: training_seconds(cfg, world, peak, mfu) / 86400 for mfu in (ASSUMED_MFU, 1.0)}
+        lines.append(f"{run}: {days[ASSUMED_MFU]:.2f} days ({days[ASSUMED_MFU] * 24:.1f} h) at {ASSUMED_MFU:.0%} "
+                     f"MFU; {days[1.0]:.2f} days at the full {peak / 1e12:.0f} TFLOP/s peak (the bound)")
     else:
         lines.append("expected     unknown speed: set peak_tflops (per device) for a tokens/s estimate")
+        lines.append(f"{run}; days unknown without peak_tflops")
     check_fits(cfg, dims, ranks_per_node)
     lines.append("fits         yes")
     return "\n".join(lines)
