@@ -167,26 +167,6 @@ def test_cli_eval_and_missing_tokenizer(tmp_path, model_dir):
     assert out.returncode == 2 and "has no tokenizer.json" in out.stderr
 
 
-def test_torchrun_splits_documents_and_gathers_the_same_results(tmp_path, model_dir):
-    args = ["eval", "--model", str(model_dir), "--tasks", "kobest_boolq,kobest_hellaswag", "--shots", "1",
-            "--data-dir", str(DATA)]
-    single = subprocess.run([sys.executable, "-m", "neoxko", *args, "--output", str(tmp_path / "one")],
-                            capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29517", "-m", "neoxko", *args, "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "results.json").read_text())["results"]
-    two = json.loads((tmp_path / "two" / "results.json").read_text())["results"]
-    assert one == two
-    samples = lambda d: [json.loads(line) for line in (tmp_path / d / "samples.jsonl").open()]  # noqa: E731
-    for a, b in zip(samples("one"), samples("two"), strict=True):  # other batches: float noise in the sums
-        assert a["loglikelihoods"] == pytest.approx(b.pop("loglikelihoods"), abs=1e-4)
-        a.pop("loglikelihoods")
-        assert a == b
-
-
 def test_hub_dataset_offline_says_what_to_do(monkeypatch, tmp_path):
     pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -118,23 +118,31 @@ def test_readme_script_trains_hsdp_2_nodes_x_2_ranks_to_one_process_losses(clust
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("how", ["steps TERM", "full USR1"])
-def test_a_stop_signal_saves_one_checkpoint_completes_and_the_resubmit_resumes_exactly(cluster, shards, tmp_path,
-                                                                                       how):
+def stop_with(cluster, folder: Path, cfg: dict, signal_args: list[str], after_rows: int) -> int:
+    """Submit, wait for after_rows log rows, send the signal as scancel does; the job must stop, save once at
+    the step it stopped at and end COMPLETED. Returns that step."""
+    job = submit(cluster, folder, cfg)
+    wait_rows(Path(cfg["out_dir"]), after_rows)
+    cluster.run("scancel", *signal_args, job)
+    assert wait_job(cluster, job, folder) == ("COMPLETED", "0:0"), _log(folder, job)[-3000:]
+    stopped = log_rows(Path(cfg["out_dir"]))
+    assert after_rows <= stopped < cfg["max_steps"], _log(folder, job)[-2000:]
+    assert f"stopped at step {stopped} (" in _log(folder, job)
+    assert (Path(cfg["out_dir"]) / "checkpoints" / "latest").read_text().strip() == f"step-{stopped:07d}"
+    return stopped
+
+
+def test_stop_signals_save_one_checkpoint_complete_and_the_resubmits_resume_exactly(cluster, shards, tmp_path):
+    """Signalled as scancel does: the steps with TERM, then the whole job (batch shell and srun too) with USR1;
+    the third submission finishes with the losses of an uninterrupted run."""
     cfg = settings(shards, tmp_path / "run", max_steps=60)
-    job = submit(cluster, tmp_path, cfg)
-    wait_rows(tmp_path / "run", 3)
-    sig, scope = how.split()[1], ["--full"] if how.startswith("full") else []
-    cluster.run("scancel", f"--signal={sig}", *scope, job)
-    assert wait_job(cluster, job, tmp_path) == ("COMPLETED", "0:0"), _log(tmp_path, job)[-3000:]
-    stopped = log_rows(tmp_path / "run")
-    assert 3 <= stopped < 60, _log(tmp_path, job)[-2000:]
-    assert f"stopped at step {stopped} (" in _log(tmp_path, job)
+    first = stop_with(cluster, tmp_path, cfg, ["--signal=TERM"], 3)
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == f"step-{stopped:07d}"
-    assert [p.name for p in checkpoints.glob("step-*")] == [f"step-{stopped:07d}"]  # one save, at the stop
-    again = submit(cluster, tmp_path, cfg)
-    assert wait_job(cluster, again, tmp_path) == ("COMPLETED", "0:0"), _log(tmp_path, again)[-3000:]
+    assert [p.name for p in checkpoints.glob("step-*")] == [f"step-{first:07d}"]  # one save, at the stop
+    second = stop_with(cluster, tmp_path, cfg, ["--signal=USR1", "--full"], first + 3)
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [f"step-{first:07d}", f"step-{second:07d}"]
+    last = submit(cluster, tmp_path, cfg)
+    assert wait_job(cluster, last, tmp_path) == ("COMPLETED", "0:0"), _log(tmp_path, last)[-3000:]
     assert losses(tmp_path / "run") == pytest.approx(reference(shards, tmp_path, cfg), abs=1e-5)
 
 

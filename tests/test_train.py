@@ -61,6 +61,19 @@ def test_mfu_is_logged_against_a_given_peak(shards, tmp_path):
     assert last["mfu"] == pytest.approx(last["flops_per_s"] / 1e12)
 
 
+def test_the_signal_handlers_train_sets_are_restored_when_it_returns(shards, tmp_path):
+    import signal
+
+    mine = lambda signum, frame: None  # noqa: E731
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        train(TrainConfig(**settings(shards, tmp_path, max_steps=2, eval_every=0)))
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_tensorboard_when_installed(shards, tmp_path):
     pytest.importorskip("tensorboard")
     train(TrainConfig(**settings(shards, tmp_path, max_steps=2, eval_every=0)))

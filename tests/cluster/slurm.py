@@ -6,7 +6,7 @@ a fresh key, all in the foreground under a folder of their own (state, spool, lo
 (`head=$(scontrol show hostnames ...)`): where `n1`/`n2` do not, `127.0.0.1 n1 n2` is appended to /etc/hosts
 (root only; otherwise start() says so and the caller skips).
 
-    python tests/cluster/slurm.py start /tmp/slurm   # prints `export SLURM_CONF=...`; Ctrl-C stops it
+    python tests/cluster/slurm.py start /tmp/slurm   # prints `export SLURM_CONF=...`; Ctrl-C or kill stops it
 """
 
 import os
@@ -190,10 +190,11 @@ if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "start":
         sys.exit("usage: python tests/cluster/slurm.py start FOLDER")
     cluster = start(Path(sys.argv[2]))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the cluster too
     print(f"export SLURM_CONF={cluster.folder / 'slurm.conf'}   # two nodes up; Ctrl-C stops the cluster", flush=True)
     try:
         signal.pause()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         cluster.stop()
