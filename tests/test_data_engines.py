@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "cluster"))
 import slurm as local_slurm  # noqa: E402
 
 pytest.importorskip("datatrove")
+pytestmark = pytest.mark.distributed  # several processes: Slurm jobs, Ray workers
 
 # the local executor's run on the same corpus (test_data_pipeline's fixtures)
 corpus, tokenizer, finished = pipeline.corpus, pipeline.tokenizer, pipeline.finished

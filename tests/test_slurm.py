@@ -147,11 +147,12 @@ def test_stop_signals_save_one_checkpoint_complete_and_the_resubmits_resume_exac
 
 
 def test_the_time_limit_notice_stops_the_run_with_a_checkpoint_before_the_limit(cluster, shards, tmp_path):
-    """--signal=TERM@110 with a 2-minute limit: Slurm signals the steps 110 s before the end (its time-limit
-    check runs every few seconds to 30 s), the run saves and the job ends COMPLETED before the limit."""
+    """--signal=TERM@20 with a 1-minute limit. slurmctld checks time limits every 30 s and sends the notice at
+    the first check within 30 s of its due time, so here 10-40 s into the job; a notice due before the step
+    starts would reach no process (a limit under N + 40 s). The run saves and the job ends COMPLETED."""
     cfg = settings(shards, tmp_path / "run", max_steps=100_000)
-    job = submit(cluster, tmp_path, cfg, nproc=1, sbatch=("--time", "2"), signal="TERM@110")
-    state = wait_job(cluster, job, tmp_path, timeout=200)
+    job = submit(cluster, tmp_path, cfg, nproc=1, sbatch=("--time", "1"), signal="TERM@20")
+    state = wait_job(cluster, job, tmp_path, timeout=150)
     log = _log(tmp_path, job)
     assert state == ("COMPLETED", "0:0"), log[-3000:]
     stopped = log_rows(tmp_path / "run")
