@@ -81,6 +81,9 @@ def test_slurm_runs_seven_dependent_jobs_a_lost_stage_fails_by_name_and_the_reru
     assert not [j for j in queue if j.split("_")[0] in later]  # the stages after it are cancelled
     failed = status(cluster, out)
     assert failed.returncode == 2 and "stage exact-sigs failed" in failed.stderr
+    while [j for j in cluster.run("squeue", "--noheader", "--format", "%i").stdout.split()
+           if j.split("_")[0] in jobs.values()]:  # a rerun while the clean stage still runs is refused
+        time.sleep(0.5)
     # the same command resumes (here without waiting; `neoxko data status` follows it to the report)
     again = subprocess.run(args + ["--no-wait"], capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0 and "neoxko data status" in again.stdout, again.stderr[-2000:]
@@ -119,3 +122,12 @@ def test_ray_unreachable_address_is_named(corpus, tokenizer, tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"cannot reach a Ray cluster at 127.0.0.1:{port}; start one with `ray start --head`" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_no_wait_is_for_slurm_only(corpus, tokenizer, tmp_path):
+    from neoxko.data.prepare import prepare
+    from neoxko.errors import NeoxkoError
+
+    with pytest.raises(NeoxkoError, match=r"--no-wait is for --executor slurm"):
+        prepare(pipeline.config(corpus, tokenizer, tmp_path / "out", wait=False))
+    assert not (tmp_path / "out").exists()

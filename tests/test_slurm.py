@@ -201,3 +201,4 @@ def test_more_ranks_than_the_allocation_gives_a_node_is_refused_once_by_name(clu
     message = (r"3 ranks a node \(--nproc-per-node\) but the allocation gives n[12] 2 CPU\(s\) \(SLURM_CPUS_ON_NODE\); "
                r"set NPROC to at most 2, or ask for more with --cpus-per-task")
     assert log.count("neoxko: error: 3 ranks a node") == 1 and re.search(message, log), log[-3000:]
+    assert "Traceback" not in log and "ChildFailedError" not in log  # the launchers add one line each, no traceback

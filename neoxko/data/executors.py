@@ -6,6 +6,7 @@ a rerun skips them and how `neoxko data status` counts them.
 """
 
 import json
+import os
 import re
 import shlex
 import socket
@@ -84,7 +85,9 @@ def _slurm(*args: str) -> str:
     try:
         return subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout
     except subprocess.CalledProcessError as e:
-        raise NeoxkoError(f"{args[0]} failed: {(e.stderr or e.stdout).strip()[:300]}") from None
+        first = ((e.stderr or e.stdout).strip().splitlines() or ["no message"])[0][:200]
+        raise NeoxkoError(f"{args[0]} failed ({first}); is Slurm reachable from here (`scontrol ping`; SLURM_CONF "
+                          "names the cluster's slurm.conf)?") from None
     except subprocess.TimeoutExpired:
         raise NeoxkoError(f"{args[0]} did not answer in 60 s: is slurmctld up? (scontrol ping)") from None
 
@@ -138,6 +141,30 @@ def _queue(jobs: set[str]) -> dict[str, str]:
     return {f[0]: " ".join(f[1:]) for f in map(str.split, lines) if f and f[0].split("_")[0] in jobs}
 
 
+def clear_previous(out: Path) -> None:
+    """Before a rerun submits again: jobs of the previous submission that can never start (their dependency
+    failed) are cancelled; jobs still queued or running are not doubled: refused."""
+    if not (out / JOBS_FILE).is_file():
+        return
+    states = slurm_states(out)
+    stale = [s.job for s in states if s.queued and s.failed]
+    active = [s for s in states if s.queued and not s.failed]
+    if active:
+        raise NeoxkoError(f"the jobs of the previous submission to {out} are still queued or running (stage "
+                          f"{active[0].name}, job {active[0].job}); follow them with `neoxko data status {out}`, or "
+                          "scancel them, before running the command again")
+    if stale:
+        _slurm("scancel", *stale)
+
+
+def cancel_after(states: list[StageState], failed: StageState) -> list[str]:
+    """Cancel the stages after a failed one (they wait on a dependency that can never be met)."""
+    later = [s.job for s in states[states.index(failed) + 1:] if s.job and s.queued]
+    if later:
+        _slurm("scancel", *later)
+    return later
+
+
 def status_table(states: list[StageState]) -> str:
     rows = ["| stage | job | tasks done | in the queue |", "|---|---|---:|---|"]
     for s in states:
@@ -157,9 +184,7 @@ def wait_slurm(out: Path, poll_s: float = 2.0) -> None:
             bar.update(sum(min(s.done, s.tasks) for s in states) - bar.n)
             failed = next((s for s in states if s.failed), None)
             if failed is not None:
-                later = [s.job for s in states[states.index(failed) + 1:] if s.job]
-                if later:
-                    _slurm("scancel", *later)
+                later = cancel_after(states, failed)
                 raise NeoxkoError(f"stage {failed.name} failed (Slurm job {failed.job}: {failed.done}/{failed.tasks} "
                                   f"tasks finished); cancelled the {len(later)} stage(s) after it. Fix the cause and "
                                   f"run the same command again to resume. {last_lines(failed.logs)}")
@@ -201,8 +226,12 @@ def connect_ray(address: str | None, cpus: int) -> None:
         ray.init(address=address, num_cpus=None if address else cpus, log_to_driver=False,
                  include_dashboard=False, configure_logging=False)
     except (ConnectionError, RuntimeError) as e:
+        token = Path.home() / ".ray" / "auth_token"
+        hint = (" It may ask for a token: `ray start` turns token authentication on in Ray 2.52 and newer; run "
+                f"with RAY_AUTH_MODE=token (the token is {token})." if token.exists() and
+                os.environ.get("RAY_AUTH_MODE") != "token" else "")
         raise NeoxkoError(f"cannot join the Ray cluster at {address or 'this machine'} ({_first_line(e)}); check "
-                          "`ray status` there, or leave --ray-address out to run Ray on this machine") from None
+                          f"`ray status` there, or leave --ray-address out to run Ray on this machine.{hint}") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -260,15 +261,19 @@ def prepare(config: PrepareConfig) -> dict:
         _check_datasets(config.hf_dataset, config.hf_options)
     else:
         input_files(config.inputs)
+    if not config.wait and config.executor != "slurm":
+        raise NeoxkoError("--no-wait is for --executor slurm (the jobs run on without this command)")
     if config.executor == "slurm":
         engines.check_slurm(config.slurm_partition)
+        engines.clear_previous(Path(config.output))
     if config.executor == "ray":
         engines.connect_ray(config.ray_address, config.workers)
     claim_output(config)
     out = Path(config.output)
     executors = build_executors(config, tokenizer)
     if config.executor == "slurm":
-        executors[-1].run()  # submits every stage not finished before, each depending on the one before
+        with datatrove_log(out, config.verbose):
+            executors[-1].run()  # submits every stage not finished before, each depending on the one before
         engines.record_jobs(out, STAGES, executors)
         if not config.wait:
             return {}
@@ -287,27 +292,37 @@ def _run_stage(executor, n: int, out: Path, verbose: bool) -> None:
     """One stage, saying so on stderr; datatrove's own log lines go to OUTPUT/logs/datatrove.log unless verbose."""
     print(f"neoxko: data prepare {n + 1}/{len(STAGES)} {STAGES[n]} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    if verbose:
-        executor.run()
-    else:
-        log = out / "logs" / "datatrove.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        saved = os.dup(2)
-        try:
-            with log.open("a", encoding="utf-8") as f:
-                sys.stderr.flush()
-                os.dup2(f.fileno(), 2)  # worker processes inherit it
-                try:
-                    executor.run()
-                finally:
-                    sys.stderr.flush()
-                    os.dup2(saved, 2)
-        except Exception as e:  # a stage's tasks failed: the details are in the log
-            raise NeoxkoError(f"stage {STAGES[n]} failed ({type(e).__name__}: {str(e)[:200]}); see {log}") from e
-        finally:
-            os.close(saved)
+    try:
+        with datatrove_log(out, verbose):
+            executor.run()
+    except Exception as e:  # a stage's tasks failed: the details are in the log
+        raise NeoxkoError(f"stage {STAGES[n]} failed ({type(e).__name__}: {str(e)[:200]}); see "
+                          f"{out / 'logs' / 'datatrove.log'}") from e
     print(f"neoxko: data prepare {n + 1}/{len(STAGES)} {STAGES[n]} done in {time.perf_counter() - start:.1f} s",
           file=sys.stderr, flush=True)
+
+
+@contextmanager
+def datatrove_log(out: Path, verbose: bool):
+    """stderr (datatrove's log lines, also those of worker processes, which inherit it) into
+    OUTPUT/logs/datatrove.log, unless verbose."""
+    if verbose:
+        yield
+        return
+    log = out / "logs" / "datatrove.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(2)
+    try:
+        with log.open("a", encoding="utf-8") as f:
+            sys.stderr.flush()
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _require_survivors(out: Path) -> None:

@@ -39,13 +39,25 @@ def children() -> list[int]:
     return pids
 
 
-def main(argv: list[str] | None = None) -> None:
-    from torch.distributed.run import main as torchrun
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
 
     for sig in PASSED_ON:
         signal.signal(sig, pass_on)
-    torchrun(["--signals-to-handle", TORCHRUN_HANDLES, *(sys.argv[1:] if argv is None else argv)])
+    args = get_args_parser().parse_args(["--signals-to-handle", TORCHRUN_HANDLES,
+                                         *(sys.argv[1:] if argv is None else argv)])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        # a rank that refused to start (exit 2) has said why in one line: no launcher traceback after it
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        first = getattr(e.get_first_failure()[1], "message", "") or "see above"
+        print(f"neoxko: {len(e.failures)} rank(s) on this node ended with exit code {', '.join(map(str, codes))}"
+              + ("" if codes == [2] else f" (first: {first})"), file=sys.stderr, flush=True)
+        return 2 if codes == [2] else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

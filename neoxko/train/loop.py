@@ -92,6 +92,7 @@ def train(cfg: TrainConfig, job=None) -> dict:
         start = checkpoint.load(found, model, optimizer, job.trainable_only, job.signature)
         if rank == 0:
             trim_log(out / "log.jsonl", start)
+            print(f"neoxko: resuming from {found} (step {start})", file=sys.stderr, flush=True)
     if start >= cfg.max_steps:  # finished before: export again if that is what failed
         return job.finish(out, rank, found, start)
     stop = StopSignals()  # a scheduler's notice (SIGTERM, SIGUSR1): save and stop after this step
