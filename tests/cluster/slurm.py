@@ -45,7 +45,7 @@ class SlurmCluster:
         _end(self.processes.pop(f"slurmd-{node}"), signal.SIGKILL)
 
     def start_node(self, node: str) -> None:
-        self.processes[f"slurmd-{node}"] = self._daemon(f"slurmd-{node}", "slurmd", "-D", "-N", node,
+        self.processes[f"slurmd-{node}"] = self._daemon(f"slurmd-{node}", command("slurmd"), "-D", "-N", node,
                                                          "-f", str(self.folder / "slurm.conf"))
 
     def stop(self) -> None:
@@ -82,7 +82,7 @@ def _end(process: subprocess.Popen, sig: int) -> None:
 
 
 def check_available() -> None:
-    missing = [d for d in DAEMONS if shutil.which(d) is None]
+    missing = [d for d in DAEMONS if command(d) is None]
     if missing:
         raise Unavailable(f"Slurm is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
     if not _resolvable(NODES):
@@ -91,6 +91,11 @@ def check_available() -> None:
                               "/etc/hosts")
         with open("/etc/hosts", "a") as hosts:
             hosts.write(f"127.0.0.1 {' '.join(NODES)}  # neoxko's local Slurm cluster (tests/cluster/slurm.py)\n")
+
+
+def command(name: str) -> str | None:
+    """A command's path; the daemons live in /usr/sbin, which a non-root PATH may leave out."""
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
 
 
 def _resolvable(names) -> bool:
@@ -165,10 +170,10 @@ def start(folder: Path) -> SlurmCluster:
     cluster = SlurmCluster(folder)
     try:
         cluster.processes["munged"] = cluster._daemon(
-            "munged", "munged", "--foreground", "--force", f"--key-file={key}", f"--socket={folder}/munge.socket",
+            "munged", command("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={folder}/munge.socket",
             f"--pid-file={folder}/munged.pid", f"--log-file={folder}/munged.log", f"--seed-file={folder}/munge.seed")
         _wait_for(folder / "munge.socket", cluster.processes["munged"], "munged")
-        cluster.processes["slurmctld"] = cluster._daemon("slurmctld", "slurmctld", "-D", "-i", "-f", str(conf))
+        cluster.processes["slurmctld"] = cluster._daemon("slurmctld", command("slurmctld"), "-D", "-i", "-f", str(conf))
         for node in NODES:
             cluster.start_node(node)
         cluster.wait_idle()
