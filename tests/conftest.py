@@ -113,3 +113,19 @@ def shards(tmp_path_factory, tokenizer_dir) -> Path:
     np.array(ids, dtype="<u2").tofile(folder / "00000_unshuffled.ds")
     np.array(ends, dtype="<u8").tofile(folder / "00000_unshuffled.ds.index")
     return folder
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A two-node Slurm cluster on this host (tests/cluster/slurm.py), started once; skips where Slurm cannot run."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "cluster"))
+    import slurm as local_slurm
+
+    try:
+        cluster = local_slurm.start(tmp_path_factory.mktemp("slurm"))
+    except local_slurm.Unavailable as e:
+        pytest.skip(str(e))
+    yield cluster
+    cluster.stop()

@@ -22,16 +22,6 @@ pytestmark = pytest.mark.distributed  # several processes: Slurm jobs, Ray worke
 corpus, tokenizer, finished = pipeline.corpus, pipeline.tokenizer, pipeline.finished
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    try:
-        cluster = local_slurm.start(tmp_path_factory.mktemp("slurm"))
-    except local_slurm.Unavailable as e:
-        pytest.skip(str(e))
-    yield cluster
-    cluster.stop()
-
-
 def prepare_args(corpus: Path, tokenizer: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "neoxko", "data", "prepare", str(corpus), "--output", str(out), "--tokenizer",
             str(tokenizer), "--workers", "2", "--minhash-buckets", "4",

@@ -29,16 +29,6 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "DEADLINE"}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    try:
-        cluster = local_slurm.start(tmp_path_factory.mktemp("slurm"))
-    except local_slurm.Unavailable as e:
-        pytest.skip(str(e))
-    yield cluster
-    cluster.stop()
-
-
 def readme_script(**sizes) -> str:
     """The README's sbatch script, with the allocation's sizes substituted (a real cluster's are larger)."""
     block = re.search(r"```bash\n(#!/bin/bash\n#SBATCH --nodes 32.*?)```", README.read_text(), re.S).group(1)

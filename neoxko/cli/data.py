@@ -115,18 +115,13 @@ def run_prepare(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     """The table of stages; when every stage has finished, the report (written if it is not there yet).
     Exits 1 while jobs run, 2 (with the failed stage's log) when one failed, 0 when done."""
-    from neoxko.data.executors import cancel_after, last_lines, slurm_states, status_table
+    from neoxko.data.executors import raise_failed, slurm_states, status_table
     from neoxko.data.prepare import collect_report, write_report
 
     out = Path(args.output)
     states = slurm_states(out)
     print(status_table(states))
-    failed = next((s for s in states if s.failed), None)
-    if failed is not None:
-        later = cancel_after(states, failed)
-        raise NeoxkoError(f"stage {failed.name} failed ({failed.done}/{failed.tasks} tasks finished); cancelled the "
-                          f"{len(later)} queued stage(s) after it. Fix the cause and run the same prepare command "
-                          f"again to resume. {last_lines(failed.logs)}")
+    raise_failed(states)
     if not all(s.finished for s in states):
         return 1
     if not (out / "report.json").is_file():

@@ -157,12 +157,18 @@ def clear_previous(out: Path) -> None:
         _slurm("scancel", *stale)
 
 
-def cancel_after(states: list[StageState], failed: StageState) -> list[str]:
-    """Cancel the stages after a failed one (they wait on a dependency that can never be met)."""
+def raise_failed(states: list[StageState]) -> None:
+    """If a stage failed: cancel the queued stages after it (they wait on a dependency that can never be met)
+    and raise with the stage's name and its log's last lines."""
+    failed = next((s for s in states if s.failed), None)
+    if failed is None:
+        return
     later = [s.job for s in states[states.index(failed) + 1:] if s.job and s.queued]
     if later:
         _slurm("scancel", *later)
-    return later
+    raise NeoxkoError(f"stage {failed.name} failed (Slurm job {failed.job}: {failed.done}/{failed.tasks} tasks "
+                      f"finished); cancelled the {len(later)} stage(s) after it. Fix the cause and run the same "
+                      f"prepare command again to resume. {last_lines(failed.logs)}")
 
 
 def status_table(states: list[StageState]) -> str:
@@ -182,12 +188,7 @@ def wait_slurm(out: Path, poll_s: float = 2.0) -> None:
         while True:
             states = slurm_states(out)
             bar.update(sum(min(s.done, s.tasks) for s in states) - bar.n)
-            failed = next((s for s in states if s.failed), None)
-            if failed is not None:
-                later = cancel_after(states, failed)
-                raise NeoxkoError(f"stage {failed.name} failed (Slurm job {failed.job}: {failed.done}/{failed.tasks} "
-                                  f"tasks finished); cancelled the {len(later)} stage(s) after it. Fix the cause and "
-                                  f"run the same command again to resume. {last_lines(failed.logs)}")
+            raise_failed(states)
             if all(s.finished for s in states):
                 return
             time.sleep(poll_s)
