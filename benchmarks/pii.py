@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from neoxko.data.pii import Span, find_pii
-from neoxko.data.pii_score import read_labelled, score
-from neoxko.data.pii_synth import generate
+from neoxko.pii.replace import Span, find_pii
+from neoxko.pii.score import read_labelled, score
+from neoxko.pii.synth import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))

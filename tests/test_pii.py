@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
-from neoxko.data.pii import Span, find_pii, replace_pii, replace_pii_counted
-from neoxko.data.pii_score import errors, read_labelled, score
+from neoxko.pii.replace import Span, find_pii, replace_pii, replace_pii_counted
+from neoxko.pii.score import errors, read_labelled, score
 
 CASES = Path(__file__).parent / "fixtures" / "pii_cases.txt"
 DEV = SHARED / "pii" / "pii_dev.jsonl"
@@ -92,7 +92,7 @@ def test_stream_command_bad_input(tmp_path):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_streamed_masking_equals_whole_text_masking_and_never_leaks_early(seed):
-    from neoxko.data.pii_stream import PIIStream
+    from neoxko.pii.stream import PIIStream
 
     rng = random.Random(seed)
     for text, spans in read_cases():
@@ -116,7 +116,7 @@ def test_streamed_masking_equals_whole_text_masking_and_never_leaks_early(seed):
 ])
 def test_an_echoed_prompt_keeps_its_pii_masked_whatever_the_model_adds(prompt, continuation):
     """`echo` with `mask_pii`: digits the model appends must not turn the prompt's number into a non-match."""
-    from neoxko.data.pii_stream import PIIStream
+    from neoxko.pii.stream import PIIStream
 
     guard = PIIStream()
     out = guard.push_prompt(prompt) + "".join(guard.push(c) for c in continuation) + guard.flush()
@@ -128,7 +128,7 @@ def test_an_echoed_prompt_keeps_its_pii_masked_whatever_the_model_adds(prompt, c
 
 # -- issue 13: text the rules were not tuned on --------------------------------------------------------------
 def _generated(seed: int, lines: int):
-    from neoxko.data.pii_synth import generate
+    from neoxko.pii.synth import generate
 
     records = generate(seed, lines)
     items = [(r["text"], [Span(s["start"], s["end"], "tel" if s["label"] == "tell" else s["label"]) for s in r["spans"]])
@@ -137,7 +137,7 @@ def _generated(seed: int, lines: int):
 
 
 def test_the_generator_is_seeded_labelled_by_construction_and_covers_every_kind():
-    from neoxko.data.pii_synth import KINDS
+    from neoxko.pii.synth import KINDS
 
     records, items = _generated(5, 1400)
     assert records == _generated(5, 1400)[0] and records != _generated(6, 1400)[0]
@@ -194,7 +194,7 @@ def test_structure_and_the_new_kinds(text, expected):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_stream_guard_equals_whole_text_masking_on_tables_and_machine_text(seed):
-    from neoxko.data.pii_stream import PIIStream
+    from neoxko.pii.stream import PIIStream
 
     records, _ = _generated(11, 140)
     rng = random.Random(seed)
@@ -231,7 +231,7 @@ def test_pii_generate_refuses_bad_counts(tmp_path):
     ("연락처2=1 ==to== =", "연락처2=1 ==to = ="),
 ])
 def test_key_value_keys_open_only_pii_keys(text, opened):
-    from neoxko.data.pii_context import open_keys
+    from neoxko.pii.context import open_keys
     assert open_keys(text) == opened
 
 
@@ -241,7 +241,7 @@ def test_key_value_keys_open_only_pii_keys(text, opened):
 def test_csv_rows_split_as_the_csv_module_reads_them(line):
     import csv
 
-    from neoxko.data.pii_context import _cells
+    from neoxko.pii.context import cells as split_cells
     expected = next(csv.reader([line]))
-    cells = [c[1:-1].replace('""', '"') if c.startswith('"') else c for c in _cells(line, ",")]
+    cells = [c[1:-1].replace('""', '"') if c.startswith('"') else c for c in split_cells(line, ",")]
     assert cells == expected

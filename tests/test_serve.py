@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from conftest import random_model, tiny_config
 from neoxko import load_model, load_tokenizer, save_model
-from neoxko.data.pii import replace_pii
 from neoxko.errors import NeoxkoError
 from neoxko.generate import Sampling, generate_tokens
 from neoxko.model import GPTNeoX
+from neoxko.pii.replace import replace_pii
 from neoxko.serve.engine import Engine, Finished, Request
 from neoxko.serve.server import ServeSettings, serve
 

@@ -21,9 +21,13 @@ def add_commands(commands) -> None:
     data = commands.add_parser("data", help="the Korean data pipeline")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     pii = data_commands.add_parser("pii", help="replace PII in a stream of text or JSONL lines")
-    pii.add_argument("input", nargs="?", default="-", help="file of text (a document a line) or JSONL; - is stdin")
+    pii.add_argument("input", nargs="?", default="-", help="text, CSV/TSV/Markdown or JSONL file; - is stdin")
     pii.add_argument("--output", default="-", help="where to write; - is stdout")
-    pii.add_argument("--text-key", default=None, help="JSONL field to clean (default: plain text lines)")
+    pii.add_argument("--text-key", default=None, help="JSONL field to clean (default: every string of a record)")
+    pii.add_argument("--documents", choices=("auto", "file", "blocks", "lines", "jsonl"), default="auto",
+                     help="what one document is, so that a header governs its rows: the whole file (auto for .csv, "
+                          ".tsv, .md), blank-line-separated blocks (auto for text with blank lines), each line with "
+                          "table headers carried to their rows (auto for other text), a JSON record (.jsonl)")
     pii.set_defaults(run=run_pii)
     pii_eval = data_commands.add_parser("pii-eval", help="score the PII replacer on a labelled JSONL set")
     pii_eval.add_argument("labelled", help='JSONL of {"text": ..., "spans": [{"start", "end", "label"}]}')
@@ -132,34 +136,65 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_pii(args: argparse.Namespace) -> int:
     import contextlib
+    import itertools
     from collections import Counter
 
-    from neoxko.data.pii import replace_pii_counted
+    from neoxko.pii import documents
 
     totals: Counter = Counter()
     invalid = 0
     with contextlib.ExitStack() as stack:
         source = sys.stdin.buffer if args.input == "-" else stack.enter_context(_open(args.input, "rb"))
         sink = sys.stdout.buffer if args.output == "-" else stack.enter_context(_open(args.output, "wb"))
-        for n, raw in enumerate(source, 1):
-            # Bytes that are not UTF-8 pass through untouched (surrogateescape); the line is counted.
-            line = raw.decode("utf-8", errors="surrogateescape")
-            invalid += line != raw.decode("utf-8", errors="ignore")
-            if args.text_key is None:
-                text, counts = replace_pii_counted(line)
-            else:
-                try:
-                    row = json.loads(line)
-                    row[args.text_key], counts = replace_pii_counted(row[args.text_key])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise NeoxkoError(
-                        f"{args.input}:{n}: not a JSON object with a {args.text_key!r} text field") from None
-                text = json.dumps(row, ensure_ascii=False) + "\n"
+
+        def lines():
+            nonlocal invalid
+            for raw in source:  # bytes that are not UTF-8 pass through untouched (surrogateescape), counted
+                line = raw.decode("utf-8", errors="surrogateescape")
+                invalid += line != raw.decode("utf-8", errors="ignore")
+                yield line
+
+        stream = lines()
+        mode = args.documents
+        if args.text_key is not None:
+            mode = "jsonl"
+        elif mode == "auto":
+            head = list(itertools.islice(stream, 2000))  # (the first lines tell blank-line blocks from lines)
+            mode = documents.mode_for(args.input, "".join(head)[:65536])
+            stream = itertools.chain(head, stream)
+        if mode == "jsonl":
+            masked = _pii_records(stream, args)
+        else:
+            masked = {"file": documents.mask_file, "blocks": documents.mask_blocks,
+                      "lines": documents.mask_lines}[mode](stream)
+        for text, counts in masked:
             sink.write(text.encode("utf-8", errors="surrogateescape"))
             totals.update(counts)
     summary = ", ".join(f"{k} {totals[k]}" for k in ("rrn", "tel", "acc"))
-    print(f"replaced: {summary}; lines with invalid UTF-8 (passed through): {invalid}", file=sys.stderr)
+    print(f"replaced: {summary} (documents: {mode}); lines with invalid UTF-8 (passed through): {invalid}",
+          file=sys.stderr)
     return 0
+
+
+def _pii_records(lines, args: argparse.Namespace):
+    """JSONL: the --text-key field of each record as one document, or else every string leaf of the record."""
+    from neoxko.pii.documents import mask_record
+    from neoxko.pii.replace import replace_pii_counted
+
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            yield line, {}
+            continue
+        try:
+            row = json.loads(line)
+            if args.text_key is None:
+                row, counts = mask_record(row)
+            else:
+                row[args.text_key], counts = replace_pii_counted(row[args.text_key])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            what = f"a JSON object with a {args.text_key!r} text field" if args.text_key else "a JSON record"
+            raise NeoxkoError(f"{args.input}:{n}: not {what}; use --documents lines for plain text") from None
+        yield json.dumps(row, ensure_ascii=False) + "\n", counts
 
 
 def _open(path: str, mode: str):
@@ -171,7 +206,7 @@ def _open(path: str, mode: str):
 
 
 def run_pii_generate(args: argparse.Namespace) -> int:
-    from neoxko.data.pii_synth import generate, write
+    from neoxko.pii.synth import generate, write
 
     if args.lines < 1 or not 0 <= args.negative_share <= 1:
         raise NeoxkoError("--lines must be at least 1 and --negative-share between 0 and 1")
@@ -184,7 +219,7 @@ def run_pii_generate(args: argparse.Namespace) -> int:
 
 
 def run_pii_eval(args: argparse.Namespace) -> int:
-    from neoxko.data.pii_score import errors, kind_table, read_kinds, read_labelled, score
+    from neoxko.pii.score import errors, kind_table, read_kinds, read_labelled, score
 
     items = read_labelled(args.labelled)
     print(score(items).table())

@@ -68,8 +68,8 @@ def run_chat(args: argparse.Namespace) -> int:
     from neoxko import chat_template
     from neoxko.checkpoint import load_model, resolve
     from neoxko.cli.models import compute_dtype
-    from neoxko.data.pii_stream import PIIStream
     from neoxko.generate import Sampling, stream
+    from neoxko.pii.stream import PIIStream
     from neoxko.tokenizer import load_tokenizer
 
     # the tokenizer and its template: the adapter's own if it has them, else the model's

@@ -96,8 +96,8 @@ def compute_dtype(args: argparse.Namespace) -> str | None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from neoxko.checkpoint import load_model
-    from neoxko.data.pii_stream import PIIStream
     from neoxko.generate import Sampling, stream
+    from neoxko.pii.stream import PIIStream
     from neoxko.tokenizer import load_tokenizer
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,

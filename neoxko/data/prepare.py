@@ -29,7 +29,7 @@ from neoxko.data import executors as engines
 from neoxko.errors import NeoxkoError
 
 STAGES = ["clean", "exact-sigs", "exact-find", "minhash-sigs", "minhash-bkts", "minhash-clst", "tokenize"]
-INPUT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet")
+INPUT_SUFFIXES = (".txt", ".csv", ".tsv", ".md", ".jsonl", ".jsonl.gz", ".json", ".parquet")
 # Settings that change the output; workers and the executor do not, so a resumed run may change them.
 RUN_SETTINGS = ("inputs", "hf_dataset", "hf_options", "tokenizer", "text_key", "kobest_dir", "quality",
                 "minhash_buckets", "minhash_hashes_per_bucket", "minhash_ngrams", "tasks", "holdout")

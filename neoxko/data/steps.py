@@ -15,11 +15,15 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.utils.logging import logger
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from neoxko.data.pii import replace_pii_counted
+from neoxko.pii.documents import TABLE_SUFFIXES, TableState
+from neoxko.pii.replace import replace_pii_counted
+
+PII_CONTEXT = "pii_context"  # metadata: the header line a document continues (a table's later rows), for ReplacePII
 
 
 class KoreanTextReader(BaseDiskReader):
-    """Reads .txt (a document a line), .jsonl and .jsonl.gz (a text field), and .parquet files.
+    """Reads .txt (a document a line), .csv, .tsv and .md (a document a file), .jsonl and .jsonl.gz (a text
+    field), and .parquet files.
 
     Lines that are not valid UTF-8 or not valid JSON are counted (invalid_utf8, bad_json) and
     logged with file and line, never crash the run; files that cannot be opened or parsed (a damaged
@@ -50,7 +54,11 @@ class KoreanTextReader(BaseDiskReader):
         return False
 
     def _read_lines(self, filepath: str, raw: Iterable[bytes]) -> DocumentsPipeline:
+        if filepath.lower().endswith(TABLE_SUFFIXES):
+            yield from self._read_table(filepath, raw)
+            return
         is_json = ".jsonl" in filepath or ".json" in filepath
+        table = TableState()  # a .txt row of a table is read for PII after its header line
         for n, line in enumerate(raw, 1):
             try:
                 text = line.decode("utf-8")
@@ -69,12 +77,45 @@ class KoreanTextReader(BaseDiskReader):
                     continue
             else:
                 data = {self.text_key: text.rstrip("\r\n")}
+                if header := table.context(text):
+                    data[PII_CONTEXT] = header
             if not self._fits(data[self.text_key], f"{filepath}:{n}"):
                 continue
             document = self.get_document_from_dict(data, filepath, n - 1)
             if document:
                 self.stat_update("bytes_read", value=len(line))
                 yield document
+
+    def _read_table(self, filepath: str, raw: Iterable[bytes]) -> DocumentsPipeline:
+        """A CSV, TSV or Markdown file is one document (pieces of at most MAX_CHARS, cut between lines, where it
+        is longer; the later pieces are read for PII after the file's header line)."""
+        piece: list[str] = []
+        header, size, n_piece = None, 0, 0
+
+        def document():
+            data = {self.text_key: "".join(piece).rstrip("\r\n")}
+            if n_piece and header:
+                data[PII_CONTEXT] = header
+            return self.get_document_from_dict(data, filepath, n_piece)
+
+        for n, line in enumerate(raw, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self.stat_update("invalid_utf8")
+                logger.warning(f"{filepath}:{n}: not UTF-8 ({e.reason} at byte {e.start}); line skipped")
+                continue
+            if header is None:
+                header = text.rstrip("\r\n")
+            if size + len(text) > self.MAX_CHARS and piece:
+                if doc := document():
+                    yield doc
+                piece, size, n_piece = [], 0, n_piece + 1
+            piece.append(text)
+            size += len(text)
+            self.stat_update("bytes_read", value=len(line))
+        if piece and (doc := document()):
+            yield doc
 
     def _read_parquet(self, filepath: str) -> DocumentsPipeline:
         try:
@@ -97,20 +138,27 @@ class KoreanTextReader(BaseDiskReader):
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\u2028\u2029\ufeff\ufffe]")
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]{0,300})?/?>")
 _ENTITY = re.compile(r"&(?:[A-Za-z]{2,8}|#[0-9]{1,6}|#x[0-9A-Fa-f]{1,6});")
-_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+# Table cells stay apart: a tab run stays one tab, a cell or line tag becomes a space (joined cells would make two
+# numbers one, which hides both from the PII step)
+_BLOCK_TAG = re.compile(r"</?(?:td|th|tr|br|p|div|li|dt|dd|table|thead|tbody|ul|ol|h[1-6])(?:\s[^<>]{0,300})?/?>",
+                        re.IGNORECASE)
+_TABS = re.compile(r"[ \u00a0\u3000]*\t[ \t\u00a0\u3000]*")
+_SPACES = re.compile(r"[ \u00a0\u3000]+")
 _BLANK_LINES = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 
 
 def clean_text(text: str) -> str:
-    """NFC, no control characters, no HTML tags or entities, single spaces, at most one blank line."""
+    """NFC, no control characters, no HTML tags or entities, single spaces and tabs, at most one blank line."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
     if "<" in text:
-        text = _TAG.sub("", text)
+        text = _TAG.sub("", _BLOCK_TAG.sub(" ", text))
     if "&" in text:
         text = _ENTITY.sub(lambda m: html.unescape(m.group()), text)
     text = _CONTROL.sub("", text)
+    if "\t" in text:
+        text = _TABS.sub("\t", text)
     text = _SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
+    text = "\n".join(line.strip(" ") for line in text.split("\n"))
     return _BLANK_LINES.sub("\n\n", text).strip()
 
 
@@ -209,7 +257,7 @@ class ReplacePII(PipelineStep):
         for doc in data:
             self.stat_update("total")
             with self.track_time():
-                doc.text, counts = replace_pii_counted(doc.text)
+                doc.text, counts = replace_pii_counted(doc.text, doc.metadata.pop(PII_CONTEXT, ""))
             for label, n in counts.items():
                 self.stat_update(f"pii_{label}", value=n)
             self.stat_update("documents_with_pii", value=int(bool(counts)))

@@ -5,8 +5,8 @@ import time
 import uuid
 from collections import Counter
 
-from neoxko.data.pii_stream import PIIStream
 from neoxko.generate import StopStrings
+from neoxko.pii.stream import PIIStream
 from neoxko.serve.engine import Finished, Request
 from neoxko.serve.protocol import ApiError, Job
 from neoxko.tokenizer import Tokenizer

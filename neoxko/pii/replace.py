@@ -18,19 +18,11 @@ import time
 from collections import Counter
 from typing import NamedTuple
 
-from neoxko.data.pii_context import Structure, open_keys
-from neoxko.data.pii_cues import ALL_CUES, BANK, CUE_KINDS, kinds
+from neoxko.pii.context import Structure, open_keys
+from neoxko.pii.cues import ALL_CUES, BANK, CUE_KINDS, kinds
+from neoxko.pii.normalise import ANY_DIGIT, NEEDS_NORMALISING, Normalised
 
 TOKENS = {"rrn": "<|rrn|>", "tel": "<|tel|>", "acc": "<|acc|>"}
-
-# One-to-one character map (offsets are kept): full-width digits and look-alike dashes to ASCII.
-_FOLD = str.maketrans({
-    **{chr(0xFF10 + i): str(i) for i in range(10)},
-    "\uff0d": "-", "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-",
-    "\u3161": "-", "\u1173": "-",  # ㅡ typed as a dash (and its NFKC form)
-    "\uff0e": ".", "\uff08": "(", "\uff09": ")", "\uff0b": "+", "\u3000": " ", "\xa0": " ",
-})
-_NEEDS_FOLD = re.compile("[\uff10-\uff19\uff0d\u2010-\u2014\u2212\u3161\u1173\uff0e\uff08\uff09\uff0b\u3000\xa0]")
 
 _SEP = r"(?:[ ]?[-.][ ]?|[ ])"  # one separator: dash or dot (spaces around allowed), or one space
 _OPT = rf"{_SEP}?"
@@ -38,7 +30,8 @@ _OPT = rf"{_SEP}?"
 # character (each look-behind one character wider), so that every shape below opens with a literal or a
 # class and re jumps from possible start to possible start instead of trying every position.
 _START = r"(?<![0-9].)(?<![A-Za-z]-.)(?<![0-9][-.].)(?<![/=#?&_@].)"
-_END = r"(?![0-9])(?!-[A-Za-z0-9])(?![.,][0-9])(?![/_@])(?!\.[A-Za-z])"
+# (A comma ends a number: "01012345678,950417-1234567" is a CSV row; thousands groups are never 8 digits.)
+_END = r"(?![0-9])(?!-[A-Za-z0-9])(?!\.[0-9])(?![/_@])(?!\.[A-Za-z])"
 
 _RRN = re.compile(rf"([0-9]{_START}[0-9])(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01]){_OPT}([1-8])[0-9]{{6}}{_END}")
 _AREA = r"(?:2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|50[2-8]|80|60|1[016789])"
@@ -52,9 +45,14 @@ _PHONE = re.compile(
     + r"|0" + _START + r"(?P<plain>" + _AREA + r")" + r"(?P<sep1>" + _OPT + r"))"  # 02-123-4567
     + r"(?P<mid>[0-9]{3,4})(?P<sep2>" + _OPT + r")[0-9]{4}" + _END
 )
-_REPRESENTATIVE = re.compile("1" + _START + r"(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})" + r"[ ]?-[ ]?[0-9]{4}" + _END)
+# Nationwide representative numbers (15XX/16XX/18XX-XXXX), and local numbers written without their area code
+_REPRESENTATIVE = re.compile("[1-9]" + _START + r"(?:(?<=1)(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})|(?<=[2-9])[0-9]{3})"
+                             r"[ ]?-[ ]?[0-9]{4}" + _END)
 _DIGIT_GROUPS = re.compile("[0-9]" + _START + r"[0-9]{0,15}(?:" + _SEP + r"[0-9]{1,9}){0,4}" + _END)
 
+# A phone word just after the number: "1577-1389에 전화", "02-123-4567 로 연락", "(1588-0000)으로 문의"
+_PHONE_AFTER = re.compile(r"[)\]]?[ ]?(?:번|번호)?(?:으로|로|에|에서|을|를|와|과|,)?[ ]?"
+                          r"(?:전화|연락|문자|팩스|문의|상담|통화|콜)")
 _CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
 _BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{BANK}")
 # A 14-digit timestamp (POLICY.md); twelve digits that read as a date and a time may be an account
@@ -63,7 +61,6 @@ _TIMESTAMP = re.compile(r"(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|
 _DATE_LIKE = re.compile(
     r"(?:19|20)[0-9]{2}[ ]?[-.][ ]?(?:0?[1-9]|1[0-2])[ ]?[-.][ ]?(?:0?[1-9]|[12][0-9]|3[01])(?![0-9])")
 
-_ANY_DIGIT = re.compile("[0-9\uff10-\uff19]")
 _NON_DIGITS = re.compile("[^0-9]+")
 _DIGITS, _DIGIT_RUN = frozenset("0123456789"), re.compile("[0-9]*")
 _SEPARATOR_BYTES = b"-. ()+"  # a candidate's bytes without them: its digits (bytes.translate is fast, str's is not)
@@ -82,9 +79,19 @@ class Span(NamedTuple):
 
 def find_pii(text: str) -> list[Span]:
     """The PII spans of text, sorted and non-overlapping."""
-    if not _ANY_DIGIT.search(text):  # most text has no digits: skip everything else
+    if not ANY_DIGIT.search(text):  # most text has no digits: skip everything else
         return []
-    folded = text.translate(_FOLD) if _NEEDS_FOLD.search(text) else text
+    if NEEDS_NORMALISING.search(text):  # other digits, look-alike dashes, invisible characters: the rare path
+        normalised = Normalised(text)
+        spans = _find(normalised.text)
+        if normalised.kept is None:
+            return spans
+        new = tuple.__new__
+        return [new(Span, (*normalised.original(s.start, s.end), s.label)) for s in spans]
+    return _find(text)
+
+
+def _find(folded: str) -> list[Span]:
     windows = _windows(folded)
     if not windows:
         return []
@@ -136,14 +143,26 @@ def _windows(text: str) -> list[tuple[int, int, int, int]]:
     return windows
 
 
-def replace_pii(text: str) -> str:
+def replace_pii(text: str, context: str = "") -> str:
     """text with each resident registration, phone and account number replaced by its token."""
-    return replace_pii_counted(text)[0]
+    return replace_pii_counted(text, context)[0]
 
 
-def replace_pii_counted(text: str) -> tuple[str, Counter]:
-    """replace_pii, and how many values of each label were replaced."""
-    spans = find_pii(text)
+def replace_pii_counted(text: str, context: str = "") -> tuple[str, Counter]:
+    """replace_pii, and how many values of each label were replaced. context is read before text, for its cues
+    (the header line of the table that text continues), and is not part of what comes back."""
+    if context:
+        shift = len(context) + 1
+        new = tuple.__new__
+        spans = [new(Span, (s.start - shift, s.end - shift, s.label))
+                 for s in find_pii(context + "\n" + text) if s.start >= shift]
+    else:
+        spans = find_pii(text)
+    return apply_spans(text, spans)
+
+
+def apply_spans(text: str, spans: list[Span]) -> tuple[str, Counter]:
+    """text with the spans (sorted, disjoint) replaced by their tokens, and the count of each label."""
     if not spans:
         return text, Counter()
     parts, last = [], 0
@@ -319,9 +338,10 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
         cue, vetoed = ctx.judge("tel", start, 20)
         if vetoed:
             continue
-        if cue is None:  # a contiguous landline needs a phone word (10-digit customer numbers starting with 0)
+        if cue is None:  # a contiguous landline: a local number never starts with 0 or 1 (ids and codes do)
             plain, sep1, sep2 = m.group("plain", "sep1", "sep2")
-            if plain and not sep1 and not sep2 and not plain.startswith("1"):
+            if plain and not sep1 and not sep2 and not plain.startswith("1") and m.group("mid")[0] in "01" \
+                    and _PHONE_AFTER.match(text, at) is None:
                 continue
         found.append((2 + (cue is not None), start, at, "tel"))
 
@@ -332,7 +352,14 @@ def _representatives(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> 
     while (m := search(text, end, b)) is not None:
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
         start, end = m.span()
+        if text[start] != "1":  # a local number (3146-1316): only right after a phone word, and never a year range
+            cue, vetoed = ctx.judge("tel", start, 6)
+            if cue is not None and not vetoed and text[start:start + 2] not in ("19", "20"):
+                found.append((2, start, end, "tel"))
+            continue
         cue, vetoed = ctx.judge("rep", start, 12)
+        if cue is None and _PHONE_AFTER.match(text, end) is not None:
+            cue = 0
         if cue is not None and not vetoed and not text.startswith("년", end):
             found.append((2, start, end, "tel"))
 

@@ -1,4 +1,4 @@
-"""The cue words of the PII rules (neoxko.data.pii): bank names, account, phone, RRN and service words, and the
+"""The cue words of the PII rules (neoxko.pii.replace): bank names, account, phone, RRN and service words, and the
 words that veto a number (POLICY.md), built so that re scans them fast.
 
 Every alternative opens with a literal character and they are compiled grouped by it: re jumps to the places
@@ -50,7 +50,7 @@ _ACC_BEFORE = _cues(*_ACCOUNT_WORDS, *(name + rf"(?:{_BANKS})*{_BANK_TAIL}" for 
                     names=("account", "acct", "bank"))
 _PHONE_CUES = (
     "전화", "연락", "휴대", "핸드폰", "폰", "HP", r"H\.P", "Mobile", "Phone", "Fax", "FAX", "팩스", "☎", "☏", "📞", "문의",
-    "상담", "대표번호", "고객센터", "콜센터", "직통", "안심번호", "문자", "카톡", "기사님", "사무실", "회사", "자택", "직장",
+    "상담", "전송", "대표번호", "고객센터", "콜센터", "직통", "안심번호", "문자", "카톡", "기사님", "사무실", "회사", "자택", "직장",
     r"T\.", r"F\.", r"T\)", r"내\s?번호", r"제\s?번호", r"저의\s?번호", r"나의\s?번호",
 )
 _PHONE_KEYS = (

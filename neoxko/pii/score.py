@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neoxko.data.pii import TOKENS, Span, find_pii
 from neoxko.errors import NeoxkoError
+from neoxko.pii.replace import TOKENS, Span, find_pii
 
 LABELS = ("rrn", "tel", "acc")
 _COUNTRY_CODES = ("+82", "0082", "82")

@@ -11,7 +11,7 @@ import re
 from bisect import bisect_right
 from typing import NamedTuple
 
-from neoxko.data.pii_cues import compile_cues
+from neoxko.pii.cues import compile_cues
 
 _SPACES = re.compile(r" {2,}")
 _SPLITTERS = ("\t", "|", ",", "  ")  # "  ": the runs of spaces of aligned columns
@@ -140,7 +140,7 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
         for name in _SPLITTERS:
             if name not in line:
                 continue
-            head = _cells(line, name)
+            head = cells(line, name)
             n = len(head)
             if n < 2:
                 continue
@@ -149,13 +149,13 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
                 while j < count and (rules[j] or lines[j].count(name) == n - 1 and lines[j].strip()):
                     j += 1
             else:
-                while j < count and (rules[j] or len(split.setdefault(j, _cells(lines[j], name))) == n):
+                while j < count and (rules[j] or len(split.setdefault(j, cells(lines[j], name))) == n):
                     j += 1
             # (a line no longer than MAX_CELL has no longer cell)
             if j > i + 1 and not all(rules[i + 1:j]) and all(
                     len(c.strip()) <= MAX_CELL for k in range(i, j)
                     if len(lines[k]) > MAX_CELL and (k == i or not rules[k])
-                    for c in (split[k] if k in split else _cells(lines[k], name))):
+                    for c in (split[k] if k in split else cells(lines[k], name))):
                 found = (name, j, head)
                 break
         if found is None:
@@ -181,7 +181,7 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
     return lines, csv
 
 
-def _cells(line: str, name: str) -> list[str]:
+def cells(line: str, name: str) -> list[str]:
     """The cells of a line split by name, not stripped; none where it does not split."""
     if name == "  ":
         return _SPACES.split(line) if "  " in line.strip() else []

@@ -1,4 +1,4 @@
-"""PII values as FORMATS.md writes them, for the labelled-set generator (pii_synth.py): RRNs and foreigner
+"""PII values as FORMATS.md writes them, for the labelled-set generator (synth.py): RRNs and foreigner
 numbers (legacy check digits and post-2020 random tails, every separator), phone numbers of every kind, bank
 accounts in each bank's layouts, and the hard negatives of POLICY.md with the word that introduces each."""
 

@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from neoxko.data.pii_values import account, business_number, negative, phone, random_digits, rrn, rrn_surface
+from neoxko.pii.values import account, business_number, negative, phone, random_digits, rrn, rrn_surface
 
 KINDS = ("prose", "chat", "sms", "ad", "notice", "csv", "tsv", "markdown", "aligned", "form", "log", "keyvalue",
          "json", "legal")
