@@ -67,12 +67,15 @@ _NOT_PII = (
     "고유번호", r"예약\s?번호", "카드", "학번", "수험", "지로", "납부", "모델", "시리얼", "일련", "내선", "국번", "코드", "EAN",
     "GTIN",
 )
+# (and the keys of machine text that name other numbers: orders.id, invoice_no, tracking)
+_NOT_PII_KEYS = _cues(names=("order", "invoice", "tracking", "serial", "sku", "barcode", "coupon", "ticket", "booking",
+                             "reservation", "approval", "isbn", "issn", "gtin", "ean"))
 CUE_KINDS = {kind: compile_cues(words) for kind, words in (
-    ("veto", _NOT_PII), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
+    ("veto", [*_NOT_PII, *_NOT_PII_KEYS]), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
     ("rep", _REPRESENTATIVE_WORDS),
 )}
 # Every kind in one scan; the not-PII words first, so that 예약번호 is a veto and not the service word 예약
-ALL_CUES = compile_cues([*_NOT_PII, *_RRN_WORDS, *_ACC_BEFORE, *_PHONE_WORDS, *_REPRESENTATIVE_WORDS])
+ALL_CUES = compile_cues([*_NOT_PII, *_NOT_PII_KEYS, *_RRN_WORDS, *_ACC_BEFORE, *_PHONE_WORDS, *_REPRESENTATIVE_WORDS])
 
 
 @functools.lru_cache(maxsize=4096)

@@ -53,6 +53,7 @@ _DIGIT_GROUPS = re.compile("[0-9]" + _START + r"[0-9]{0,15}(?:" + _SEP + r"[0-9]
 # A phone word just after the number: "1577-1389에 전화", "02-123-4567 로 연락", "(1588-0000)으로 문의"
 _PHONE_AFTER = re.compile(r"[)\]]?[ ]?(?:번|번호)?(?:으로|로|에|에서|을|를|와|과|,)?[ ]?"
                           r"(?:전화|연락|문자|팩스|문의|상담|통화|콜)")
+_NUMBER_LABELS = ("번호", "No", "no", "#", "ID", "id", "Id", "코드")
 _CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
 _BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{BANK}")
 # A 14-digit timestamp (POLICY.md); twelve digits that read as a date and a time may be an account
@@ -217,6 +218,22 @@ class _Context:
         cue = None if hit is None or hit[2] > window else hit[1]
         return cue, veto is not None and veto[2] <= _VETO_WINDOW and (cue is None or veto[1] < cue)
 
+    def names_a_number(self, pos: int) -> bool:
+        """Whether the not-PII word before the number at pos names it as another kind of number (주문번호, 회원 번호,
+        order id, 고객번호, an ISBN), not just a subject nearby (회원 010-..., 택배 기사님 010-...)."""
+        veto = (self.seen.get(pos) or self.cues(pos)).get("veto")
+        if veto is None:
+            return False
+        word, before = veto[0], veto[3]
+        after = before[len(before) - veto[1]:].lstrip()
+        return word.endswith("번호") or word.isascii() or after.startswith(_NUMBER_LABELS)
+
+
+def _is_mobile(number: str) -> bool:
+    """Whether a phone match is a mobile number (01X, or 1X after +82): no other number has its shape."""
+    digits = number.encode().translate(None, _SEPARATOR_BYTES)
+    return digits.startswith((b"01", b"821", b"00821"))
+
 
 def _account_cue(ctx: _Context, start: int, end: int, number: str) -> int | None:
     """Distance to the account word or bank name before the number, 0 for a bank name just after it; None
@@ -336,8 +353,8 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
     while (m := search(text, at, b)) is not None:
         start, at = m.span()
         cue, vetoed = ctx.judge("tel", start, 20)
-        if vetoed:
-            continue
+        if vetoed and not (_is_mobile(m.group()) and not ctx.names_a_number(start)):
+            continue  # (a mobile number is vetoed only by a label that names it another number: 주문번호, order id)
         if cue is None:  # a contiguous landline: a local number never starts with 0 or 1 (ids and codes do)
             plain, sep1, sep2 = m.group("plain", "sep1", "sep2")
             if plain and not sep1 and not sep2 and not plain.startswith("1") and m.group("mid")[0] in "01" \
