@@ -225,12 +225,13 @@ def test_pii_generate_refuses_bad_counts(tmp_path):
     ("to=01012345678", "to 01012345678"),
     ("TEL=02-123-4567 fax=02-123-4568", "TEL 02-123-4567 fax 02-123-4568"),
     ("bank_account=110123456789", "bank_account 110123456789"),
-    ("my_account=110123456789", "my_account=110123456789"),  # a key is a whole word
-    ("photo=1 2to=3", "photo=1 2to 3"),  # a digit is not part of the word
+    ("level=info value=9504171204456", "level info value 9504171204456"),  # any key of a log line
+    ("/a?id=0212345678&no=1", "/a?id=0212345678&no=1"),  # not a URL's query: its ids are not PII
+    ("photo=1 2to=3", "photo 1 2to 3"),  # a digit is not part of a PII key
     ("휴대폰연락처=01012345678", "휴대폰연락처 01012345678"),  # a Hangul key ends its word
     ("연락처2=1 ==to== =", "연락처2=1 ==to = ="),
 ])
-def test_key_value_keys_open_only_pii_keys(text, opened):
+def test_key_value_keys_open_pii_keys_and_log_keys(text, opened):
     from neoxko.pii.context import open_keys
     assert open_keys(text) == opened
 

@@ -167,3 +167,80 @@ def test_the_stream_guard_is_linear_in_its_input(alphabet):
         small_s = min(_stream_seconds(small, piece) for _ in range(3))
         big_s = _stream_seconds(big, piece)
         assert big_s < 400 * max(small_s, 1e-3), (alphabet, piece, small_s, big_s)
+
+
+# -- recall on the shapes only PII has (POLICY.md, docs/pii-policy.md): wherever they stand, however written --
+_SEPARATORS = ["", "-", "-", ".", " ", " - ", "\u2013", "\u3161", "\uff0d", "\u00b7", "\u200b", "  "]
+_FILLER = ["오늘", "확인", "부탁드립니다", "감사합니다", "메모", "김도윤", "참고", "비고", "a", "note", "값"]
+_DIGIT_SETS = ["0123456789"] * 8 + ["０１２３４５６７８９", "٠١٢٣٤٥٦٧٨٩"]
+
+
+def _unmistakable(rng) -> tuple[str, str]:
+    """A number whose shape only PII has: a mobile number, an RRN with a real birth date and 7th digit, or a
+    landline with its area code, in a random written form."""
+    import datetime
+
+    kind = rng.choice(["mobile", "legacy", "rrn", "landline"])
+    sep = rng.choice(_SEPARATORS)
+    d = lambda n: "".join(rng.choice("0123456789") for _ in range(n))  # noqa: E731
+    if kind == "mobile":
+        number = f"010{sep}{rng.randint(2, 9)}{d(3)}{sep}{d(4)}"
+    elif kind == "legacy":
+        number = f"01{rng.choice('16789')}{sep}{rng.randint(2, 9)}{d(rng.choice([2, 3]))}{sep}{d(4)}"
+    elif kind == "rrn":
+        born = datetime.date(1930, 1, 1) + datetime.timedelta(days=rng.randrange(0, 365 * 94))
+        s = (1 if born.year < 2000 else 3) + rng.randrange(2) + rng.choice([0, 0, 0, 4])
+        number = born.strftime("%y%m%d") + rng.choice(["-", "", " ", "\u2013", "\uff0d"]) + str(s) + d(6)
+    else:
+        sep = sep or "-"  # (a contiguous landline is a customer number as often as a phone: not unmistakable)
+        area = rng.choice(["02", "031", "032", "051", "053", "062", "064", "070", "0505"])
+        number = f"{area}{sep}{rng.randint(2, 9)}{d(rng.choice([2, 3]))}{sep}{d(4)}"
+    digits = rng.choice(_DIGIT_SETS)
+    return kind, number.translate(str.maketrans("0123456789", digits))
+
+
+def _document(rng, number: str) -> tuple[str, str]:
+    """The number in a document of a random kind, with neutral words around it (no cue, no veto)."""
+    f = lambda: rng.choice(_FILLER)  # noqa: E731
+    kind = rng.choice(["prose", "csv", "tsv", "markdown", "json", "html", "chat", "log", "block"])
+    if kind == "prose":
+        return kind, f"{f()} {f()} {number}{rng.choice(['', '로', '입니다', ' ', '.', ')'])} {f()}"
+    if kind in ("csv", "tsv"):
+        sep = "," if kind == "csv" else "\t"
+        row = sep.join([f(), number, "2021-03-02", f()])
+        return kind, row if rng.random() < 0.5 else sep.join(["a", "b", "c", "d"]) + "\n" + row
+    if kind == "markdown":
+        return kind, f"| {f()} | 값 |\n|---|---|\n| {f()} | {number} |"
+    if kind == "json":
+        return kind, json.dumps({"k": f(), "v": number, "n": 3}, ensure_ascii=False)
+    if kind == "html":
+        return kind, f"<tr><td>{f()}</td><td>{number}</td></tr>"
+    if kind == "chat":
+        return kind, f"[{f()}] [오후 3:12] {f()} {number} {f()}"
+    if kind == "log":
+        return kind, f"2024-05-01T10:00:00Z INFO {f()} value={number} took=12ms"
+    return kind, f"{f()}\n{number}\n{f()}"
+
+
+def test_unmistakable_shapes_are_masked_in_every_document_kind():
+    import random
+    from collections import Counter
+
+    from neoxko.pii import find_pii
+
+    rng = random.Random(26)
+    seen, missed = Counter(), Counter()
+    examples = []
+    for _ in range(4000):
+        shape, number = _unmistakable(rng)
+        kind, text = _document(rng, number)
+        at = text.index(number)
+        found = any(s.start <= at and s.end >= at + len(number.rstrip()) for s in find_pii(text))
+        seen[shape, kind] += 1
+        if not found:
+            missed[shape, kind] += 1
+            examples.append(text)
+    recall = 1 - sum(missed.values()) / sum(seen.values())
+    assert recall >= 0.995, (recall, missed, examples[:10])
+    for key, n in seen.items():
+        assert missed[key] / n <= 0.02, (key, missed[key], n, examples[:10])

@@ -31,6 +31,11 @@ _KEY_BEFORE = compile_cues([key[::-1] + "(?![A-Za-z_])" for key in sorted(PII_KE
                            + [key[::-1] for key in PII_KEYS_KO], re.IGNORECASE)
 
 
+# Any key of a log or config line (value=..., a key after a space, a comma or a bracket, read backwards from its =);
+# a key in a URL's query (?id=, &no=) is not opened: URL ids are not PII (POLICY.md)
+_LOG_KEY = re.compile(r"[A-Za-z0-9_.-]{0,30}[A-Za-z](?:[\s,;{(\[]|$)")
+
+
 class _Row(NamedTuple):
     start: int  # where the row's line starts in the text
     end: int
@@ -106,13 +111,15 @@ class Structure:
 
 
 def open_keys(text: str) -> str:
-    """text with the = of PII keys made a space (same length): the number after it is then a number on its own."""
+    """text with the = of PII keys and log keys made a space (same length): the number after it is then a number on
+    its own."""
     at = text.find("=")
     if at < 0:
         return text
     backwards, opened = text[::-1], []
     while at > 0:
-        if text[at - 1] in _KEY_ENDS and _KEY_BEFORE.match(backwards, len(text) - at):
+        if text[at - 1] in _KEY_ENDS and _KEY_BEFORE.match(backwards, len(text) - at) \
+                or _LOG_KEY.match(backwards, len(text) - at):
             opened.append(at)
         at = text.find("=", at + 1)
     if not opened:

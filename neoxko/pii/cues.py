@@ -69,7 +69,8 @@ _NOT_PII = (
 )
 # (and the keys of machine text that name other numbers: orders.id, invoice_no, tracking)
 _NOT_PII_KEYS = _cues(names=("order", "invoice", "tracking", "serial", "sku", "barcode", "coupon", "ticket", "booking",
-                             "reservation", "approval", "isbn", "issn", "gtin", "ean"))
+                             "reservation", "approval", "isbn", "issn", "gtin", "item", "product", "goods", "code",
+                             "model"), words=("ean",))
 CUE_KINDS = {kind: compile_cues(words) for kind, words in (
     ("veto", [*_NOT_PII, *_NOT_PII_KEYS]), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
     ("rep", _REPRESENTATIVE_WORDS),

@@ -25,7 +25,11 @@ from neoxko.pii.normalise import ANY_DIGIT, NEEDS_NORMALISING, Normalised
 TOKENS = {"rrn": "<|rrn|>", "tel": "<|tel|>", "acc": "<|acc|>"}
 
 _SEP = r"(?:[ ]?[-.][ ]?|[ ])"  # one separator: dash or dot (spaces around allowed), or one space
+# In a phone number, two spaces too (scans, hand-aligned forms); not in other numbers, where two spaces part the
+# columns of an aligned table
+_PSEP = r"(?:[ ]{0,2}[-.][ ]{0,2}|[ ]{1,2})"
 _OPT = rf"{_SEP}?"
+_POPT = rf"{_PSEP}?"
 # Not inside a number, a code like DWG-02-..., a URL or an e-mail address. Checked after a number's first
 # character (each look-behind one character wider), so that every shape below opens with a literal or a
 # class and re jumps from possible start to possible start instead of trying every position.
@@ -33,17 +37,21 @@ _START = r"(?<![0-9].)(?<![A-Za-z]-.)(?<![0-9][-.].)(?<![/=#?&_@].)"
 # (A comma ends a number: "01012345678,950417-1234567" is a CSV row; thousands groups are never 8 digits.)
 _END = r"(?![0-9])(?!-[A-Za-z0-9])(?!\.[0-9])(?![/_@])(?!\.[A-Za-z])"
 
+_IN_NUMBER = r"(?<![0-9].)(?<![A-Za-z]-.)(?<![0-9][-.].)"  # the start's checks without the URL and e-mail ones
+_MOBILE_END = r"(?![0-9])(?!-[A-Za-z0-9])(?!\.[0-9])(?!@)"  # (an e-mail address is an address)
 _RRN = re.compile(rf"([0-9]{_START}[0-9])(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01]){_OPT}([1-8])[0-9]{{6}}{_END}")
 _AREA = r"(?:2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|50[2-8]|80|60|1[016789])"
-_INTL = _OPT + r"(?:\(0\)[ ]?)?(?P<{}>" + _AREA + r")" + _OPT  # after 82: the area code without its 0
+_INTL = _POPT + r"(?:\(0\)[ ]?)?(?P<NAME>" + _AREA + r")" + _POPT  # after 82: the area code without its 0
 _PHONE = re.compile(
-    r"(?:\+" + _START + r"[ ]?82" + _INTL.format("intl")  # +82 10-...
-    + r"|0" + _START + r"082" + _INTL.format("intl00")  # 0082 10-...
-    + r"|8" + _START + r"(?=2-1)2" + _INTL.format("intl82")  # 82-10-...
+    r"(?:\+" + _START + r"[ ]?82" + _INTL.replace("NAME", "intl")  # +82 10-...
+    + r"|0" + _START + r"082" + _INTL.replace("NAME", "intl00")  # 0082 10-...
+    + r"|8" + _START + r"(?=2-1)2" + _INTL.replace("NAME", "intl82")  # 82-10-...
     + r"|\(" + _START + r"0" + _AREA + r"\)[ ]?"  # (02) 123-4567
     + r"|0" + _START + _AREA + r"\)[ ]?"  # 02) 123-4567
-    + r"|0" + _START + r"(?P<plain>" + _AREA + r")" + r"(?P<sep1>" + _OPT + r"))"  # 02-123-4567
-    + r"(?P<mid>[0-9]{3,4})(?P<sep2>" + _OPT + r")[0-9]{4}" + _END
+    + r"|0" + _START + r"(?P<plain>" + _AREA + r")" + r"(?P<sep1>" + _POPT + r")"  # 02-123-4567
+    # a mobile number is one in a URL and after = or _ too (recall first: nothing else has its shape)
+    + r"|0" + _IN_NUMBER + r"(?P<mobile>1[016789])" + _POPT + r")"
+    + r"(?P<mid>[0-9]{3,4})(?P<sep2>" + _POPT + r")[0-9]{4}(?(mobile)" + _MOBILE_END + "|" + _END + ")"
 )
 # Nationwide representative numbers (15XX/16XX/18XX-XXXX), and local numbers written without their area code
 _REPRESENTATIVE = re.compile("[1-9]" + _START + r"(?:(?<=1)(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})|(?<=[2-9])[0-9]{3})"
