@@ -21,6 +21,7 @@ _RULE = re.compile(r"^\s*\|?\s*:?-{3,}")  # a Markdown table's |---|---| line
 # word in any case, or the end of a Hangul one
 PII_KEYS = frozenset((
     "tel", "phone", "mobile", "msisdn", "hp", "cell", "to", "from", "caller", "callee", "sender", "receiver", "fax",
+    "callback",
     "contact", "rrn", "jumin", "resident_no", "residentno", "ssn", "account", "account_no", "acct", "acct_no",
     "bank_account", "bankaccount", "refund_account",
 ))
@@ -108,6 +109,16 @@ class Structure:
 
     def in_cell(self, pos: int) -> bool:
         return self._cell(pos) is not None
+
+
+_CELL_TAG = re.compile(r"<(/?)(?:td|th)\b[^<>\n]{0,200}>|</?tr\b[^<>\n]{0,200}>", re.IGNORECASE)
+
+
+def open_html_cells(text: str) -> str:
+    """text with an HTML table's cell tags made tabs and spaces (same length): <td>/<th> a tab, the others spaces,
+    so a row on a line reads as a tab-separated row under its <th> header."""
+    return _CELL_TAG.sub(lambda m: ("\t" if not m.group(1) and m.group()[1:3].lower() in ("td", "th") else " ")
+                         + " " * (len(m.group()) - 1), text)
 
 
 def open_keys(text: str) -> str:

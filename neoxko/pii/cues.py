@@ -36,7 +36,10 @@ def compile_cues(alternatives: list[str], flags: int = 0) -> re.Pattern:
     the cues that start with the character there, several times faster than a long flat alternation."""
     groups: dict[str, list[str]] = {}
     for alternative in alternatives:
-        assert alternative[0] not in "\\()[].?*+^$|{", alternative  # a literal character first
+        if alternative[0] == "\\" and alternative[1] in "()[].?*+^$|{":  # an escaped literal first: \(주\)
+            alternative = alternative[1:]
+        else:
+            assert alternative[0] not in "\\()[].?*+^$|{", alternative  # a literal character first
         groups.setdefault(alternative[0], []).append(alternative[1:])
     return re.compile("|".join(f"{re.escape(first)}(?:{'|'.join(rests)})" for first, rests in groups.items()), flags)
 
@@ -55,22 +58,23 @@ _PHONE_CUES = (
 )
 _PHONE_KEYS = (
     "msisdn", "mobile", "phone", "caller", "callee", "sender", "receiver", "contact", "cell", "hp", "to", "from",
+    "fax", "callback",
 )
 _PHONE_WORDS = _cues(*_PHONE_CUES, words=_PHONE_KEYS, names=("tel",))
 # Representative numbers (15XX-XXXX) come after service words as well
-_REPRESENTATIVE_WORDS = _cues(*_PHONE_CUES, "예약", "변경", "취소", "견적", "접수", "안내", "주문", words=_PHONE_KEYS,
+_REPRESENTATIVE_WORDS = _cues(*_PHONE_CUES, "예약", "변경", "취소", "견적", "접수", "안내", "주문", "신고", words=_PHONE_KEYS,
                               names=("tel",))
-_RRN_WORDS = _cues("주민", "외국인", "등(?<!법인등)(?<!사업자등)(?<!차량등)록번호", names=("rrn", "jumin", "resident", "ssn"))
+_RRN_WORDS = _cues("주민", r"주\s민", "외국인", "등(?<!법인등)(?<!사업자등)(?<!차량등)록번호", names=("rrn", "jumin", "resident", "ssn"))
 # Numbers of these kinds share the shapes above and are not PII (POLICY.md).
 _NOT_PII = (
     "사업자", "법인", "주문", "송장", "운송장", "택배", "승인", "바코드", "회원", "고객번호", "ISBN", "ISSN", "DOI", "특허",
     "고유번호", r"예약\s?번호", "카드", "학번", "수험", "지로", "납부", "모델", "시리얼", "일련", "내선", "국번", "코드", "EAN",
-    "GTIN",
+    "GTIN", r"법\s인", *(COMPANY := ("주식회사", "㈜", r"\(주\)", "유한회사", "재단법인", "사단법인")),
 )
 # (and the keys of machine text that name other numbers: orders.id, invoice_no, tracking)
 _NOT_PII_KEYS = _cues(names=("order", "invoice", "tracking", "serial", "sku", "barcode", "coupon", "ticket", "booking",
                              "reservation", "approval", "isbn", "issn", "gtin", "item", "product", "goods", "code",
-                             "model"), words=("ean",))
+                             "model", "customer", "member", "client", "epoch", "timestamp"), words=("ean", "ts"))
 CUE_KINDS = {kind: compile_cues(words) for kind, words in (
     ("veto", [*_NOT_PII, *_NOT_PII_KEYS]), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
     ("rep", _REPRESENTATIVE_WORDS),

@@ -18,8 +18,8 @@ import time
 from collections import Counter
 from typing import NamedTuple
 
-from neoxko.pii.context import Structure, open_keys
-from neoxko.pii.cues import ALL_CUES, BANK, CUE_KINDS, kinds
+from neoxko.pii.context import Structure, open_html_cells, open_keys
+from neoxko.pii.cues import ALL_CUES, BANK, COMPANY, CUE_KINDS, kinds
 from neoxko.pii.normalise import ANY_DIGIT, NEEDS_NORMALISING, Normalised
 
 TOKENS = {"rrn": "<|rrn|>", "tel": "<|tel|>", "acc": "<|acc|>"}
@@ -39,13 +39,15 @@ _END = r"(?![0-9])(?!-[A-Za-z0-9])(?!\.[0-9])(?![/_@])(?!\.[A-Za-z])"
 
 _IN_NUMBER = r"(?<![0-9].)(?<![A-Za-z]-.)(?<![0-9][-.].)"  # the start's checks without the URL and e-mail ones
 _MOBILE_END = r"(?![0-9])(?!-[A-Za-z0-9])(?!\.[0-9])(?!@)"  # (an e-mail address is an address)
-_RRN = re.compile(rf"([0-9]{_START}[0-9])(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01]){_OPT}([1-8])[0-9]{{6}}{_END}")
+_RRN = re.compile(rf"([0-9]{_START}[0-9])(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])(?:[ ]{{0,3}}[-.][ ]{{0,3}}|[ ])?"
+                  rf"([1-8])[0-9]{{6}}{_END}")
 _AREA = r"(?:2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|50[2-8]|80|60|1[016789])"
 _INTL = _POPT + r"(?:\(0\)[ ]?)?(?P<NAME>" + _AREA + r")" + _POPT  # after 82: the area code without its 0
 _PHONE = re.compile(
     r"(?:\+" + _START + r"[ ]?82" + _INTL.replace("NAME", "intl")  # +82 10-...
     + r"|0" + _START + r"082" + _INTL.replace("NAME", "intl00")  # 0082 10-...
-    + r"|8" + _START + r"(?=2-1)2" + _INTL.replace("NAME", "intl82")  # 82-10-...
+    # 82-10-..., 82-2-...; 821012345678 (then a phone word must be near)
+    + r"|8" + _START + r"(?=2[ ]{0,2}[-.][ ]{0,2}[1-7]|21[016789][0-9]{8}(?![0-9]))2" + _INTL.replace("NAME", "intl82")
     + r"|\(" + _START + r"0" + _AREA + r"\)[ ]?"  # (02) 123-4567
     + r"|0" + _START + _AREA + r"\)[ ]?"  # 02) 123-4567
     + r"|0" + _START + r"(?P<plain>" + _AREA + r")" + r"(?P<sep1>" + _POPT + r")"  # 02-123-4567
@@ -54,13 +56,17 @@ _PHONE = re.compile(
     + r"(?P<mid>[0-9]{3,4})(?P<sep2>" + _POPT + r")[0-9]{4}(?(mobile)" + _MOBILE_END + "|" + _END + ")"
 )
 # Nationwide representative numbers (15XX/16XX/18XX-XXXX), and local numbers written without their area code
-_REPRESENTATIVE = re.compile("[1-9]" + _START + r"(?:(?<=1)(?:5[4-9][0-9]|6[0-9]{2}|8[0-9]{2})|(?<=[2-9])[0-9]{3})"
-                             r"[ ]?-[ ]?[0-9]{4}" + _END)
+_REPRESENTATIVE = re.compile("[1-9]" + _START + r"(?:(?<=1)[568][0-9]{2}(?P<sep>" + _POPT + r")"
+                             r"|(?<=[2-9])[0-9]{3}[ ]?-[ ]?)[0-9]{4}" + _END)
 _DIGIT_GROUPS = re.compile("[0-9]" + _START + r"[0-9]{0,15}(?:" + _SEP + r"[0-9]{1,9}){0,4}" + _END)
 
 # A phone word just after the number: "1577-1389에 전화", "02-123-4567 로 연락", "(1588-0000)으로 문의"
 _PHONE_AFTER = re.compile(r"[)\]]?[ ]?(?:번|번호)?(?:으로|로|에|에서|을|를|와|과|,)?[ ]?"
                           r"(?:전화|연락|문자|팩스|문의|상담|통화|콜)")
+_COMPANY = re.compile("|".join(COMPANY))
+_INDENT = re.compile(r"\s*\n\s*|[ ]{3,}")
+_COMPANY_BEFORE = re.compile(rf"(?:{'|'.join(COMPANY)})[ ]?$")
+_COUNTRY_CODE_BEFORE = re.compile(r"(?:\+[ ]?|00)?82[ ]?[-.]?[ ]?(?:\(0\)[ ]?)?$")
 _NUMBER_LABELS = ("번호", "No", "no", "#", "ID", "id", "Id", "코드")
 _CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
 _BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{BANK}")
@@ -135,10 +141,11 @@ def _windows(text: str) -> list[tuple[int, int, int, int]]:
         number = m.group()
         if number.isdigit():
             digits = end - start
-            shapes = (number[0] in "08") | (digits == 13) << 2  # (one group: the RRN is all of it)
+            # (one group: the RRN is all of it; a representative number 8 digits from 1)
+            shapes = (number[0] in "08") | (digits == 8 and number[0] == "1") << 1 | (digits == 13) << 2
         else:
             digits = len(number.encode().translate(None, _SEPARATOR_BYTES))
-            shapes = _MAY_PHONE | ("-" in number) << 1 | (digits >= 13) << 2
+            shapes = _MAY_PHONE | _MAY_REPRESENTATIVE | (digits >= 13) << 2
         if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (a date: 8 at most)
             continue
         a, b = start - 4 if start > 4 else 0, end + 4
@@ -186,6 +193,8 @@ class _Context:
     """The text being searched and where each number's cues are (the text before it, or its table header)."""
 
     def __init__(self, text: str):
+        if "<t" in text and ("<td" in text or "<th" in text or "<TD" in text):
+            text = open_html_cells(text)
         self.text, self.structure, self.seen = text, None, {}
         if "\n" in text:  # (a table has two lines at least)
             structure = Structure(text)
@@ -203,6 +212,8 @@ class _Context:
             cell = before is not None
             if not cell:
                 before = self.text[max(pos - _ACC_WINDOW, 0):pos]
+                if "   " in before or "\n " in before:  # indentation is no distance: the window reads through it
+                    before = _INDENT.sub(" ", self.text[max(pos - 4 * _ACC_WINDOW, 0):pos])[-_ACC_WINDOW:]
             elif before in self.seen:  # a column's header and an empty cell prefix: the same for every row
                 found = self.seen[pos] = self.seen[before]
                 return found
@@ -225,6 +236,12 @@ class _Context:
         hit, veto = found.get(kind), found.get("veto")
         cue = None if hit is None or hit[2] > window else hit[1]
         return cue, veto is not None and veto[2] <= _VETO_WINDOW and (cue is None or veto[1] < cue)
+
+    def company(self, pos: int) -> bool:
+        """Whether the not-PII word before the number at pos is a company's (주식회사, ㈜): that vetoes an RRN
+        shape (a 법인등록번호) and not a phone number."""
+        veto = (self.seen.get(pos) or self.cues(pos)).get("veto")
+        return veto is not None and _COMPANY.fullmatch(veto[0]) is not None
 
     def names_a_number(self, pos: int) -> bool:
         """Whether the not-PII word before the number at pos names it as another kind of number (주문번호, 회원 번호,
@@ -252,8 +269,9 @@ def _account_cue(ctx: _Context, start: int, end: int, number: str) -> int | None
     """
     cues = ctx.seen.get(start) or ctx.cues(start)
     found = cues.get("acc")
-    if found is not None and found[2] > _ACC_WINDOW:
-        found = None
+    if found is not None and (found[2] > _ACC_WINDOW or found[2] and _COMPANY_BEFORE.search(
+            found[3], 0, len(found[3]) - found[2])):
+        found = None  # (주식회사신한은행 names the bank as a company: its number is a 법인등록번호)
     shaped = None  # whether the number is phone-shaped, found out only where it counts
     cue = None
     if found is not None:
@@ -288,6 +306,10 @@ def _accounts(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
             continue  # (3-2-5 is a business registration number)
         if ". " in number or number[:2] in ("19", "20") and (_DATE_LIKE.match(number) or _TIMESTAMP.fullmatch(number)):
             continue  # "2016. 7. 23. 2013" is dates and 20021008011100 a time, not accounts
+        text = ctx.text
+        if text.startswith(":", end) and text[end + 1:end + 2].isdigit() \
+                or start and _COUNTRY_CODE_BEFORE.search(text, max(start - 12, 0), start):
+            continue  # "20210922 10:38" is a date and a time, "+82 (0)64-9300-6443" a phone number
         cue = _account_cue(ctx, start, end, number)
         if cue is not None:
             found.append((3 if cue <= _NEAR_WINDOW else 1, start, end, "acc"))
@@ -361,8 +383,11 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
     while (m := search(text, at, b)) is not None:
         start, at = m.span()
         cue, vetoed = ctx.judge("tel", start, 20)
-        if vetoed and not (_is_mobile(m.group()) and not ctx.names_a_number(start)):
-            continue  # (a mobile number is vetoed only by a label that names it another number: 주문번호, order id)
+        if vetoed and not (_is_mobile(m.group()) and not ctx.names_a_number(start)) and not ctx.company(start):
+            continue  # (a mobile number is vetoed only by a label that names it another number: 주문번호, order id;
+            #            a company's name is no veto for its phone number)
+        if m.group("intl82") and m.group().isdigit() and cue is None and _PHONE_AFTER.match(text, at) is None:
+            continue  # (821012345678 without a phone word may be an account or an id)
         if cue is None:  # a contiguous landline: a local number never starts with 0 or 1 (ids and codes do)
             plain, sep1, sep2 = m.group("plain", "sep1", "sep2")
             if plain and not sep1 and not sep2 and not plain.startswith("1") and m.group("mid")[0] in "01" \
