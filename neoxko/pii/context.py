@@ -102,10 +102,28 @@ class Structure:
             return None
         row, column, start, first = found
         header = row.header
+        if not header:  # a row of a table without a header: the cells before, back to one that holds a number
+            line_start = row.start + len(self.lines[row.line]) - len(self.lines[row.line].lstrip())
+            before = []
+            for cell in reversed(self._cells_before(row, start)):
+                if any(map(str.isdigit, cell)):
+                    break
+                before.append(cell.strip())
+            return " ".join(reversed(before)) + " " + text[max(start, line_start):pos]
         head = header[column] if column < len(header) else ""
         if len(header) == 2 and column == 1:  # a label / value form reads as a 2-column table: both count
             head += " " + first
         return head + " " + text[start:pos]
+
+    def _cells_before(self, row: _Row, start: int) -> list[str]:
+        """The cells of a row before the cell that starts at start."""
+        line = self.lines[row.line]
+        prefix = line[:max(start - row.start - 1, 0)]
+        if row.name == "  ":
+            return [cell for _, _, cell in _split(0, prefix)] if prefix.strip() else []
+        if row.name == "|":
+            prefix = prefix.strip().lstrip("|")
+        return prefix.split(row.name) if prefix else []
 
     def in_cell(self, pos: int) -> bool:
         return self._cell(pos) is not None
@@ -182,19 +200,20 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
             continue
         name, j, head = found
         at += len(line) + 1
-        if any(map(str.isdigit, line)):  # no header row (or a form whose first line holds a value): the text
-            for k in range(i + 1, j):      # before each number is its cue
-                at += len(lines[k]) + 1
+        new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of a row's handling)
+        if any(map(str.isdigit, line)):  # no header row (or a form whose first line holds a value): each number
+            at -= len(line) + 1            # is read after the cells before it in its row, back to one with digits
+            first = i
+            header: list[str] = []
         else:
-            header = [cell.strip() for cell in head]
-            new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of a row's handling)
-            for k in range(i + 1, j):
-                end = at + len(lines[k])
-                if not rules[k]:
-                    rows.append(new(_Row, (at, end, k, name, header)))
-                at = end + 1
-            if name == ",":
-                csv.extend(k for k in range(i, j) if k == i or not rules[k])
+            first, header = i + 1, [cell.strip() for cell in head]
+        for k in range(first, j):
+            end = at + len(lines[k])
+            if not rules[k]:
+                rows.append(new(_Row, (at, end, k, name, header)))
+            at = end + 1
+        if name == ",":
+            csv.extend(k for k in range(i, j) if k == i or not rules[k])
         i = j
     return lines, csv
 

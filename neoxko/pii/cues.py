@@ -45,7 +45,7 @@ def compile_cues(alternatives: list[str], flags: int = 0) -> re.Pattern:
 
 
 _ACCOUNT_WORDS = (
-    "계좌", "입금", "송금", "이체", "예금주", "통장", "환불", r"보내실\s?곳", r"받는\s?계좌", r"마음\s?전하실\s?곳", "축의금",
+    "계좌", r"계\s좌", "입금", "송금", "이체", "예금주", "통장", "환불", r"보내실\s?곳", r"받는\s?계좌", r"마음\s?전하실\s?곳", "축의금",
     "조의금", "부조금", "회비", "후원", "가상계좌", "모임통장", "평생계좌", "무통장", "환급",
 )
 # A listed bank (NH농협 too), or any word that ends in 은행 or 銀 (the cue's end is what counts)
@@ -74,7 +74,7 @@ _NOT_PII = (
 # (and the keys of machine text that name other numbers: orders.id, invoice_no, tracking)
 _NOT_PII_KEYS = _cues(names=("order", "invoice", "tracking", "serial", "sku", "barcode", "coupon", "ticket", "booking",
                              "reservation", "approval", "isbn", "issn", "gtin", "item", "product", "goods", "code",
-                             "model", "customer", "member", "client", "epoch", "timestamp"), words=("ean", "ts"))
+                             "model", "customer", "member", "client", "epoch", "timestamp"), words=("ean", "ts", "cust"))
 CUE_KINDS = {kind: compile_cues(words) for kind, words in (
     ("veto", [*_NOT_PII, *_NOT_PII_KEYS]), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
     ("rep", _REPRESENTATIVE_WORDS),

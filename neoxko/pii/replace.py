@@ -62,14 +62,16 @@ _DIGIT_GROUPS = re.compile("[0-9]" + _START + r"[0-9]{0,15}(?:" + _SEP + r"[0-9]
 
 # A phone word just after the number: "1577-1389에 전화", "02-123-4567 로 연락", "(1588-0000)으로 문의"
 _PHONE_AFTER = re.compile(r"[)\]]?[ ]?(?:번|번호)?(?:으로|로|에|에서|을|를|와|과|,)?[ ]?"
-                          r"(?:전화|연락|문자|팩스|문의|상담|통화|콜)")
+                          r"(?:전화|연락|문자|팩스|문의|상담|통화|콜|신고)")
 _COMPANY = re.compile("|".join(COMPANY))
 _INDENT = re.compile(r"\s*\n\s*|[ ]{3,}")
 _COMPANY_BEFORE = re.compile(rf"(?:{'|'.join(COMPANY)})[ ]?$")
 _COUNTRY_CODE_BEFORE = re.compile(r"(?:\+[ ]?|00)?82[ ]?[-.]?[ ]?(?:\(0\)[ ]?)?$")
+# After a range of years, amounts or counts: not a phone number
+_UNITS = ("년", "원", "만", "천", "억", "명", "개", "%", "~", "회", "건", "km", "kg")
 _NUMBER_LABELS = ("번호", "No", "no", "#", "ID", "id", "Id", "코드")
 _CITY = re.compile(r"\s*(?:부산|대구|광주|경남|전북|제주)\s*")
-_BANK_AFTER = re.compile(rf"^[\s(]{{0,3}}{BANK}")
+_BANK_AFTER = re.compile(rf"^[ (]{{0,3}}{BANK}")  # (in the same cell: not after a tab or a comma)
 # A 14-digit timestamp (POLICY.md); twelve digits that read as a date and a time may be an account
 _TIMESTAMP = re.compile(r"(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9]"
                         r"[0-5][0-9]")
@@ -81,7 +83,7 @@ _DIGITS, _DIGIT_RUN = frozenset("0123456789"), re.compile("[0-9]*")
 _SEPARATOR_BYTES = b"-. ()+"  # a candidate's bytes without them: its digits (bytes.translate is fast, str's is not)
 # Digits with short separators between, from a digit that starts a run (a match never starts later) and only
 # where 8 characters could hold 8 digits: re runs through digit groups, not digit by digit; _windows counts them
-_CANDIDATE = re.compile(r"[0-9](?<![0-9].)(?=[-. ()+0-9]{7})[0-9]*+(?:[-. ()+]{1,3}+[0-9]++)*+")
+_CANDIDATE = re.compile(r"[0-9](?<![0-9].)(?=[-. ()+0-9]{7})[0-9]*+(?:[-. ()+]{1,5}+[0-9]++)*+")
 _ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
 _Candidate = tuple[int, int, int, str]  # (confidence, start, end, label)
 
@@ -269,8 +271,7 @@ def _account_cue(ctx: _Context, start: int, end: int, number: str) -> int | None
     """
     cues = ctx.seen.get(start) or ctx.cues(start)
     found = cues.get("acc")
-    if found is not None and (found[2] > _ACC_WINDOW or found[2] and _COMPANY_BEFORE.search(
-            found[3], 0, len(found[3]) - found[2])):
+    if found is not None and (found[2] > _ACC_WINDOW or _COMPANY_BEFORE.search(found[3], 0, found[3].rfind(found[0]))):
         found = None  # (주식회사신한은행 names the bank as a company: its number is a 법인등록번호)
     shaped = None  # whether the number is phone-shaped, found out only where it counts
     cue = None
@@ -279,8 +280,10 @@ def _account_cue(ctx: _Context, start: int, end: int, number: str) -> int | None
             cue = found[1]
     if cue is None and not (ctx.structure and ctx.structure.in_cell(start)):
         after = _BANK_AFTER.match(ctx.text[end:end + 12])
-        if after is not None and (_CITY.search(after.group()) is None or not (
-                shaped if shaped is not None else (shaped := _PHONE.fullmatch(number) is not None))):
+        # (a phone-shaped number is a 평생계좌 only where a cue before says so: "010-1234-5678 신한" is a phone
+        # number beside its bank)
+        if after is not None and not (shaped if shaped is not None else (
+                shaped := _PHONE.fullmatch(number) is not None)):
             cue = 0
     if cue is None:
         return None
@@ -410,7 +413,7 @@ def _representatives(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> 
         cue, vetoed = ctx.judge("rep", start, 12)
         if cue is None and _PHONE_AFTER.match(text, end) is not None:
             cue = 0
-        if cue is not None and not vetoed and not text.startswith("년", end):
+        if cue is not None and not vetoed and not text.startswith(_UNITS, end):
             found.append((2, start, end, "tel"))
 
 
