@@ -84,7 +84,7 @@ _SEPARATOR_BYTES = b"-. ()+"  # a candidate's bytes without them: its digits (by
 # Digits with short separators between, from a digit that starts a run (a match never starts later) and only
 # where 8 characters could hold 8 digits: re runs through digit groups, not digit by digit; _windows counts them
 _CANDIDATE = re.compile(r"[0-9](?<![0-9].)(?=[-. ()+0-9]{7})[0-9]*+(?:[-. ()+]{1,5}+[0-9]++)*+")
-_ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 12
+_ACC_WINDOW, _NEAR_WINDOW, _VETO_WINDOW = 24, 14, 16
 _Candidate = tuple[int, int, int, str]  # (confidence, start, end, label)
 
 
