@@ -55,6 +55,9 @@ _PHONE = re.compile(
     + r"|0" + _IN_NUMBER + r"(?P<mobile>1[016789])" + _POPT + r")"
     + r"(?P<mid>[0-9]{3,4})(?P<sep2>" + _POPT + r")[0-9]{4}(?(mobile)" + _MOBILE_END + "|" + _END + ")"
 )
+# Abroad: a bracketed North American area code, or + and a country code other than 82, then digit groups
+_FOREIGN = re.compile(r"\((?<![0-9A-Za-z].)[2-9][0-9]{2}[ ]?\)[ ]?[2-9][0-9]{2}[ ]?[-.][ ]?[0-9]{4}(?![0-9])"
+                      r"|\+(?<![0-9A-Za-z].)(?!82)[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,5}(?![0-9])")
 # Nationwide representative numbers (15XX/16XX/18XX-XXXX), and local numbers written without their area code
 _REPRESENTATIVE = re.compile("[1-9]" + _START + r"(?:(?<=1)[568][0-9]{2}(?P<sep>" + _POPT + r")"
                              r"|(?<=[2-9])[0-9]{3}[ ]?-[ ]?)[0-9]{4}" + _END)
@@ -123,6 +126,8 @@ def _find(folded: str) -> list[Span]:
             _rrns(ctx, a, b, found)
         if shapes & _MAY_PHONE:
             _phones(ctx, a, b, found)
+            if "(" in folded or "+" in folded:
+                _foreign(ctx, a, b, found)
         if shapes & _MAY_REPRESENTATIVE:
             _representatives(ctx, a, b, found)
     return _resolve(found)
@@ -397,6 +402,17 @@ def _phones(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
                     and _PHONE_AFTER.match(text, at) is None:
                 continue
         found.append((2 + (cue is not None), start, at, "tel"))
+
+
+def _foreign(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
+    """Numbers abroad (POLICY.md: they are tell too): +CC with 8 to 15 digits, and (816) 234-7724."""
+    text = ctx.text
+    search, end = _FOREIGN.search, a
+    while (m := search(text, end, b)) is not None:
+        start, end = m.span()
+        digits = len(m.group().encode().translate(None, _SEPARATOR_BYTES))
+        if (m.group()[0] == "(" or 8 <= digits <= 15) and not ctx.judge("tel", start, 20)[1]:
+            found.append((2, start, end, "tel"))
 
 
 def _representatives(ctx: _Context, a: int, b: int, found: list[_Candidate]) -> None:
