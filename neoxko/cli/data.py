@@ -30,8 +30,11 @@ def add_commands(commands) -> None:
                           "table headers carried to their rows (auto for other text), a JSON record (.jsonl)")
     pii.set_defaults(run=run_pii)
     pii_eval = data_commands.add_parser("pii-eval", help="score the PII replacer on a labelled JSONL set")
-    pii_eval.add_argument("labelled", help='JSONL of {"text": ..., "spans": [{"start", "end", "label"}]}')
+    pii_eval.add_argument("labelled", nargs="?", default=None,
+                          help='JSONL of {"text": ..., "spans": [{"start", "end", "label"}]}; none: the sets that '
+                               "come with neoxko (real text, both generators)")
     pii_eval.add_argument("--errors", action="store_true", help="print every line the replacer gets wrong")
+    pii_eval.add_argument("--by-kind", action="store_true", help="with the built-in sets: a table per set by kind")
     pii_eval.set_defaults(run=run_pii_eval)
     pii_gen = data_commands.add_parser("pii-generate",
                                        help="write a seeded, labelled PII set (every format x every context kind)")
@@ -221,6 +224,17 @@ def run_pii_generate(args: argparse.Namespace) -> int:
 def run_pii_eval(args: argparse.Namespace) -> int:
     from neoxko.pii.score import errors, kind_table, read_kinds, read_labelled, score
 
+    if args.labelled is None:
+        from neoxko.pii.score import builtin_sets, summary_table
+
+        sets = builtin_sets()
+        print(summary_table(sets))
+        for name, (items, kinds) in sets.items():
+            if args.by_kind:
+                print(f"\n{name}, by kind (strict):\n" + kind_table(items, kinds))
+            if args.errors and "held-out" not in name:  # (the held-out half is for reporting, never for reading)
+                print(f"\n{name}, errors:\n" + "\n".join(errors(items)))
+        return 0
     items = read_labelled(args.labelled)
     print(score(items).table())
     kinds = read_kinds(args.labelled)

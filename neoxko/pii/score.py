@@ -65,13 +65,48 @@ def read_labelled(path: str | Path) -> list[tuple[str, list[Span]]]:
     with Path(path).open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             try:
-                row = json.loads(line)
-                spans = [Span(s["start"], s["end"], "tel" if s["label"] == "tell" else s["label"])
-                         for s in row["spans"]]
-                items.append((row["text"], spans))
+                items.append(_item(json.loads(line)))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise NeoxkoError(f"{path}:{n}: not a labelled line ({e}); need text and spans") from None
     return items
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def builtin_sets(documents: int = 3000) -> dict[str, tuple[list[tuple[str, list[Span]]], list[str]]]:
+    """The evaluation sets that come with neoxko, name -> (items, kinds): the real-text set's two halves
+    (data/README.md), and the two generators' report seeds (the rules were tuned on seed 1 of each)."""
+    from neoxko.pii import genres, synth
+
+    sets = {}
+    for half in ("tune", "heldout"):
+        path = DATA / f"real_text_{half}.jsonl"
+        sets[f"real text, {'tune' if half == 'tune' else 'held-out'} half ({path.name})"] = \
+            (read_labelled(path), read_kinds(path))
+    for name, records in ((f"synth.py seed 2 ({documents} lines)", synth.generate(2, documents)),
+                          (f"genres.py seed 2 ({documents} documents)", genres.generate(2, documents))):
+        sets[name] = ([_item(r) for r in records], [r.get("kind", "-") for r in records])
+    return sets
+
+
+def summary_table(sets: dict[str, tuple[list[tuple[str, list[Span]]], list[str]]],
+                  find: Callable[[str], list[Span]] = find_pii) -> str:
+    """Strict precision / recall per label and no-PII lines changed, a row per set."""
+    rows = ["| set | lines | rrn P / R | tel P / R | acc P / R | no-PII lines changed | MB/s |",
+            "|---|---:|---|---|---|---:|---:|"]
+    for name, (items, _) in sets.items():
+        r = score(items, find)
+        cells = " | ".join(f"{r.strict[label].precision:.3f} / {r.strict[label].recall:.3f}"
+                           f" ({r.strict[label].tp + r.strict[label].fn})" for label in LABELS)
+        rows.append(f"| {name} | {r.lines} | {cells} | {r.negative_changed}/{r.negative_lines} | "
+                    f"{r.bytes / max(r.seconds, 1e-9) / 1e6:.1f} |")
+    return "\n".join(rows) + "\n\n(P / R (gold spans): strict scores by POLICY.md)"
+
+
+def _item(record: dict) -> tuple[str, list[Span]]:
+    return record["text"], [Span(s["start"], s["end"], "tel" if s["label"] == "tell" else s["label"])
+                            for s in record["spans"]]
 
 
 def read_kinds(path: str | Path) -> list[str]:
