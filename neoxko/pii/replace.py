@@ -99,9 +99,9 @@ class Span(NamedTuple):
 
 def find_pii(text: str) -> list[Span]:
     """The PII spans of text, sorted and non-overlapping."""
-    if not ANY_DIGIT.search(text):  # most text has no digits: skip everything else
-        return []
     if NEEDS_NORMALISING.search(text):  # other digits, look-alike dashes, invisible characters: the rare path
+        if not ANY_DIGIT.search(text):  # (no digit at all: nothing to find)
+            return []
         normalised = Normalised(text)
         spans = _find(normalised.text)
         if normalised.kept is None:
