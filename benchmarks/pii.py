@@ -1,8 +1,8 @@
 """PII replacement: neoxko against ko-pii (pip install ko-pii) on quality and single-core speed.
 
-Quality: strict and lenient per-label scores (POLICY.md conventions) on the generated held-out set
-(`neoxko data pii-generate --seed 2`; the rules were tuned on seed 1), the shared dev set and the repo's
-own cases. Speed: MB/s of finding PII on one core, both tools, over (a) number-dense text (generated,
+Quality: strict and lenient per-label scores (POLICY.md conventions) on the sets `neoxko data pii-eval` reports
+(the real-text set's tune and held-out halves, the report seeds of both generators; the rules were tuned on the
+tune half and on seed 1), the shared dev set and the repo's own cases. Speed: MB/s of finding PII on one core, both tools, over (a) number-dense text (generated,
 seed 7: every line holds a PII value or a hard negative) and (b) a sample of the shared corpus.
 
     python benchmarks/pii.py [--shared ../shared] [--sample-mb 4] [--held-out-lines 3000]
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from neoxko.pii.replace import Span, find_pii
-from neoxko.pii.score import read_labelled, score
+from neoxko.pii.score import builtin_sets, read_labelled, score
 from neoxko.pii.synth import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -80,7 +80,8 @@ def main():
         tools["ko-pii"] = ko_pii_find()
     except ImportError:
         print("ko-pii is not installed (pip install ko-pii): neoxko only\n")
-    sets = {"generated held-out (seed 2)": generated(2, args.held_out_lines), "repo cases": read_cases()}
+    sets = {name: items for name, (items, _) in builtin_sets(args.held_out_lines).items()}
+    sets["repo cases"] = read_cases()
     if (args.shared / "pii" / "pii_dev.jsonl").exists():
         sets["shared dev"] = read_labelled(args.shared / "pii" / "pii_dev.jsonl")
     print("| set | tool | label | strict P | strict R | lenient P | lenient R | no-PII lines changed |")

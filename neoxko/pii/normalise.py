@@ -42,11 +42,17 @@ def _char_class(codepoints) -> str:
     return "[" + "".join(re.escape(chr(a)) + ("-" + re.escape(chr(b)) if b > a else "") for a, b in ranges) + "]"
 
 
-# Any character normalise changes, and any digit at all (a text without one holds no PII)
-# (any character beyond the BMP takes the slow path: a class with the astral digit blocks one by one costs ten
-# times as much per character as the BMP bitmap and one range)
-NEEDS_NORMALISING = re.compile(_char_class([c for c in (*DECIMALS, *map(ord, LOOK_ALIKES), *map(ord, INVISIBLE))
-                                            if c < 0x10000])[:-1] + "\U00010000-\U0010ffff]")
+# Other digits and invisible characters: the text is normalised whole (any character beyond the BMP takes that path
+# too: a class with the astral digit blocks one by one costs ten times as much per character as the BMP bitmap)
+NEEDS_NORMALISING = re.compile(_char_class([c for c in (*DECIMALS, *map(ord, INVISIBLE)) if c < 0x10000])[:-1]
+                               + "\U00010000-\U0010ffff]")
+# A digit, or a character that needs normalising: a text without one holds no PII (the one scan most text gets)
+DIGIT_OR_NEEDS_NORMALISING = re.compile("[0-9" + NEEDS_NORMALISING.pattern[1:])
+# A look-alike dash, dot, bracket or space next to a digit (or one space away): only those are folded, in place
+_LOOK = _char_class(map(ord, LOOK_ALIKES))
+LOOK_ALIKE = re.compile(_LOOK)  # (searched first: a class alone is scanned several times faster than the pair)
+LOOK_ALIKE_NEAR_DIGIT = re.compile(f"[0-9][ ]?{_LOOK}|{_LOOK}[ ]?[0-9]")
+FOLD_LOOK_ALIKES = str.maketrans(LOOK_ALIKES)
 ANY_DIGIT = re.compile(_char_class([*range(0x30, 0x3A), *DECIMALS]))
 UNICODE_DIGITS = _char_class(DECIMALS)[1:-1]  # (the inside of a class, for other patterns)
 _INVISIBLE = re.compile(f"[{INVISIBLE}]")

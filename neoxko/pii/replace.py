@@ -20,7 +20,15 @@ from typing import NamedTuple
 
 from neoxko.pii.context import Structure, open_html_cells, open_keys
 from neoxko.pii.cues import ALL_CUES, BANK, COMPANY, CUE_KINDS, kinds
-from neoxko.pii.normalise import ANY_DIGIT, NEEDS_NORMALISING, Normalised
+from neoxko.pii.normalise import (
+    ANY_DIGIT,
+    DIGIT_OR_NEEDS_NORMALISING,
+    FOLD_LOOK_ALIKES,
+    LOOK_ALIKE,
+    LOOK_ALIKE_NEAR_DIGIT,
+    NEEDS_NORMALISING,
+    Normalised,
+)
 
 TOKENS = {"rrn": "<|rrn|>", "tel": "<|tel|>", "acc": "<|acc|>"}
 
@@ -99,8 +107,11 @@ class Span(NamedTuple):
 
 def find_pii(text: str) -> list[Span]:
     """The PII spans of text, sorted and non-overlapping."""
-    if NEEDS_NORMALISING.search(text):  # other digits, look-alike dashes, invisible characters: the rare path
-        if not ANY_DIGIT.search(text):  # (no digit at all: nothing to find)
+    first = DIGIT_OR_NEEDS_NORMALISING.search(text)
+    if first is None:  # most text has no digit: nothing to find
+        return []
+    if NEEDS_NORMALISING.search(text, first.start()):  # other digits, invisible characters: the rare path
+        if not ANY_DIGIT.search(text):
             return []
         normalised = Normalised(text)
         spans = _find(normalised.text)
@@ -108,6 +119,9 @@ def find_pii(text: str) -> list[Span]:
             return spans
         new = tuple.__new__
         return [new(Span, (*normalised.original(s.start, s.end), s.label)) for s in spans]
+    look = LOOK_ALIKE.search(text)  # "010–1234–5678", "010·1234·5678": fold them (the same length)
+    if look is not None and LOOK_ALIKE_NEAR_DIGIT.search(text, max(look.start() - 2, 0)):
+        return _find(text.translate(FOLD_LOOK_ALIKES))
     return _find(text)
 
 
