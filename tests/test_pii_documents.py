@@ -244,3 +244,25 @@ def test_unmistakable_shapes_are_masked_in_every_document_kind():
     assert recall >= 0.995, (recall, missed, examples[:10])
     for key, n in seen.items():
         assert missed[key] / n <= 0.02, (key, missed[key], n, examples[:10])
+
+
+def test_the_builtin_sets_are_well_formed_and_meet_the_targets():
+    """The sets `neoxko data pii-eval` reports: strict P and R >= 0.98 per label on both generators' report
+    seeds (the rules were tuned on seed 1), no-PII lines untouched; on the real text's 41 phone numbers 0.92-0.93
+    (docs/pii-policy.md says what is left)."""
+    from neoxko.pii.score import DATA, builtin_sets, read_labelled, score
+
+    for half in ("tune", "heldout"):
+        for text, spans in read_labelled(DATA / f"real_text_{half}.jsonl"):
+            for s in spans:
+                assert text[s.start].isdigit() or text[s.start] in "+(", (text, s)
+                assert text[s.end - 1].isdigit() and not (s.end < len(text) and text[s.end].isdigit()), (text, s)
+    sets = builtin_sets(1500)
+    for name, (items, _) in sets.items():
+        r = score(items)
+        assert r.negative_changed <= 0.005 * r.negative_lines, (name, r.table())
+        for label in ("rrn", "tel", "acc"):
+            if name.startswith(("genres", "synth")) or label != "tel":
+                assert r.strict[label].precision >= 0.98 and r.strict[label].recall >= 0.98, (name, label, r.table())
+            else:  # (12 and 29 phone numbers: one doubled area code, 02 02-781-9672, is a boundary error in tune)
+                assert r.strict[label].precision >= 0.9 and r.strict[label].recall >= 0.9, (name, label, r.table())
