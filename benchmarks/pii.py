@@ -2,8 +2,9 @@
 
 Quality: strict and lenient per-label scores (POLICY.md conventions) on the sets `neoxko data pii-eval` reports
 (the real-text set's tune and held-out halves, the report seeds of both generators; the rules were tuned on the
-tune half and on seed 1), the shared dev set and the repo's own cases. Speed: MB/s of finding PII on one core, both tools, over (a) number-dense text (generated,
-seed 7: every line holds a PII value or a hard negative) and (b) a sample of the shared corpus.
+tune half and on seed 1), the shared dev set and the repo's own cases. Speed: MB/s of finding PII on one core,
+both tools, over (a) number-dense text (generated, seed 7: every line holds a PII value or a hard negative) and
+(b) a sample of the shared corpus.
 
     python benchmarks/pii.py [--shared ../shared] [--sample-mb 4] [--held-out-lines 3000]
 """
