@@ -166,7 +166,8 @@ def _windows(text: str) -> list[tuple[int, int, int, int]]:
             shapes = (number[0] in "08") | (digits == 8 and number[0] == "1") << 1 | (digits == 13) << 2
         else:
             digits = len(number.encode().translate(None, _SEPARATOR_BYTES))
-            shapes = _MAY_PHONE | _MAY_REPRESENTATIVE | (digits >= 13) << 2
+            shapes = _shapes(_NON_DIGITS.split(number), "+" in number or "(" in number or
+                             start and text[start - 1] in "(+") if digits >= 8 else 0
         if digits < 8 or digits == 8 and number[0] in "12" and _DATE_LIKE.fullmatch(number):  # (a date: 8 at most)
             continue
         a, b = start - 4 if start > 4 else 0, end + 4
@@ -178,6 +179,24 @@ def _windows(text: str) -> list[tuple[int, int, int, int]]:
         else:
             windows.append((a, b, digits, shapes))
     return windows
+
+
+def _shapes(groups: list[str], bracket_or_plus: bool) -> int:
+    """Which rules can match a number of several digit groups: a phone starts a group with 0 or 8 (82-...) or
+    has a + or a bracket; a representative or local number is a 4-digit group and a 4-digit group (or 8 digits
+    from 15, 16 or 18); an RRN is 13 digits or 6 and 7."""
+    shapes = _MAY_PHONE if bracket_or_plus else 0
+    last = ""
+    for group in groups:
+        first, n = group[:1], len(group)
+        if first == "0" or first == "8":
+            shapes |= _MAY_PHONE
+        if n == 4 and len(last) == 4 and last[0] != "0" or n == 8 and group[:2] in ("15", "16", "18"):
+            shapes |= _MAY_REPRESENTATIVE
+        if n == 13 or n == 7 and len(last) == 6:
+            shapes |= _MAY_RRN
+        last = group
+    return shapes
 
 
 def replace_pii(text: str, context: str = "") -> str:
