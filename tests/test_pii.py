@@ -76,7 +76,7 @@ def test_stream_command_text_jsonl_and_invalid_utf8(tmp_path):
     out = _neoxko("data", "pii", stdin="문의 010-1234-5678 주세요\n".encode() + b"\xff\xfe 010-2222-3333\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "문의 <|tel|> 주세요\n".encode() + b"\xff\xfe <|tel|>\n"
-    assert "tel 2" in out.stderr.decode() and "invalid UTF-8 (passed through): 1" in out.stderr.decode()
+    assert "tel 2" in out.stderr.decode() and "1 line(s) are not utf-8: their bytes passed through" in out.stderr.decode()
     (tmp_path / "in.jsonl").write_text('{"text": "국민 123456-78-901234 입금", "id": 7}\n')
     out = _neoxko("data", "pii", str(tmp_path / "in.jsonl"), "--text-key", "text", "--output", str(tmp_path / "o"))
     assert json.loads((tmp_path / "o").read_text()) == {"text": "국민 <|acc|> 입금", "id": 7}
@@ -85,7 +85,7 @@ def test_stream_command_text_jsonl_and_invalid_utf8(tmp_path):
 def test_stream_command_bad_input(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
     out = _neoxko("data", "pii", str(tmp_path / "in.jsonl"), "--text-key", "text")
-    assert out.returncode == 2 and b"in.jsonl:2: not a JSON object with a 'text' text field" in out.stderr
+    assert out.returncode == 2 and b"in.jsonl:2: the record has no 'text' text field; fix the record" in out.stderr
     out = _neoxko("data", "pii", str(tmp_path / "missing.txt"))
     assert out.returncode == 2 and b"cannot open" in out.stderr and b"Traceback" not in out.stderr
 
@@ -212,7 +212,7 @@ def test_the_stream_guard_equals_whole_text_masking_on_tables_and_machine_text(s
 def test_pii_generate_refuses_bad_counts(tmp_path):
     import argparse
 
-    from neoxko.cli.data import run_pii_generate
+    from neoxko.cli.pii import run_pii_generate
     from neoxko.errors import NeoxkoError
 
     for lines, share in ((0, 0.45), (10, 1.5)):

@@ -113,11 +113,48 @@ def test_the_command_masks_a_members_csv_and_a_json_export(tmp_path):
     assert json.loads(out.stdout) == {"tel": "<|tel|>", "n": 3}
 
 
-def test_the_command_names_a_record_that_is_not_json(tmp_path):
-    (tmp_path / "x.jsonl").write_text('{"a": "b"}\nplain text 010-1234-5678\n', encoding="utf-8")
-    out = _neoxko("data", "pii", str(tmp_path / "x.jsonl"))
-    assert out.returncode == 2 and b"x.jsonl:2: not a JSON record; use --documents lines for plain text" in out.stderr
+def test_the_command_names_a_record_that_is_not_json_and_leaves_no_half_file(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"a": "010-1234-5678"}\nplain text 010-1234-5678\n', encoding="utf-8")
+    out = _neoxko("data", "pii", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "y.jsonl"))
+    assert out.returncode == 2 and b"x.jsonl:2: not a JSON record (Expecting value); use --documents lines" in out.stderr
     assert b"Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]  # no y.jsonl, no partial file left
+
+
+def test_the_command_writes_in_place_gzip_and_other_encodings(tmp_path):
+    import gzip
+
+    path = tmp_path / "members.csv"
+    path.write_text(MEMBERS, encoding="utf-8")
+    out = _neoxko("data", "pii", str(path), "--output", str(path))  # the same file: replaced when done
+    assert out.returncode == 0 and path.read_text(encoding="utf-8") == MASKED
+    with gzip.open(tmp_path / "m.csv.gz", "wt", encoding="utf-8") as f:
+        f.write(MEMBERS)
+    out = _neoxko("data", "pii", str(tmp_path / "m.csv.gz"), "--output", str(tmp_path / "o.csv.gz"))
+    assert out.returncode == 0 and gzip.open(tmp_path / "o.csv.gz", "rt", encoding="utf-8").read() == MASKED
+    # cp949, as older Korean Windows programs write: read as UTF-8 its words are not cues; --encoding reads them
+    (tmp_path / "bank.csv").write_bytes("은행,계좌번호\n국민,123412341234\n".encode("cp949"))
+    out = _neoxko("data", "pii", str(tmp_path / "bank.csv"))
+    assert b"123412341234" in out.stdout and b"run again with --encoding cp949" in out.stderr
+    out = _neoxko("data", "pii", str(tmp_path / "bank.csv"), "--encoding", "cp949")
+    assert out.stdout.decode() == "은행,계좌번호\n국민,<|acc|>\n"
+    out = _neoxko("data", "pii", str(tmp_path / "bank.csv"), "--encoding", "korean-ish")
+    assert out.returncode == 2 and b"unknown --encoding 'korean-ish'; for Korean files try cp949" in out.stderr
+
+
+def test_a_json_record_without_pii_is_written_back_as_it_was(tmp_path):
+    lines = '{"a":0.50,"b":1e3,"name":"\\uae40"}\n{"tel": "010-1234-5678"}\n'
+    (tmp_path / "x.jsonl").write_text(lines, encoding="utf-8")
+    out = _neoxko("data", "pii", str(tmp_path / "x.jsonl"))
+    assert out.stdout.decode().splitlines() == ['{"a":0.50,"b":1e3,"name":"\\uae40"}', '{"tel": "<|tel|>"}']
+
+
+def test_shapes_a_stranger_found():
+    """Leaks and over-masking a helper found feeding the command files it wrote from POLICY.md."""
+    assert replace_pii("관람료 1500-1800원, 예매 1577-8092") == "관람료 1500-1800원, 예매 <|tel|>"
+    assert replace_pii('<a href="https://wa.me/+821093184853">') == '<a href="https://wa.me/<|tel|>">'
+    assert replace_pii("rrn=450212-2229963 corp=110111-1874026") == "rrn=<|rrn|> corp=110111-1874026"
+    assert replace_pii("corp_reg_no,name\n130111-7875339,가람\n") == "corp_reg_no,name\n130111-7875339,가람\n"
 
 
 def test_the_pipeline_reads_a_csv_as_one_document_and_txt_rows_after_their_header(tmp_path):

@@ -327,6 +327,18 @@ def test_mask_pii_streams_tokens_and_never_a_digit(parrot):
         server.close()
 
 
+def test_mask_pii_masks_other_digits_and_invisible_characters(served):
+    """An echoed prompt with a phone number in Arabic-Indic digits and one with zero-width spaces between its
+    digits: the server's guard masks both, streamed and not."""
+    prompt = "연락처 ٠١٠-١٢٣٤-٥٦٧٨ 또는 010\u200b9876\u200b5432 입니다"
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "mask_pii": True}
+    choice = json.loads(post(served, body)[2])["choices"][0]
+    assert choice["text"].startswith("연락처 <|tel|> 또는 <|tel|> 입니다"), choice["text"]
+    assert choice["pii_masked"]["tel"] >= 2
+    chunks = [c["choices"][0]["text"] for c in events(post(served, body | {"stream": True})[2])]
+    assert "".join(chunks).startswith("연락처 <|tel|> 또는 <|tel|> 입니다")  # (no digit of either sent first)
+
+
 def test_generate_mask_pii(parrot, tmp_path):
     model, _, prompt, tokenizer_dir = parrot
     save_model(model, tmp_path)

@@ -1,10 +1,10 @@
-"""`neoxko tokenizer train` and `neoxko data pii | pii-eval | prepare`: the Korean data pipeline."""
+"""`neoxko tokenizer train` and `neoxko data prepare | status`: the Korean data pipeline (`data pii*`: pii.py)."""
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from neoxko.cli.pii import add_pii_commands
 from neoxko.errors import NeoxkoError
 
 
@@ -20,29 +20,7 @@ def add_commands(commands) -> None:
     train.set_defaults(run=run_tokenizer_train)
     data = commands.add_parser("data", help="the Korean data pipeline")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    pii = data_commands.add_parser("pii", help="replace PII in a stream of text or JSONL lines")
-    pii.add_argument("input", nargs="?", default="-", help="text, CSV/TSV/Markdown or JSONL file; - is stdin")
-    pii.add_argument("--output", default="-", help="where to write; - is stdout")
-    pii.add_argument("--text-key", default=None, help="JSONL field to clean (default: every string of a record)")
-    pii.add_argument("--documents", choices=("auto", "file", "blocks", "lines", "jsonl"), default="auto",
-                     help="what one document is, so that a header governs its rows: the whole file (auto for .csv, "
-                          ".tsv, .md), blank-line-separated blocks (auto for text with blank lines), each line with "
-                          "table headers carried to their rows (auto for other text), a JSON record (.jsonl)")
-    pii.set_defaults(run=run_pii)
-    pii_eval = data_commands.add_parser("pii-eval", help="score the PII replacer on a labelled JSONL set")
-    pii_eval.add_argument("labelled", nargs="?", default=None,
-                          help='JSONL of {"text": ..., "spans": [{"start", "end", "label"}]}; none: the sets that '
-                               "come with neoxko (real text, both generators)")
-    pii_eval.add_argument("--errors", action="store_true", help="print every line the replacer gets wrong")
-    pii_eval.add_argument("--by-kind", action="store_true", help="with the built-in sets: a table per set by kind")
-    pii_eval.set_defaults(run=run_pii_eval)
-    pii_gen = data_commands.add_parser("pii-generate",
-                                       help="write a seeded, labelled PII set (every format x every context kind)")
-    pii_gen.add_argument("--seed", type=int, default=0, help="tune on one seed, report on another")
-    pii_gen.add_argument("--lines", type=int, default=3000)
-    pii_gen.add_argument("--negative-share", type=float, default=0.45, help="share of lines with only hard negatives")
-    pii_gen.add_argument("--output", required=True, help="JSONL file to write")
-    pii_gen.set_defaults(run=run_pii_generate)
+    add_pii_commands(data_commands)
     prep = data_commands.add_parser("prepare", help="clean, filter, PII, dedup and tokenise text into token shards")
     prep.add_argument("inputs", nargs="*", help=".txt (a document a line), .jsonl(.gz), .parquet files or folders")
     prep.add_argument("--hf-dataset", default=None, help="read a Hugging Face dataset instead of files")
@@ -134,112 +112,4 @@ def run_status(args: argparse.Namespace) -> int:
     if not (out / "report.json").is_file():
         write_report(out, collect_report(out))
     print("\n" + (out / "report.md").read_text(encoding="utf-8"))
-    return 0
-
-
-def run_pii(args: argparse.Namespace) -> int:
-    import contextlib
-    import itertools
-    from collections import Counter
-
-    from neoxko.pii import documents
-
-    totals: Counter = Counter()
-    invalid = 0
-    with contextlib.ExitStack() as stack:
-        source = sys.stdin.buffer if args.input == "-" else stack.enter_context(_open(args.input, "rb"))
-        sink = sys.stdout.buffer if args.output == "-" else stack.enter_context(_open(args.output, "wb"))
-
-        def lines():
-            nonlocal invalid
-            for raw in source:  # bytes that are not UTF-8 pass through untouched (surrogateescape), counted
-                line = raw.decode("utf-8", errors="surrogateescape")
-                invalid += line != raw.decode("utf-8", errors="ignore")
-                yield line
-
-        stream = lines()
-        mode = args.documents
-        if args.text_key is not None:
-            mode = "jsonl"
-        elif mode == "auto":
-            head = list(itertools.islice(stream, 2000))  # (the first lines tell blank-line blocks from lines)
-            mode = documents.mode_for(args.input, "".join(head)[:65536])
-            stream = itertools.chain(head, stream)
-        if mode == "jsonl":
-            masked = _pii_records(stream, args)
-        else:
-            masked = {"file": documents.mask_file, "blocks": documents.mask_blocks,
-                      "lines": documents.mask_lines}[mode](stream)
-        for text, counts in masked:
-            sink.write(text.encode("utf-8", errors="surrogateescape"))
-            totals.update(counts)
-    summary = ", ".join(f"{k} {totals[k]}" for k in ("rrn", "tel", "acc"))
-    print(f"replaced: {summary} (documents: {mode}); lines with invalid UTF-8 (passed through): {invalid}",
-          file=sys.stderr)
-    return 0
-
-
-def _pii_records(lines, args: argparse.Namespace):
-    """JSONL: the --text-key field of each record as one document, or else every string leaf of the record."""
-    from neoxko.pii.documents import mask_record
-    from neoxko.pii.replace import replace_pii_counted
-
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            yield line, {}
-            continue
-        try:
-            row = json.loads(line)
-            if args.text_key is None:
-                row, counts = mask_record(row)
-            else:
-                row[args.text_key], counts = replace_pii_counted(row[args.text_key])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            what = f"a JSON object with a {args.text_key!r} text field" if args.text_key else "a JSON record"
-            raise NeoxkoError(f"{args.input}:{n}: not {what}; use --documents lines for plain text") from None
-        yield json.dumps(row, ensure_ascii=False) + "\n", counts
-
-
-def _open(path: str, mode: str):
-
-    try:
-        return open(path, mode)
-    except OSError as e:
-        raise NeoxkoError(f"cannot open {path}: {e.strerror}") from None
-
-
-def run_pii_generate(args: argparse.Namespace) -> int:
-    from neoxko.pii.synth import generate, write
-
-    if args.lines < 1 or not 0 <= args.negative_share <= 1:
-        raise NeoxkoError("--lines must be at least 1 and --negative-share between 0 and 1")
-    records = generate(args.seed, args.lines, args.negative_share)
-    path = write(args.output, records)
-    negative = sum(not r["spans"] for r in records)
-    print(f"neoxko: wrote {len(records)} labelled lines to {path} ({negative / len(records):.0%} without PII, "
-          f"seed {args.seed})", file=sys.stderr)
-    return 0
-
-
-def run_pii_eval(args: argparse.Namespace) -> int:
-    from neoxko.pii.score import errors, kind_table, read_kinds, read_labelled, score
-
-    if args.labelled is None:
-        from neoxko.pii.score import builtin_sets, summary_table
-
-        sets = builtin_sets()
-        print(summary_table(sets))
-        for name, (items, kinds) in sets.items():
-            if args.by_kind:
-                print(f"\n{name}, by kind (strict):\n" + kind_table(items, kinds))
-            if args.errors and "held-out" not in name:  # (the held-out half is for reporting, never for reading)
-                print(f"\n{name}, errors:\n" + "\n".join(errors(items)))
-        return 0
-    items = read_labelled(args.labelled)
-    print(score(items).table())
-    kinds = read_kinds(args.labelled)
-    if set(kinds) != {"-"}:
-        print("\nby context kind (strict):\n" + kind_table(items, kinds))
-    if args.errors:
-        print("\n".join(errors(items)))
     return 0

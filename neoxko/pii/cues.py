@@ -62,7 +62,8 @@ _PHONE_KEYS = (
 )
 _PHONE_WORDS = _cues(*_PHONE_CUES, words=_PHONE_KEYS, names=("tel",))
 # Representative numbers (15XX-XXXX) come after service words as well
-_REPRESENTATIVE_WORDS = _cues(*_PHONE_CUES, "예약", "변경", "취소", "견적", "접수", "안내", "주문", "신고", words=_PHONE_KEYS,
+_REPRESENTATIVE_WORDS = _cues(*_PHONE_CUES, "예약", "예매", "변경", "취소", "견적", "접수", "안내", "주문", "신고", "배달",
+                              "택시", "콜", "센터", words=_PHONE_KEYS,
                               names=("tel",))
 _RRN_WORDS = _cues("주민", r"주\s민", "외국인", "등(?<!법인등)(?<!사업자등)(?<!차량등)록번호", names=("rrn", "jumin", "resident", "ssn"))
 # Numbers of these kinds share the shapes above and are not PII (POLICY.md).
@@ -74,7 +75,7 @@ _NOT_PII = (
 # (and the keys of machine text that name other numbers: orders.id, invoice_no, tracking)
 _NOT_PII_KEYS = _cues(names=("order", "invoice", "tracking", "serial", "sku", "barcode", "coupon", "ticket", "booking",
                              "reservation", "approval", "isbn", "issn", "gtin", "item", "product", "goods", "code",
-                             "model", "customer", "member", "client", "epoch", "timestamp"), words=("ean", "ts", "cust"))
+                             "model", "customer", "member", "client", "epoch", "timestamp", "corp"), words=("ean", "ts", "cust"))
 CUE_KINDS = {kind: compile_cues(words) for kind, words in (
     ("veto", [*_NOT_PII, *_NOT_PII_KEYS]), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
     ("rep", _REPRESENTATIVE_WORDS),

@@ -10,6 +10,7 @@ Shapes narrow the candidates, context decides (../shared/pii/FORMATS.md and POLI
 Digits are matched with explicit look-arounds, never \\b, which fails next to Hangul.
 """
 
+import bisect
 import datetime
 import itertools
 import operator
@@ -52,7 +53,7 @@ _RRN = re.compile(rf"([0-9]{_START}[0-9])(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])
 _AREA = r"(?:2|3[1-3]|4[1-4]|5[1-5]|6[1-4]|70|50[2-8]|80|60|1[016789])"
 _INTL = _POPT + r"(?:\(0\)[ ]?)?(?P<NAME>" + _AREA + r")" + _POPT  # after 82: the area code without its 0
 _PHONE = re.compile(
-    r"(?:\+" + _START + r"[ ]?82" + _INTL.replace("NAME", "intl")  # +82 10-...
+    r"(?:\+" + _IN_NUMBER + r"[ ]?82" + _INTL.replace("NAME", "intl")  # +82 10-... (in a URL too: wa.me/+82...)
     + r"|0" + _START + r"082" + _INTL.replace("NAME", "intl00")  # 0082 10-...
     # 82-10-..., 82-2-...; 821012345678 (then a phone word must be near)
     + r"|8" + _START + r"(?=2[ ]{0,2}[-.][ ]{0,2}[1-7]|21[016789][0-9]{8}(?![0-9]))2" + _INTL.replace("NAME", "intl82")
@@ -133,6 +134,7 @@ def _find(folded: str) -> list[Span]:
     # Most text has no account word or bank name anywhere: then it holds no account (the cheap test first)
     accounts = CUE_KINDS["acc"].search(ctx.text) is not None
     found: list[_Candidate] = []
+    abroad = "(" in folded or "+" in folded
     for a, b, digits, shapes in windows:  # accounts, RRNs, phones: the order ties are broken in (never overlapping)
         if accounts and digits >= 10:
             _accounts(ctx, a, b, found)
@@ -140,7 +142,7 @@ def _find(folded: str) -> list[Span]:
             _rrns(ctx, a, b, found)
         if shapes & _MAY_PHONE:
             _phones(ctx, a, b, found)
-            if "(" in folded or "+" in folded:
+            if abroad:
                 _foreign(ctx, a, b, found)
         if shapes & _MAY_REPRESENTATIVE:
             _representatives(ctx, a, b, found)
@@ -477,8 +479,11 @@ def _resolve(candidates: list[_Candidate]) -> list[Span]:
     by_start = sorted(candidates, key=_START_OF)
     if all(a[2] <= b[1] for a, b in itertools.pairwise(by_start)):  # nothing overlaps: keep them all
         return [new(Span, c[1:]) for c in by_start]
-    chosen: list[tuple[int, int, str]] = []
+    chosen: list[tuple[int, int, str]] = []  # disjoint, by start (a bisect finds the one a candidate may overlap)
+    starts: list[int] = []
     for _, start, end, label in sorted(candidates, key=lambda c: (-c[0], c[1] - c[2], c[1])):
-        if all(end <= s or start >= e for s, e, _ in chosen):
-            chosen.append((start, end, label))
-    return [new(Span, c) for c in sorted(chosen)]
+        i = bisect.bisect_left(starts, end)  # chosen[:i] start before this one ends: only chosen[i - 1] may reach in
+        if i == 0 or chosen[i - 1][1] <= start:
+            chosen.insert(i, (start, end, label))
+            starts.insert(i, start)
+    return [new(Span, c) for c in chosen]
