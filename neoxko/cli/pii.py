@@ -25,9 +25,9 @@ def add_pii_commands(data_commands) -> None:
                      help="what one document is, so that a header governs its rows: the whole file (auto for .csv, "
                           ".tsv, .md), blank-line-separated blocks (auto for text with blank lines), each line with "
                           "table headers carried to their rows (auto for other text), a JSON record (.jsonl)")
-    pii.add_argument("--encoding", default="utf-8",
-                     help="the input's encoding (cp949 or euc-kr for files from older Korean Windows programs); "
-                          "the output is UTF-8")
+    pii.add_argument("--encoding", default="auto",
+                     help="the input's encoding: auto (UTF-8, or cp949 where the first lines are cp949 and not UTF-8, "
+                          "as files from older Korean Windows programs are), or any Python codec; the output is UTF-8")
     pii.set_defaults(run=run_pii)
     pii_eval = data_commands.add_parser("pii-eval", help="score the PII replacer on a labelled JSONL set")
     pii_eval.add_argument("labelled", nargs="?", default=None,
@@ -48,21 +48,24 @@ def add_pii_commands(data_commands) -> None:
 def run_pii(args: argparse.Namespace) -> int:
     from neoxko.pii import documents
 
-    try:
-        codecs.lookup(args.encoding)
-    except LookupError:
-        raise NeoxkoError(f"unknown --encoding {args.encoding!r}; for Korean files try cp949 or euc-kr") from None
+    if args.encoding != "auto":
+        try:
+            codecs.lookup(args.encoding)
+        except LookupError:
+            raise NeoxkoError(f"unknown --encoding {args.encoding!r}; for Korean files try cp949 or euc-kr") from None
     totals: Counter = Counter()
     invalid = 0
     with contextlib.ExitStack() as stack:
         source = sys.stdin.buffer if args.input == "-" else stack.enter_context(_open_input(args.input))
         sink = sys.stdout.buffer if args.output == "-" else stack.enter_context(_Output(args.output))
+        head_bytes = list(itertools.islice(source, 2000))
+        encoding = _encoding(args, head_bytes)
 
         def lines():
             nonlocal invalid
-            for raw in source:  # bytes that do not decode pass through untouched (surrogateescape), counted
-                line = raw.decode(args.encoding, errors="surrogateescape")
-                invalid += line != raw.decode(args.encoding, errors="ignore")
+            for raw in itertools.chain(head_bytes, source):  # what does not decode passes through (surrogateescape)
+                line = raw.decode(encoding, errors="surrogateescape")
+                invalid += line != raw.decode(encoding, errors="ignore")
                 yield line
 
         stream = lines()
@@ -84,7 +87,7 @@ def run_pii(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {totals[k]}" for k in ("rrn", "tel", "acc"))
     print(f"replaced: {summary} (documents: {mode})", file=sys.stderr)
     if invalid:
-        print(f"neoxko: {invalid} line(s) are not {args.encoding}: their bytes passed through as they were, and "
+        print(f"neoxko: {invalid} line(s) are not {encoding}: their bytes passed through as they were, and "
               f"numbers in them were masked, but their words were not read as cues (계좌, 은행, a header). If the "
               f"file is from a Korean Windows program, run again with --encoding cp949", file=sys.stderr)
     return 0
@@ -113,6 +116,25 @@ def _pii_records(lines, args: argparse.Namespace):
         else:
             row[args.text_key], counts = replace_pii_counted(row[args.text_key])
         yield (json.dumps(row, ensure_ascii=False) + "\n" if counts else line), counts
+
+
+def _encoding(args: argparse.Namespace, head: list[bytes]) -> str:
+    """--encoding, or for auto: UTF-8, unless the first lines are not UTF-8 and are cp949 (then it says so)."""
+    if args.encoding != "auto":
+        return args.encoding
+    data = b"".join(head)
+    try:
+        data.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        data.decode("cp949")
+    except UnicodeDecodeError:
+        return "utf-8"  # (neither: the undecodable lines are counted and reported)
+    print(f"neoxko: reading {args.input} as cp949 (its first lines are not UTF-8; --encoding sets it)",
+          file=sys.stderr)
+    return "cp949"
 
 
 def _open_input(path: str):
