@@ -5,7 +5,7 @@ import html
 import json
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from datatrove.data import Document, DocumentsPipeline
@@ -53,19 +53,22 @@ class KoreanTextReader(BaseDiskReader):
         logger.warning(f"{where}: a document of {len(text):,} characters (over {self.MAX_CHARS:,}); skipped")
         return False
 
+    def _decoded(self, filepath: str, raw: Iterable[bytes]) -> Iterator[tuple[int, bytes, str]]:
+        """(line number, bytes, text) of each line that is UTF-8; the others are counted and logged."""
+        for n, line in enumerate(raw, 1):
+            try:
+                yield n, line, line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self.stat_update("invalid_utf8")
+                logger.warning(f"{filepath}:{n}: not UTF-8 ({e.reason} at byte {e.start}); line skipped")
+
     def _read_lines(self, filepath: str, raw: Iterable[bytes]) -> DocumentsPipeline:
         if filepath.lower().endswith(TABLE_SUFFIXES):
             yield from self._read_table(filepath, raw)
             return
         is_json = ".jsonl" in filepath or ".json" in filepath
         table = TableState()  # a .txt row of a table is read for PII after its header line
-        for n, line in enumerate(raw, 1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                self.stat_update("invalid_utf8")
-                logger.warning(f"{filepath}:{n}: not UTF-8 ({e.reason} at byte {e.start}); line skipped")
-                continue
+        for n, line, text in self._decoded(filepath, raw):
             if is_json:
                 try:
                     data = json.loads(text)
@@ -98,13 +101,7 @@ class KoreanTextReader(BaseDiskReader):
                 data[PII_CONTEXT] = header
             return self.get_document_from_dict(data, filepath, n_piece)
 
-        for n, line in enumerate(raw, 1):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                self.stat_update("invalid_utf8")
-                logger.warning(f"{filepath}:{n}: not UTF-8 ({e.reason} at byte {e.start}); line skipped")
-                continue
+        for _, line, text in self._decoded(filepath, raw):
             if header is None:
                 header = text.rstrip("\r\n")
             if size + len(text) > self.MAX_CHARS and piece:
