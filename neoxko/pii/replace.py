@@ -1,6 +1,7 @@
 """Korean PII replacement: resident registration, phone and bank account numbers -> <|rrn|>, <|tel|>, <|acc|>.
 
-Shapes narrow the candidates, context decides (../shared/pii/FORMATS.md and POLICY.md):
+Recall first (docs/pii-policy.md): a number whose shape only PII has is masked wherever it stands, unless a
+documented hard negative applies; shapes that other numbers share are decided by context (../shared/pii):
 - rrn: YYMMDD + [1-8] + 6 digits with a real birth date, in any separator; checksums are not
   required (numbers issued since 2020-10-05 have none); barcode, order and corporate contexts veto.
 - tel: Korean dialable numbers (mobile, 02, regional, 070, 050X, 080, 060, +82 forms, bracketed
