@@ -12,6 +12,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from tqdm import tqdm
+
 from neoxko.errors import NeoxkoError
 
 
@@ -60,12 +62,16 @@ def run_pii(args: argparse.Namespace) -> int:
         sink = sys.stdout.buffer if args.output == "-" else stack.enter_context(_Output(args.output))
         head_bytes = list(itertools.islice(source, 2000))
         encoding = _encoding(args, head_bytes)
+        size = None if args.input == "-" or args.input.endswith(".gz") else os.path.getsize(args.input)
+        progress = stack.enter_context(tqdm(total=size, unit="B", unit_scale=True, desc="PII", disable=None,
+                                            file=sys.stderr))  # (shown on a terminal only)
 
         def lines():
             nonlocal invalid
             for raw in itertools.chain(head_bytes, source):  # what does not decode passes through (surrogateescape)
                 line = raw.decode(encoding, errors="surrogateescape")
                 invalid += line != raw.decode(encoding, errors="ignore")
+                progress.update(len(raw))
                 yield line
 
         stream = lines()
