@@ -95,6 +95,7 @@ def test_a_json_record_is_one_document_its_keys_and_siblings_the_cues():
 def test_document_mode_by_name_and_content():
     assert mode_for("members.CSV", "") == "file" and mode_for("x.md", "") == "file"
     assert mode_for("x.jsonl", "") == "jsonl" and mode_for("x.txt", "a\n\nb") == "blocks"
+    assert mode_for("x.json", '[\n {"a": 1}\n]') == "json" and mode_for("x.json", '{"a": 1}\n{"b": 2}') == "jsonl"
     assert mode_for("-", "a\nb\n") == "lines"
 
 
@@ -140,6 +141,16 @@ def test_the_command_writes_in_place_gzip_and_other_encodings(tmp_path):
     assert b"123412341234" in out.stdout and b"run again with --encoding cp949" in out.stderr
     out = _neoxko("data", "pii", str(tmp_path / "bank.csv"), "--encoding", "korean-ish")
     assert out.returncode == 2 and b"unknown --encoding 'korean-ish'; for Korean files try cp949" in out.stderr
+
+
+def test_a_whole_json_file_is_one_document(tmp_path):
+    (tmp_path / "a.json").write_text('[\n  {"bank": "국민", "no": "123456-78-901234"},\n  {"n": 1}\n]\n')
+    out = _neoxko("data", "pii", str(tmp_path / "a.json"))
+    assert json.loads(out.stdout) == [{"bank": "국민", "no": "<|acc|>"}, {"n": 1}]
+    assert b"(documents: json)" in out.stderr
+    (tmp_path / "b.json").write_text('[1,\n')
+    out = _neoxko("data", "pii", str(tmp_path / "b.json"))
+    assert out.returncode == 2 and b"b.json:2:1: not JSON (Expecting value); use --documents jsonl" in out.stderr
 
 
 def test_a_json_record_without_pii_is_written_back_as_it_was(tmp_path):

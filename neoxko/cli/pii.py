@@ -23,10 +23,11 @@ def add_pii_commands(data_commands) -> None:
     pii.add_argument("--output", default="-", help="where to write (.gz to compress); - is stdout. The same path "
                                                    "as the input replaces it once the whole file is done")
     pii.add_argument("--text-key", default=None, help="JSONL field to clean (default: every string of a record)")
-    pii.add_argument("--documents", choices=("auto", "file", "blocks", "lines", "jsonl"), default="auto",
+    pii.add_argument("--documents", choices=("auto", "file", "blocks", "lines", "jsonl", "json"), default="auto",
                      help="what one document is, so that a header governs its rows: the whole file (auto for .csv, "
                           ".tsv, .md), blank-line-separated blocks (auto for text with blank lines), each line with "
-                          "table headers carried to their rows (auto for other text), a JSON record (.jsonl)")
+                          "table headers carried to their rows (auto for other text), a JSON record (.jsonl), a whole "
+                          "JSON file (.json)")
     pii.add_argument("--encoding", default="auto",
                      help="the input's encoding: auto (UTF-8, or cp949 where the first lines are cp949 and not UTF-8, "
                           "as files from older Korean Windows programs are), or any Python codec; the output is UTF-8")
@@ -84,6 +85,8 @@ def run_pii(args: argparse.Namespace) -> int:
             stream = itertools.chain(head, stream)
         if mode == "jsonl":
             masked = _pii_records(stream, args)
+        elif mode == "json":
+            masked = [_pii_json("".join(stream), args)]
         else:
             masked = {"file": documents.mask_file, "blocks": documents.mask_blocks,
                       "lines": documents.mask_lines}[mode](stream)
@@ -141,6 +144,16 @@ def _encoding(args: argparse.Namespace, head: list[bytes]) -> str:
     print(f"neoxko: reading {args.input} as cp949 (its first lines are not UTF-8; --encoding sets it)",
           file=sys.stderr)
     return "cp949"
+
+
+def _pii_json(text: str, args: argparse.Namespace):
+    from neoxko.pii.documents import mask_json
+
+    try:
+        return mask_json(text)
+    except json.JSONDecodeError as e:
+        raise NeoxkoError(f"{args.input}:{e.lineno}:{e.colno}: not JSON ({e.msg}); use --documents jsonl for JSON "
+                          f"lines or --documents lines for text") from None
 
 
 def _open_input(path: str):

@@ -10,11 +10,13 @@ says one is:
 - `lines` (a document a line, as corpora are written): each line alone, but a line that splits into cells
   like the header line above it is a row of that header's table and is read after it;
 - `jsonl`: a JSON record a line; its string leaves are one document of `key: value` lines, so a key or a
-  sibling field (the bank beside the number) is a cue, and the record is written back with its leaves masked.
+  sibling field (the bank beside the number) is a cue, and the record is written back with its leaves masked;
+- `json`: a whole JSON file (an array of records), its leaves read the same way.
 
 Every function yields (masked text, counts) per unit read and holds at most one piece in memory.
 """
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -23,7 +25,7 @@ from neoxko.pii.context import cells
 from neoxko.pii.replace import Span, apply_spans, find_pii, replace_pii_counted
 
 PIECE = 1 << 20  # characters of a file or block masked at once
-MODES = ("file", "blocks", "lines", "jsonl")
+MODES = ("file", "blocks", "lines", "jsonl", "json")
 TABLE_SUFFIXES = (".csv", ".tsv", ".md", ".markdown")
 _HEADER_SPLITTERS = ("\t", "|", ",")
 
@@ -33,9 +35,30 @@ def mode_for(name: str, head: str) -> str:
     lower = name.lower().removesuffix(".gz")
     if lower.endswith(TABLE_SUFFIXES):
         return "file"
-    if lower.endswith((".jsonl", ".json")):
+    if lower.endswith(".jsonl"):
         return "jsonl"
+    if lower.endswith(".json"):  # one JSON value, or JSON lines under the wrong name
+        return "json" if head.lstrip()[:1] in ("[", "{") and not _one_value_a_line(head) else "jsonl"
     return "blocks" if "\n\n" in head.replace("\r\n", "\n") else "lines"
+
+
+def _one_value_a_line(head: str) -> bool:
+    """Whether the first line of head is a JSON value of its own (JSON lines)."""
+    try:
+        json.loads(head.split("\n", 1)[0])
+        return True
+    except ValueError:
+        return False
+
+
+def mask_json(text: str) -> tuple[str, Counter]:
+    """A whole JSON file (an array of records, an object) masked as mask_record masks a record; written back as
+    it was where it holds no PII, else indented as it was (2 spaces where it had line breaks) or compact."""
+    value, counts = mask_record(json.loads(text))
+    if not counts:
+        return text, counts
+    indent = 2 if "\n" in text.strip() else None
+    return json.dumps(value, ensure_ascii=False, indent=indent) + ("\n" if text.endswith("\n") else ""), counts
 
 
 def mask_file(lines: Iterable[str]) -> Iterator[tuple[str, Counter]]:
