@@ -55,6 +55,8 @@ def test_a_csv_header_governs_its_rows_in_every_document_mode():
     # An account column needs its header: a number of 12 digits is an account only where it is named one
     bank = ["은행,계좌번호,예금주\n", "국민,123412341234,김도윤\n"]
     assert "".join(t for t, _ in mask_lines(bank)) == "은행,계좌번호,예금주\n국민,<|acc|>,김도윤\n"
+    semicolons = ["은행;계좌번호;예금주\n", "국민;123412341234;김도윤\n"]  # (a spreadsheet saved with ;)
+    assert "".join(t for t, _ in mask_file(semicolons)) == "은행;계좌번호;예금주\n국민;<|acc|>;김도윤\n"
 
 
 def test_a_header_is_carried_into_later_pieces_of_a_long_file(monkeypatch):

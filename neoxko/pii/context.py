@@ -14,7 +14,7 @@ from typing import NamedTuple
 from neoxko.pii.cues import compile_cues
 
 _SPACES = re.compile(r" {2,}")
-_SPLITTERS = ("\t", "|", ",", "  ")  # "  ": the runs of spaces of aligned columns
+_SPLITTERS = ("\t", "|", ",", ";", "  ")  # ";": spreadsheets saved with it; "  ": aligned columns
 MAX_CELL = 48  # longer "cells" are sentences with commas, not a table
 _RULE = re.compile(r"^\s*\|?\s*:?-{3,}")  # a Markdown table's |---|---| line
 # Keys of machine text whose value is the number (the = stays a boundary for every other key): a whole ASCII
@@ -169,7 +169,7 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
     i = at = 0  # a line and where it starts
     while i < count:
         found, line = None, lines[i]
-        if "\t" not in line and "|" not in line and "," not in line and "  " not in line:
+        if "\t" not in line and "|" not in line and "," not in line and ";" not in line and "  " not in line:
             i += 1  # (most lines)
             at += len(line) + 1
             continue

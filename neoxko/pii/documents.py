@@ -27,7 +27,7 @@ from neoxko.pii.replace import Span, apply_spans, find_pii, replace_pii_counted
 PIECE = 1 << 20  # characters of a file or block masked at once
 MODES = ("file", "blocks", "lines", "jsonl", "json")
 TABLE_SUFFIXES = (".csv", ".tsv", ".md", ".markdown")
-_HEADER_SPLITTERS = ("\t", "|", ",")
+_HEADER_SPLITTERS = ("\t", "|", ",", ";")
 
 
 def mode_for(name: str, head: str) -> str:
@@ -103,7 +103,7 @@ def mask_lines(lines: Iterable[str]) -> Iterator[tuple[str, Counter]]:
 
 class TableState:
     """Which table, if any, a stream of lines is in: context(line) is the header line that governs the line ("" if
-    none). A header is a line of two or more cells (tab, |, or comma separated) without a digit; the lines after
+    none). A header is a line of two or more cells (tab, |, comma or semicolon separated) without a digit; the lines after
     it that split into as many cells the same way are its rows, a Markdown |---| rule among them."""
 
     def __init__(self):
