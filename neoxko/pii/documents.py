@@ -103,8 +103,8 @@ def mask_lines(lines: Iterable[str]) -> Iterator[tuple[str, Counter]]:
 
 class TableState:
     """Which table, if any, a stream of lines is in: context(line) is the header line that governs the line ("" if
-    none). A header is a line of two or more cells (tab, |, comma or semicolon separated) without a digit; the lines after
-    it that split into as many cells the same way are its rows, a Markdown |---| rule among them."""
+    none). A header is a line of two or more cells (tab, |, comma or semicolon separated) without a digit; the
+    lines after it that split into as many cells the same way are its rows, a Markdown |---| rule among them."""
 
     def __init__(self):
         self.header, self.splitter, self.cells = "", "", 0
