@@ -59,6 +59,15 @@ def test_a_csv_header_governs_its_rows_in_every_document_mode():
     assert "".join(t for t, _ in mask_file(semicolons)) == "은행;계좌번호;예금주\n국민;<|acc|>;김도윤\n"
 
 
+def test_two_header_rows_govern_together():
+    """A spreadsheet's group row above its column names: both are the header, in a file and line by line."""
+    rows = ["구분\t주문정보\t\t고객\n", "번호\t주문번호\t상품코드\t연락처\n",
+            "1\t240305-1188204\t8801111222330\t010-1234-5678\n"]
+    expected = "".join(rows[:2]) + "1\t240305-1188204\t8801111222330\t<|tel|>\n"
+    for mask in (mask_file, mask_lines):
+        assert "".join(t for t, _ in mask(rows)) == expected, mask.__name__
+
+
 def test_a_header_is_carried_into_later_pieces_of_a_long_file(monkeypatch):
     import neoxko.pii.documents as documents
 
@@ -73,8 +82,8 @@ def test_a_header_is_carried_into_later_pieces_of_a_long_file(monkeypatch):
 def test_table_state_follows_markdown_and_ends_with_the_table():
     state = TableState()
     assert state.context("| 이름 | 연락처 |\n") == ""
-    assert state.context("|---|---|\n") == "| 이름 | 연락처 |"
-    assert state.context("| 김 | 1588-1234 |\n") == "| 이름 | 연락처 |"
+    assert state.context("|---|---|\n") == ""  # (kept with the header)
+    assert state.context("| 김 | 1588-1234 |\n") == "| 이름 | 연락처 |\n|---|---|"
     assert state.context("표 밖의 문장 1588-1234\n") == ""
     assert state.context("| 김 | 1588-1234 |\n") == ""
 
@@ -168,6 +177,15 @@ def test_shapes_a_stranger_found():
     assert replace_pii('<a href="https://wa.me/+821093184853">') == '<a href="https://wa.me/<|tel|>">'
     assert replace_pii("rrn=450212-2229963 corp=110111-1874026") == "rrn=<|rrn|> corp=110111-1874026"
     assert replace_pii("corp_reg_no,name\n130111-7875339,가람\n") == "corp_reg_no,name\n130111-7875339,가람\n"
+    # a second stranger's files
+    assert replace_pii("주민번호(세금계산서용 개인사업자): 660314-1021538") == "주민번호(세금계산서용 개인사업자): <|rrn|>"
+    assert replace_pii("발신 15885762 : [Web발신] 결제 완료") == "발신 <|tel|> : [Web발신] 결제 완료"
+    assert replace_pii('CS_CENTER = "1899-4012"') == 'CS_CENTER = "<|tel|>"'
+    assert replace_pii("미입금자 010-2896-2270 님") == "미입금자 <|tel|> 님"  # (a depositor is no account)
+    assert replace_pii("택배사: 02-3307-1122, 카드 분실신고 1588-1234") == "택배사: <|tel|>, 카드 분실신고 <|tel|>"
+    assert replace_pii("유한회사 (등록번호 180111-5901326)") == "유한회사 (등록번호 180111-5901326)"
+    assert replace_pii('backup_date="1709121530000"') == 'backup_date="1709121530000"'
+    assert replace_pii("승인 16422062") == "승인 16422062"
 
 
 def test_the_pipeline_reads_a_csv_as_one_document_and_txt_rows_after_their_header(tmp_path):

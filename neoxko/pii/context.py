@@ -207,6 +207,14 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
             header: list[str] = []
         else:
             first, header = i + 1, [cell.strip() for cell in head]
+            while first < j and (rules[first] or not any(map(str.isdigit, lines[first]))):  # a second header row
+                if not rules[first]:  # (a spreadsheet's merged group row above its column names, or below them)
+                    more = split[first] if first in split else cells(lines[first], name)
+                    header = [f"{a} {b.strip()}".strip() for a, b in zip(header, more, strict=False)]
+                    at += len(lines[first]) + 1
+                    first += 1
+                else:
+                    break
         for k in range(first, j):
             end = at + len(lines[k])
             if not rules[k]:

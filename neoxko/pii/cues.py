@@ -45,7 +45,7 @@ def compile_cues(alternatives: list[str], flags: int = 0) -> re.Pattern:
 
 
 _ACCOUNT_WORDS = (
-    "계좌", r"계\s좌", "입금", "송금", "이체", "예금주", "통장", "환불", r"보내실\s?곳", r"받는\s?계좌", r"마음\s?전하실\s?곳", "축의금",
+    "계좌", r"계\s좌", "입금(?!자)", "송금", "이체", "예금주", "통장", "환불", r"보내실\s?곳", r"받는\s?계좌", r"마음\s?전하실\s?곳", "축의금",
     "조의금", "부조금", "회비", "후원", "가상계좌", "모임통장", "평생계좌", "무통장", "환급",
 )
 # A listed bank (NH농협 too), or any word that ends in 은행 or 銀 (the cue's end is what counts)
@@ -53,7 +53,7 @@ _ACC_BEFORE = _cues(*_ACCOUNT_WORDS, *(name + rf"(?:{_BANKS})*{_BANK_TAIL}" for 
                     names=("account", "acct", "bank"))
 _PHONE_CUES = (
     "전화", "연락", "휴대", "핸드폰", "폰", "HP", r"H\.P", "Mobile", "Phone", "Fax", "FAX", "팩스", "☎", "☏", "📞", "문의",
-    "상담", "전송", "대표번호", "고객센터", "콜센터", "직통", "안심번호", "문자", "카톡", "기사님", "사무실", "회사", "자택", "직장",
+    "상담", "전송", "발신", "수신", "회신", "대표번호", "고객센터", "콜센터", "직통", "안심번호", "문자", "카톡", "기사님", "사무실", "회사", "자택", "직장",
     r"T\.", r"F\.", r"T\)", r"내\s?번호", r"제\s?번호", r"저의\s?번호", r"나의\s?번호",
 )
 _PHONE_KEYS = (
@@ -64,7 +64,7 @@ _PHONE_WORDS = _cues(*_PHONE_CUES, words=_PHONE_KEYS, names=("tel",))
 # Representative numbers (15XX-XXXX) come after service words as well
 _REPRESENTATIVE_WORDS = _cues(*_PHONE_CUES, "예약", "예매", "변경", "취소", "견적", "접수", "안내", "주문", "신고", "배달",
                               "택시", "콜", "센터", words=_PHONE_KEYS,
-                              names=("tel",))
+                              names=("tel", "center", "support", "hotline", "helpdesk"))
 _RRN_WORDS = _cues("주민", r"주\s민", "외국인", "등(?<!법인등)(?<!사업자등)(?<!차량등)록번호", names=("rrn", "jumin", "resident", "ssn"))
 # Numbers of these kinds share the shapes above and are not PII (POLICY.md).
 _NOT_PII = (
@@ -75,7 +75,14 @@ _NOT_PII = (
 # (and the keys of machine text that name other numbers: orders.id, invoice_no, tracking)
 _NOT_PII_KEYS = _cues(names=("order", "invoice", "tracking", "serial", "sku", "barcode", "coupon", "ticket", "booking",
                              "reservation", "approval", "isbn", "issn", "gtin", "item", "product", "goods", "code",
-                             "model", "customer", "member", "client", "epoch", "timestamp", "corp"), words=("ean", "ts", "cust"))
+                             "model", "customer", "member", "client", "epoch", "timestamp", "corp", "date"),
+                      words=("ean", "ts", "cust"))
+# Not-PII words whose numbers never have a shape: they do not veto it (a 사업자등록번호 is 3-2-5 digits, not an RRN;
+# a parcel service or a card company has a phone number)
+NOT_RRN_SHAPED = frozenset(("사업자", "승인", "송장", "운송장", "택배", "ISSN", "ISBN", "DOI", "특허", "학번", "수험", "지로",
+                            "납부", "내선", "국번", "카드"))
+NOT_PHONE_SHAPED = frozenset(("사업자", "법인", "택배", "카드", "바코드", "EAN", "GTIN", "ISBN", "DOI", "특허", "학번", "수험",
+                              "지로", "납부"))
 CUE_KINDS = {kind: compile_cues(words) for kind, words in (
     ("veto", [*_NOT_PII, *_NOT_PII_KEYS]), ("rrn", _RRN_WORDS), ("acc", _ACC_BEFORE), ("tel", _PHONE_WORDS),
     ("rep", _REPRESENTATIVE_WORDS),

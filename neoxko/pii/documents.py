@@ -107,18 +107,23 @@ class TableState:
     lines after it that split into as many cells the same way are its rows, a Markdown |---| rule among them."""
 
     def __init__(self):
-        self.header, self.splitter, self.cells = "", "", 0
+        self.header, self.splitter, self.cells, self.rows = "", "", 0, 0
 
     def context(self, line: str) -> str:
         text = line.rstrip("\r\n")
+        digits = any(map(str.isdigit, text))
         if self.header:
             if self._is_row(text):
+                if not digits and not self.rows:  # a second header row (a spreadsheet's), or a Markdown rule
+                    self.header += "\n" + text
+                    return ""
+                self.rows += 1
                 return self.header
             self.header = ""
-        if text and not any(map(str.isdigit, text)):
+        if text and not digits:
             for splitter in _HEADER_SPLITTERS:
                 if splitter in text and len(found := cells(text, splitter)) >= 2:
-                    self.header, self.splitter, self.cells = text, splitter, len(found)
+                    self.header, self.splitter, self.cells, self.rows = text, splitter, len(found), 0
                     break
         return ""
 

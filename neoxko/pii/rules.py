@@ -4,10 +4,11 @@ structure they stand in (context.py): a table's header, a form's label, a key. E
 """
 
 import datetime
+import re
 import time
 
 from neoxko.pii.context import Structure, open_html_cells
-from neoxko.pii.cues import ALL_CUES, kinds
+from neoxko.pii.cues import ALL_CUES, COMPANY, NOT_PHONE_SHAPED, NOT_RRN_SHAPED, kinds
 from neoxko.pii.shapes import (
     ACC_WINDOW,
     BANK_AFTER,
@@ -32,6 +33,8 @@ from neoxko.pii.shapes import (
     VETO_WINDOW,
     Candidate,
 )
+
+_COMPANY_OR_CORPORATE = re.compile("|".join((*COMPANY, r"법\s?인")))
 
 
 class Context:
@@ -74,13 +77,20 @@ class Context:
                 self.seen[before] = found
         return found
 
-    def judge(self, kind: str, pos: int, window: int) -> tuple[int | None, bool]:
+    def judge(self, kind: str, pos: int, window: int, ignore: frozenset = frozenset()) -> tuple[int | None, bool]:
         """The distance from the last cue of a kind that starts within window characters before the number at
-        pos (or None), and whether a not-PII word (order number, barcode...) is closer than that cue."""
+        pos (or None), and whether a not-PII word (order number, barcode...) is closer than that cue; ignore: the
+        not-PII words whose numbers never have the shape judged."""
         found = self.seen.get(pos) or self.cues(pos)
         hit, veto = found.get(kind), found.get("veto")
         cue = None if hit is None or hit[2] > window else hit[1]
-        return cue, veto is not None and veto[2] <= VETO_WINDOW and (cue is None or veto[1] < cue)
+        return cue, veto is not None and veto[2] <= VETO_WINDOW and (cue is None or veto[1] < cue) \
+            and veto[0] not in ignore
+
+    def company_near(self, pos: int) -> bool:
+        """Whether a company's name or 법인 stands in the window before the number at pos, however near its cue."""
+        before = (self.seen.get(pos) or self.cues(pos)).get("rrn", ("", 0, 0, ""))[3]
+        return _COMPANY_OR_CORPORATE.search(before) is not None
 
     def company(self, pos: int) -> bool:
         """Whether the not-PII word before the number at pos is a company's (주식회사, ㈜): that vetoes an RRN
@@ -168,9 +178,9 @@ def find_rrns(ctx: Context, a: int, b: int, found: list[Candidate]) -> None:
         head = m.groups()
         if not (born[head] if head in born else _born(head, born)):
             continue
-        cue, vetoed = ctx.judge("rrn", start, 20)
-        if vetoed:
-            continue
+        cue, vetoed = ctx.judge("rrn", start, 20, NOT_RRN_SHAPED)
+        if vetoed or cue is not None and ctx.seen[start]["rrn"][0] == "등록번호" and ctx.company_near(start):
+            continue  # (a company's 등록번호 is its 법인등록번호)
         if cue is None:
             number = m.group()  # 1010101010110 is a pattern, not a person's; 880... a barcode
             if number.isdigit():
@@ -228,7 +238,7 @@ def find_phones(ctx: Context, a: int, b: int, found: list[Candidate]) -> None:
     search, at = PHONE.search, a
     while (m := search(text, at, b)) is not None:
         start, at = m.span()
-        cue, vetoed = ctx.judge("tel", start, 20)
+        cue, vetoed = ctx.judge("tel", start, 20, NOT_PHONE_SHAPED)
         if vetoed and not (_is_mobile(m.group()) and not ctx.names_a_number(start)) and not ctx.company(start):
             continue  # (a mobile number is vetoed only by a label that names it another number: 주문번호, order id;
             #            a company's name is no veto for its phone number)
@@ -249,7 +259,7 @@ def find_foreign(ctx: Context, a: int, b: int, found: list[Candidate]) -> None:
     while (m := search(text, end, b)) is not None:
         start, end = m.span()
         digits = len(m.group().encode().translate(None, SEPARATOR_BYTES))
-        if (m.group()[0] == "(" or 8 <= digits <= 15) and not ctx.judge("tel", start, 20)[1]:
+        if (m.group()[0] == "(" or 8 <= digits <= 15) and not ctx.judge("tel", start, 20, NOT_PHONE_SHAPED)[1]:
             found.append((2, start, end, "tel"))
 
 
@@ -260,11 +270,11 @@ def find_representatives(ctx: Context, a: int, b: int, found: list[Candidate]) -
         # 15XX-XXXX collides with year ranges, ISSNs and approval numbers: a phone word must be near.
         start, end = m.span()
         if text[start] != "1":  # a local number (3146-1316): only right after a phone word, and never a year range
-            cue, vetoed = ctx.judge("tel", start, 6)
+            cue, vetoed = ctx.judge("tel", start, 6, NOT_PHONE_SHAPED)
             if cue is not None and not vetoed and text[start:start + 2] not in ("19", "20"):
                 found.append((2, start, end, "tel"))
             continue
-        cue, vetoed = ctx.judge("rep", start, 12)
+        cue, vetoed = ctx.judge("rep", start, 12, NOT_PHONE_SHAPED)
         if cue is None and PHONE_AFTER.match(text, end) is not None:
             cue = 0
         if cue is not None and not vetoed and not text.startswith(UNITS, end):
