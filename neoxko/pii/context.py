@@ -16,6 +16,8 @@ from neoxko.pii.cues import compile_cues
 _SPACES = re.compile(r" {2,}")
 _SPLITTERS = ("\t", "|", ",", ";", "  ")  # ";": spreadsheets saved with it; "  ": aligned columns
 MAX_CELL = 48  # longer "cells" are sentences with commas, not a table
+# A number: what a header row never holds (column names may: 연락처1, 연락처2)
+NUMBER = re.compile("[0-9]{3}")
 _RULE = re.compile(r"^\s*\|?\s*:?-{3,}")  # a Markdown table's |---|---| line
 # Keys of machine text whose value is the number (the = stays a boundary for every other key): a whole ASCII
 # word in any case, or the end of a Hangul one
@@ -201,13 +203,13 @@ def _tables(text: str, rows: list[_Row]) -> tuple[list[str], list[int]]:
         name, j, head = found
         at += len(line) + 1
         new = tuple.__new__  # (a NamedTuple's own constructor costs more than the rest of a row's handling)
-        if any(map(str.isdigit, line)):  # no header row (or a form whose first line holds a value): each number
+        if NUMBER.search(line):  # no header row (or a form whose first line holds a value): each number
             at -= len(line) + 1            # is read after the cells before it in its row, back to one with digits
             first = i
             header: list[str] = []
         else:
             first, header = i + 1, [cell.strip() for cell in head]
-            while first < j and (rules[first] or not any(map(str.isdigit, lines[first]))):  # a second header row
+            while first < j and (rules[first] or not NUMBER.search(lines[first])):  # a second header row
                 if not rules[first]:  # (a spreadsheet's merged group row above its column names, or below them)
                     more = split[first] if first in split else cells(lines[first], name)
                     header = [f"{a} {b.strip()}".strip() for a, b in zip(header, more, strict=False)]

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from neoxko.pii.context import cells
+from neoxko.pii.context import NUMBER, cells
 from neoxko.pii.replace import Span, apply_spans, find_pii, replace_pii_counted
 
 PIECE = 1 << 20  # characters of a file or block masked at once
@@ -103,7 +103,7 @@ def mask_lines(lines: Iterable[str]) -> Iterator[tuple[str, Counter]]:
 
 class TableState:
     """Which table, if any, a stream of lines is in: context(line) is the header line that governs the line ("" if
-    none). A header is a line of two or more cells (tab, |, comma or semicolon separated) without a digit; the
+    none). A header is a line of two or more cells (tab, |, comma or semicolon separated) without a number; the
     lines after it that split into as many cells the same way are its rows, a Markdown |---| rule among them."""
 
     def __init__(self):
@@ -111,7 +111,7 @@ class TableState:
 
     def context(self, line: str) -> str:
         text = line.rstrip("\r\n")
-        digits = any(map(str.isdigit, text))
+        digits = NUMBER.search(text) is not None  # (column names may hold a digit: 연락처1)
         if self.header:
             if self._is_row(text):
                 if not digits and not self.rows:  # a second header row (a spreadsheet's), or a Markdown rule
