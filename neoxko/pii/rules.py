@@ -37,6 +37,24 @@ from neoxko.pii.shapes import (
 _COMPANY_OR_CORPORATE = re.compile("|".join((*COMPANY, r"법\s?인")))
 
 
+_SCANNED: dict[tuple[str, bool], dict] = {}  # (text before a number, whether a cell's) -> its cues (read only)
+
+
+def _scan(before: str, cell: bool) -> dict[str, tuple[str, int, int, str]]:
+    """The last cue of each kind in before (see Context.cues), remembered for the next number after the same text."""
+    found, n = {}, len(before)
+    search, at = ALL_CUES.search, 0
+    while (m := search(before, at)) is not None:
+        start, at = m.span()
+        hit = (m.group(), n - at, 0 if cell else n - start, before)
+        for kind in kinds(hit[0]):
+            found[kind] = hit
+    if len(_SCANNED) >= 1 << 14:  # (a few MB at most)
+        _SCANNED.clear()
+    _SCANNED[before, cell] = found
+    return found
+
+
 class Context:
     """The text being searched and where each number's cues are (the text before it, or its table header)."""
 
@@ -62,19 +80,10 @@ class Context:
                 before = self.text[max(pos - ACC_WINDOW, 0):pos]
                 if "   " in before or "\n " in before:  # indentation is no distance: the window reads through it
                     before = INDENT.sub(" ", self.text[max(pos - 4 * ACC_WINDOW, 0):pos])[-ACC_WINDOW:]
-            elif before in self.seen:  # a column's header and an empty cell prefix: the same for every row
-                found = self.seen[pos] = self.seen[before]
-                return found
-            found, n = {}, len(before)
-            search, at = ALL_CUES.search, 0
-            while (m := search(before, at)) is not None:
-                start, at = m.span()
-                hit = (m.group(), n - at, 0 if cell else n - start, before)
-                for kind in kinds(hit[0]):
-                    found[kind] = hit
+            found = _SCANNED.get((before, cell))  # (the same text before a number recurs: labels, headers, forms)
+            if found is None:
+                found = _scan(before, cell)
             self.seen[pos] = found
-            if cell:
-                self.seen[before] = found
         return found
 
     def judge(self, kind: str, pos: int, window: int, ignore: frozenset = frozenset()) -> tuple[int | None, bool]:
