@@ -40,6 +40,11 @@ _COMPANY_OR_CORPORATE = re.compile("|".join((*COMPANY, r"법\s?인")))
 _SCANNED: dict[tuple[str, bool], dict] = {}  # (text before a number, whether a cell's) -> its cues (read only)
 
 
+def forget() -> None:
+    """Empty the memo of cues (for timing a run from cold)."""
+    _SCANNED.clear()
+
+
 def _scan(before: str, cell: bool) -> dict[str, tuple[str, int, int, str]]:
     """The last cue of each kind in before (see Context.cues), remembered for the next number after the same text."""
     found, n = {}, len(before)
