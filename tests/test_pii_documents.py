@@ -131,6 +131,8 @@ def test_the_command_names_a_record_that_is_not_json_and_leaves_no_half_file(tmp
     assert out.returncode == 2 and b"x.jsonl:2: not a JSON record (Expecting value); use --documents lines" in out.stderr
     assert b"Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]  # no y.jsonl, no partial file left
+    out = _neoxko("data", "pii", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "no" / "such" / "y.jsonl"))
+    assert out.returncode == 2 and b"cannot write" in out.stderr and b"No such file or directory" in out.stderr
 
 
 def test_the_command_writes_in_place_gzip_and_other_encodings(tmp_path):

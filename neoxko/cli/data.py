@@ -22,7 +22,8 @@ def add_commands(commands) -> None:
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     add_pii_commands(data_commands)
     prep = data_commands.add_parser("prepare", help="clean, filter, PII, dedup and tokenise text into token shards")
-    prep.add_argument("inputs", nargs="*", help=".txt (a document a line), .jsonl(.gz), .parquet files or folders")
+    prep.add_argument("inputs", nargs="*", help=".txt (a document a line), .csv/.tsv/.md (a document a file), "
+                                                ".jsonl(.gz), .parquet files or folders")
     prep.add_argument("--hf-dataset", default=None, help="read a Hugging Face dataset instead of files")
     prep.add_argument("--hf-split", default="train")
     prep.add_argument("--hf-config", default=None, help="the dataset's configuration name")

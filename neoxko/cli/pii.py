@@ -69,9 +69,12 @@ def run_pii(args: argparse.Namespace) -> int:
 
         def lines():
             nonlocal invalid
-            for raw in itertools.chain(head_bytes, source):  # what does not decode passes through (surrogateescape)
-                line = raw.decode(encoding, errors="surrogateescape")
-                invalid += line != raw.decode(encoding, errors="ignore")
+            for raw in itertools.chain(head_bytes, source):
+                try:
+                    line = raw.decode(encoding)
+                except UnicodeDecodeError:  # its bytes pass through untouched (surrogateescape), counted
+                    line = raw.decode(encoding, errors="surrogateescape")
+                    invalid += 1
                 progress.update(len(raw))
                 yield line
 
@@ -170,7 +173,7 @@ class _Output:
     def __init__(self, path: str):
         self.path = Path(path)
         try:
-            fd, self.partial = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent or ".")
+            fd, self.partial = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         except OSError as e:
             raise NeoxkoError(f"cannot write {path}: {e.strerror}") from None
         self.file = os.fdopen(fd, "wb")

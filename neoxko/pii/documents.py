@@ -25,7 +25,6 @@ from neoxko.pii.context import NUMBER, cells
 from neoxko.pii.replace import Span, apply_spans, find_pii, replace_pii_counted
 
 PIECE = 1 << 20  # characters of a file or block masked at once
-MODES = ("file", "blocks", "lines", "jsonl", "json")
 TABLE_SUFFIXES = (".csv", ".tsv", ".md", ".markdown")
 _HEADER_SPLITTERS = ("\t", "|", ",", ";")
 
@@ -111,16 +110,16 @@ class TableState:
 
     def context(self, line: str) -> str:
         text = line.rstrip("\r\n")
-        digits = NUMBER.search(text) is not None  # (column names may hold a digit: 연락처1)
+        number = NUMBER.search(text) is not None  # (column names may hold a digit: 연락처1)
         if self.header:
             if self._is_row(text):
-                if not digits and not self.rows:  # a second header row (a spreadsheet's), or a Markdown rule
+                if not number and not self.rows:  # a second header row (a spreadsheet's), or a Markdown rule
                     self.header += "\n" + text
                     return ""
                 self.rows += 1
                 return self.header
             self.header = ""
-        if text and not digits:
+        if text and not number:
             for splitter in _HEADER_SPLITTERS:
                 if splitter in text and len(found := cells(text, splitter)) >= 2:
                     self.header, self.splitter, self.cells, self.rows = text, splitter, len(found), 0

@@ -54,7 +54,6 @@ LOOK_ALIKE = re.compile(_LOOK)  # (searched first: a class alone is scanned seve
 LOOK_ALIKE_NEAR_DIGIT = re.compile(f"[0-9][ ]?{_LOOK}|{_LOOK}[ ]?[0-9]")
 FOLD_LOOK_ALIKES = str.maketrans(LOOK_ALIKES)
 ANY_DIGIT = re.compile(_char_class([*range(0x30, 0x3A), *DECIMALS]))
-UNICODE_DIGITS = _char_class(DECIMALS)[1:-1]  # (the inside of a class, for other patterns)
 _INVISIBLE = re.compile(f"[{INVISIBLE}]")
 
 
