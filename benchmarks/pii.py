@@ -11,10 +11,15 @@ both tools, over (a) number-dense text (generated, seed 7: every line holds a PI
 
 import argparse
 import json
+import os
+import pickle
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from neoxko.pii import compiled
 from neoxko.pii.replace import Span, find_pii
 from neoxko.pii.score import builtin_sets, read_labelled, score
 from neoxko.pii.synth import generate
@@ -68,6 +73,20 @@ def throughput(find, texts: list[str], repeats: int = 3) -> float:
     return sum(len(t.encode()) for t in texts) / best / 1e6
 
 
+def pure_python_throughput(texts: list[str]) -> float:
+    """throughput of the same modules run by CPython (NEOXKO_PII_PURE=1), in a process of its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "texts.pkl"
+        path.write_bytes(pickle.dumps(texts))
+        code = (f"import pickle, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                "from neoxko.pii import compiled; assert not compiled.LIBRARIES\n"
+                "from pii import throughput; from neoxko.pii.replace import find_pii\n"
+                f"print(throughput(find_pii, pickle.loads(open({str(path)!r}, 'rb').read()), 5))")
+        done = subprocess.run([sys.executable, "-c", code], env=os.environ | {"NEOXKO_PII_PURE": "1"},
+                              capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
 def generated(seed: int, lines: int) -> list[tuple[str, list[Span]]]:
     return [(r["text"], [Span(s["start"], s["end"], "tel" if s["label"] == "tell" else s["label"]) for s in r["spans"]])
             for r in generate(seed, lines)]
@@ -79,7 +98,8 @@ def main():
     parser.add_argument("--sample-mb", type=float, default=4.0)
     parser.add_argument("--held-out-lines", type=int, default=3000)
     args = parser.parse_args()
-    print(describe() + "\n")
+    print(describe())
+    print(f"neoxko's PII core: {compiled.describe()}\n")
     tools = {"neoxko": find_pii}
     try:
         tools["ko-pii"] = ko_pii_find()
@@ -101,13 +121,18 @@ def main():
     samples = {"number-dense (generated, seed 7)": [t for t, _ in generated(7, 6000)]}
     if (args.shared / "corpus").exists():
         samples["shared corpus sample"] = corpus_sample(args.shared, args.sample_mb)
+    pure = bool(compiled.LIBRARIES)  # (the compiled core runs here: the same code in CPython beside it)
     heads = " | ".join(f"{tool} MB/s" for tool in tools)
-    print(f"\n| text | MB | {heads} |" + (" ratio |" if len(tools) > 1 else ""))
-    print("|---|---:|" + "---:|" * (len(tools) + (len(tools) > 1)))
+    print(f"\n| text | MB | {heads} |" + (" ratio |" if len(tools) > 1 else "")
+          + (" neoxko pure Python MB/s | compiled / pure |" if pure else ""))
+    print("|---|---:|" + "---:|" * (len(tools) + (len(tools) > 1) + 2 * pure))
     for name, texts in samples.items():
         speeds = {tool: throughput(find, texts, 5 if tool == "neoxko" else 1) for tool, find in tools.items()}
         size = sum(len(t.encode()) for t in texts) / 1e6
         ratio = f" {speeds['neoxko'] / speeds['ko-pii']:.1f}x |" if "ko-pii" in speeds else ""
+        if pure:
+            python = pure_python_throughput(texts)
+            ratio += f" {python:.2f} | {speeds['neoxko'] / python:.2f}x |"
         print(f"| {name} | {size:.2f} | " + " | ".join(f"{v:.2f}" for v in speeds.values()) + " |" + ratio)
 
 

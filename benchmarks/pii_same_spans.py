@@ -35,6 +35,7 @@ def spans_of(root: Path, texts_file: Path, out_file: Path) -> None:
     code = (f"import importlib, pickle, sys; sys.path.insert(0, {str(root)!r})\n"
             f"replacer = importlib.import_module({module!r}); find_pii = replacer.find_pii\n"
             f"assert replacer.__file__.startswith({str(root)!r}), replacer.__file__  # (not an installed copy)\n"
+            f"print({str(root)!r}, 'runs', type(replacer.__loader__).__name__)  # (a compiled core or Python)\n"
             f"texts = pickle.load(open({str(texts_file)!r}, 'rb'))\n"
             f"pickle.dump([[tuple(s) for s in find_pii(t)] for t in texts], open({str(out_file)!r}, 'wb'))\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -186,7 +186,7 @@ def test_sharded_checkpoint_exports_to_a_folder_transformers_loads(shards, tmp_p
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     bad = subprocess.run([sys.executable, "-m", "neoxko", "export", str(tmp_path / "nope"), "--output",
                           str(tmp_path / "x")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "has no checkpoint" in bad.stderr
+    assert bad.returncode == 2 and "nope: no such folder; pass a training run folder" in bad.stderr
 
 
 def test_bad_parallel_sizes_are_refused_by_name():

@@ -1,4 +1,4 @@
-"""`neoxko generate | serve | quantize | info`: running a model."""
+"""`neoxko generate | serve | quantize | export | info`: running a model, and writing it for other tools."""
 
 import argparse
 import json
@@ -73,6 +73,22 @@ def add_commands(commands) -> None:
     qz.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                     help="dtype of the scales, embeddings and norms")
     qz.set_defaults(run=run_quantize)
+
+    ex = commands.add_parser("export", help="write a training checkpoint as a Hugging Face folder, or any model as "
+                                            "one GGUF file for llama.cpp (Ollama, LM Studio, llama-cpp-python)")
+    ex.add_argument("source", help="a training run folder or checkpoints/step-N folder; for GGUF also " + MODEL_HELP
+                    + ", an adapter folder (merged into its base) or an int8/int4 folder (dequantized, then "
+                      "quantized to --quant)")
+    ex.add_argument("--output", required=True, help="the folder (hf) or the .gguf file (gguf) to write")
+    ex.add_argument("--format", choices=["hf", "gguf"], default=None,
+                    help="hf: config.json and model.safetensors; gguf: llama.cpp's file (default: gguf when --output "
+                         "ends in .gguf or --quant is given, else hf)")
+    ex.add_argument("--quant", choices=["bf16", "f16", "q8_0", "q4_0", "q4_k_m"], default=None,
+                    help="GGUF weights: bf16 (default), f16, q8_0, q4_0 (embedding and head in q8_0), written by "
+                         "neoxko through the gguf package; q4_k_m by llama.cpp's quantizer (needs llama-cpp-python)")
+    ex.add_argument("--adapter", default=None, help="a LoRA adapter (ours or peft's) merged into the model first")
+    ex.add_argument("--tokenizer", default=None, help="hf: the tokenizer to copy beside it (default: the run's)")
+    ex.set_defaults(run=run_export)
 
     info = commands.add_parser("info", help="print a model's config and parameter count")
     info.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
@@ -185,6 +201,37 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from neoxko.cli.train import export_checkpoint
+
+    gguf = args.format == "gguf" or args.format is None and (str(args.output).endswith(".gguf") or args.quant)
+    if not gguf:
+        if args.quant or args.adapter:
+            raise NeoxkoError("--quant and --adapter are for GGUF files: pass --format gguf (or an --output ending "
+                              "in .gguf)")
+        hint = "(a model is already a Hugging Face folder; --format gguf writes one for llama.cpp)"
+        if not Path(args.source).exists():
+            raise NeoxkoError(f"{args.source}: no such folder; pass a training run folder (with checkpoints/latest) "
+                              f"or one of its checkpoints/step-N folders {hint}")
+        if export_checkpoint(args.source, Path(args.output), args.tokenizer) is None:
+            raise NeoxkoError(f"{args.source} has no checkpoint: pass a run folder (with checkpoints/latest) or one of "
+                              f"its checkpoints/step-N folders {hint}")
+        return 0
+    from neoxko.checkpoint import load_model
+    from neoxko.formats.gguf import write_gguf
+
+    output = Path(args.output if str(args.output).endswith(".gguf") else f"{args.output}.gguf")
+    with tempfile.TemporaryDirectory() as tmp:  # (a training checkpoint: its Hugging Face folder first)
+        source = export_checkpoint(args.source, Path(tmp) / "hf", args.tokenizer) or args.source
+        model = load_model(source, dtype="float32", adapter=args.adapter)
+        path = write_gguf(model, output, args.quant or "bf16", name=Path(str(args.source)).name)
+    print(f"neoxko: wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.quant or 'bf16'})")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     from neoxko.checkpoint import adapter_base, read_config, resolve
     from neoxko.config import PRESETS
@@ -193,9 +240,12 @@ def run_info(args: argparse.Namespace) -> int:
         from dataclasses import asdict
 
         from neoxko.hardware import describe, detect
+        from neoxko.pii import compiled
 
         hw = detect()
-        print(json.dumps(asdict(hw) | {"choices": hw.choices()}, indent=2) if args.json else describe(hw))
+        pii = compiled.describe()
+        print(json.dumps(asdict(hw) | {"choices": hw.choices(), "pii_core": pii}, indent=2) if args.json
+              else f"{describe(hw)}\nPII core: {pii}")
         return 0
     folder = resolve(args.model, allow_patterns=["config.json", "adapter_config.json"])
     config = read_config(adapter_base(folder) or folder)  # (an adapter folder: its base model's)

@@ -20,12 +20,6 @@ def add_commands(commands) -> None:
                     help="for --dry-run: ranks per node, the HSDP shard size (default: $LOCAL_WORLD_SIZE)")
     tr.set_defaults(run=run_train)
 
-    ex = commands.add_parser("export", help="write a Hugging Face folder from a training checkpoint")
-    ex.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoints/step-N folder")
-    ex.add_argument("--output", required=True, help="folder for config.json and model.safetensors")
-    ex.add_argument("--tokenizer", default=None, help="tokenizer to copy beside it (default: the run's tokenizer)")
-    ex.set_defaults(run=run_export)
-
     pl = commands.add_parser("plot", help="draw RUN_DIR/loss.png from a training run's log")
     pl.add_argument("run_dir")
     pl.set_defaults(run=run_plot)
@@ -60,25 +54,26 @@ def run_job(cfg, job=None) -> int:
     return 0
 
 
-def run_export(args: argparse.Namespace) -> int:
+def export_checkpoint(source: str, output: Path, tokenizer: str | None) -> Path | None:
+    """A training checkpoint (a run folder's latest, or a checkpoints/step-N folder) written as a Hugging Face folder;
+    None where source is no training checkpoint."""
     from neoxko.train import checkpoint
 
-    path = Path(args.checkpoint)
+    path = Path(source)
+    if not path.is_dir():
+        return None
     folder = path if (path / "meta.json").is_file() else checkpoint.latest(path)
     if folder is None:
-        raise NeoxkoError(f"{path} has no checkpoint: pass a run folder (with checkpoints/latest) or one of its "
-                          "checkpoints/step-N folders")
-    tokenizer = args.tokenizer
+        return None
     run_config = folder.parent.parent / "config.json"
     if tokenizer is None and run_config.is_file():
         tokenizer = json.loads(run_config.read_text(encoding="utf-8")).get("tokenizer")
-    dest = checkpoint.export(folder, Path(args.output), tokenizer)
+    dest = checkpoint.export(folder, output, tokenizer)
     print(f"neoxko: wrote {dest} from {folder}")
-    return 0
+    return dest
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from neoxko.errors import NeoxkoError
     from neoxko.train.loop import plot_run
 
     if not (Path(args.run_dir) / "log.jsonl").is_file():

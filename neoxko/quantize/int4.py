@@ -71,6 +71,13 @@ class Int4Linear(nn.Module):
         q = unpack_kernel_layout(self.weight_packed, self.out_features, self.in_features)
         return q, self.scales_zeros[..., 0].t(), self.scales_zeros[..., 1].t()
 
+    def float_weight(self) -> Tensor:
+        """The weight these int4 values stand for, (out_features, in_features) in float32."""
+        q, scales, zeros = self._get()
+        groups = (self.out_features, self.in_features // self.group_size, self.group_size)
+        w = (q.float().reshape(groups) - 8) * scales.float()[..., None] + zeros.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         if self.kernel and kernels.takes(x):

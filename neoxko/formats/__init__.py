@@ -1,0 +1,1 @@
+"""Files other tools read: GGUF for llama.cpp (gguf.py)."""
