@@ -310,10 +310,10 @@ def test_bad_settings_and_adapters_are_refused(base_dir, tmp_path):
             FinetuneConfig(**({"data": ["x.jsonl"]} | bad))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_bias": True,
                                                              "target_modules": ["query_key_value"],
                                                              "base_model_name_or_path": str(base_dir)}))
-    with pytest.raises(CheckpointError, match="use_dora=True"):
+    with pytest.raises(CheckpointError, match="lora_bias=True, which neoxko does not apply"):
         load_model(adapter)
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
                                                              "target_modules": ["query_key_value"]}))

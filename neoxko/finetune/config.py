@@ -30,6 +30,10 @@ class FinetuneConfig(TrainConfig):
     lora_dropout: float = 0.05
     lora_targets: list | str = field(default_factory=lambda: ["query_key_value"])
     lora_rslora: bool = False
+    # per-layer ranks and alphas, as peft's rank_pattern and alpha_pattern: a layer-name pattern (matched at the end
+    # of the layer's name, after a dot) -> its rank / alpha, e.g. {"dense_h_to_4h": 16, "layers.0.attention.dense": 4}
+    lora_rank_pattern: dict = field(default_factory=dict)
+    lora_alpha_pattern: dict = field(default_factory=dict)
     quantize_base: str | None = None  # int8: LoRA on frozen int8 weights (one process or DDP)
     # training defaults for fine-tuning
     seq_len: int = 512
@@ -74,7 +78,8 @@ class FinetuneConfig(TrainConfig):
         if self.method != "lora":
             return None
         targets = self.lora_targets if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets, self.lora_rslora)
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, targets, self.lora_rslora,
+                            rank_pattern=dict(self.lora_rank_pattern), alpha_pattern=dict(self.lora_alpha_pattern))
 
     def model_folder(self):
         from neoxko.checkpoint import resolve

@@ -42,6 +42,9 @@ class Finetuning:
         if (lora := cfg.lora) is not None:
             targets = lora.targets if isinstance(lora.targets, str) else sorted(lora.targets)
             self.signature |= {"lora_r": lora.r, "lora_targets": targets, "quantize_base": cfg.quantize_base}
+            if lora.rank_pattern or lora.alpha_pattern:  # (absent from runs before per-layer ranks: they resume)
+                self.signature |= {"lora_rank_pattern": dict(lora.rank_pattern),
+                                   "lora_alpha_pattern": dict(lora.alpha_pattern)}
 
     def setup(self, rank: int) -> None:
         from neoxko.chat_template import load_template
