@@ -128,7 +128,7 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
         elif method:
             quantize_model(model, empty=True, tied_head=tied_head, kernel=kernel)
     tied = config.tie_word_embeddings and (not method or tied_head == "float" or method == INT4_METHOD)
-    shapes = {name: p.shape for name, p in model.state_dict().items()}
+    shapes = model.state_dict()  # (meta tensors: each one's shape and dtype, checked as the file is read)
     loaded = {name: _aligned(tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else
                                        tensor.dtype))
               for name, tensor in checkpoint_tensors(folder, shapes, tied)}
@@ -154,7 +154,8 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
 
 def checkpoint_tensors(folder: Path, shapes: dict, tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the folder's tensors one at a time under our parameter names, each checked against shapes
-    (name -> expected shape); refuse unknown or misshapen tensors, and missing ones at the end."""
+    (name -> expected shape, or a meta tensor: its shape and, for integer tensors, its dtype); refuse unknown or
+    misshapen tensors, and missing ones at the end."""
     expected = dict(shapes)
     if tied:
         expected.pop("embed_out.weight", None)
@@ -168,11 +169,16 @@ def checkpoint_tensors(folder: Path, shapes: dict, tied: bool) -> Iterator[tuple
                 f"unexpected tensor {name!r} in {folder}: it is not part of a GPT-NeoX model with this "
                 "config.json; is config.json from the same checkpoint?"
             )
-        if tuple(tensor.shape) != tuple(expected[name]):
+        want = expected[name]
+        shape, dtype = (want.shape, want.dtype) if isinstance(want, torch.Tensor) else (want, None)
+        if tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but the config.json "
-                f"in {folder} expects {tuple(expected[name])}"
+                f"in {folder} expects {tuple(shape)}"
             )
+        if dtype is not None and not dtype.is_floating_point and tensor.dtype != dtype:
+            raise CheckpointError(f"tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} in {folder}, but "
+                                  f"its quantization_config's layout stores it as {str(dtype).removeprefix('torch.')}")
         seen.add(name)
         yield name, tensor
     missing = sorted(set(expected) - seen)
@@ -202,8 +208,17 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _quant_config(folder: Path) -> dict:
+    """config.json's quantization_config ({} for none), refused by name where neoxko cannot read it."""
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return raw.get("quantization_config") or {}
+    quant = raw.get("quantization_config") or {}
+    if not isinstance(quant, dict) or not isinstance(quant.get("quant_method"), str | None):
+        raise CheckpointError(f"{folder}/config.json's quantization_config is {quant!r}, not an object with a "
+                              "quant_method; neoxko reads neoxko_int8 and neoxko_int4 (written by neoxko quantize)")
+    bits = {"neoxko_int8": 8, "neoxko_int4": 4}.get(quant.get("quant_method"))
+    if bits is not None and quant.get("bits", bits) != bits:
+        raise CheckpointError(f"{folder}/config.json's quantization_config says {quant['quant_method']} with bits "
+                              f"{quant.get('bits')!r}; that layout holds {bits}-bit weights only")
+    return quant
 
 
 def _quant_method(folder: Path) -> str | None:

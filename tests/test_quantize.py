@@ -211,3 +211,52 @@ def test_int4_round_trips_through_safetensors_and_equals_quantizing_on_load(tmp_
         assert set(a.keys()) == set(b.keys())
         for name in a.keys():
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+
+
+def test_int4_files_are_the_same_whether_or_not_the_kernels_are_built(tmp_path):
+    """The writing machine's CPU changes nothing on disk: neoxko's kernel path and torch's write the same bytes."""
+    from safetensors import safe_open
+
+    from neoxko import kernels
+
+    if kernels.library() is None:
+        pytest.skip(f"neoxko's kernels are not built here ({kernels.why_not()}): one path only")
+    model = random_model(tiny_config(hidden_size=128, intermediate_size=512)).eval()  # (every layer fits the kernel)
+    save_model(model, tmp_path / "float")
+    files = {}
+    for kernel in (True, False):
+        loaded = load_model(tmp_path / "float", dtype="float32")
+        quantize_model(loaded, bits=4, group_size=64, kernel=kernel)
+        files[kernel] = save_model(loaded, tmp_path / f"kernel-{kernel}") / "model.safetensors"
+    with safe_open(files[True], "pt") as a, safe_open(files[False], "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for name in a.keys():
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+            assert a.get_tensor(name).dtype == b.get_tensor(name).dtype, name
+    config = json.loads((files[True].parent / "config.json").read_text())["quantization_config"]
+    assert config["scale_dtype"] == "bfloat16" and "neoxko export --format gguf" in config["readers"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c, f: c.update(quantization_config="int4"),
+     "quantization_config is 'int4', not an object with a quant_method; neoxko reads neoxko_int8 and neoxko_int4"),
+    (lambda c, f: c["quantization_config"].update(bits=3),
+     "says neoxko_int4 with bits 3; that layout holds 4-bit weights only"),
+    (lambda c, f: f.update({k: v.to(torch.int32) for k, v in f.items() if k.endswith("qweight")}),
+     "tensor '[a-z_.0-9]+.qweight' is int32 in .*, but its quantization_config's "
+     "layout stores it as uint8"),
+])
+def test_quantized_folders_neoxko_cannot_read_are_refused_by_name(tmp_path, change, message):
+    from safetensors.torch import load_file, save_file
+
+    model = random_model(tiny_config()).eval()
+    save_model(model, tmp_path / "float")
+    load = load_model(tmp_path / "float", dtype="float32", quantize="int4", group_size=32)
+    folder = save_model(load, tmp_path / "int4")
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(folder / "model.safetensors")
+    change(config, tensors)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=message):
+        load_model(folder)

@@ -38,7 +38,11 @@ from neoxko.quantize.int4 import (  # noqa: F401
 
 QUANT_METHOD = "neoxko_int8"
 QUANTIZATION_CONFIG = {"quant_method": QUANT_METHOD, "bits": 8, "scheme": "weight-only, symmetric, per output channel",
-                       "modules": "every nn.Linear (attention, MLP, embed_out)"}
+                       "layout": "weight int8 (out, in), row-major; weight_scale (out) in the model's dtype: "
+                                 "w = weight * weight_scale[:, None]",
+                       "modules": "every nn.Linear (attention, MLP, embed_out)",
+                       "readers": "neoxko's own layout, the same on every machine, loaded by neoxko on any CPU; for "
+                                  "llama.cpp: neoxko export --format gguf"}
 
 
 # Inductor's reduction is fast for rows up to this long; longer ones (GPT-NeoX's 4h -> h) use torch's kernel.

@@ -15,7 +15,10 @@ def int4_config(group_size: int) -> dict:
                       "q in 0..15",
             "layout": "qweight uint8 (out, in / 2), input feature 2j in the low nibble and 2j + 1 in the high one; "
                       "scales and zeros (out, in / group_size)",
-            "modules": "every nn.Linear (attention, MLP, embed_out unless tied to the embedding)"}
+            "scale_dtype": "bfloat16",
+            "modules": "every nn.Linear (attention, MLP, embed_out unless tied to the embedding)",
+            "readers": "neoxko's own layout, the same on every machine, loaded by neoxko on any CPU; for llama.cpp: "
+                       "neoxko export --format gguf"}
 
 
 class Int4Linear(nn.Module):
@@ -49,7 +52,8 @@ class Int4Linear(nn.Module):
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, w.dtype,
                      w.device, kernel)
-        q, scales_zeros = quantize_weight_int4(w, group_size, torch.bfloat16 if module.kernel else w.dtype)
+        # (bf16 scales and zeros on every path: the file, and the numbers, do not depend on the kernels being built)
+        q, scales_zeros = quantize_weight_int4(w, group_size, torch.bfloat16)
         module._set(q, scales_zeros[..., 0].t(), scales_zeros[..., 1].t())
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -106,8 +110,8 @@ class Int4Linear(nn.Module):
             q, scales, zeros = self._get()
             qweight = pack_nibbles(q)
         destination[prefix + "qweight"] = qweight
-        destination[prefix + "scales"] = scales.contiguous()
-        destination[prefix + "zeros"] = zeros.contiguous()
+        destination[prefix + "scales"] = scales.to(torch.bfloat16).contiguous()  # (the same bytes on any machine)
+        destination[prefix + "zeros"] = zeros.to(torch.bfloat16).contiguous()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
