@@ -9,8 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from neoxko.checkpoint import resolve
 from neoxko.errors import CheckpointError
+from neoxko.formats.locate import adapter_base, resolve
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
@@ -107,8 +107,6 @@ class TextStream:
 def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
     """Load tokenizer.json (and the eos token from tokenizer_config.json) from a folder or hub id; a LoRA adapter
     folder without a tokenizer of its own takes its base model's."""
-    from neoxko.checkpoint import adapter_base
-
     folder = resolve(path_or_id, allow_patterns=TOKENIZER_FILES + ["adapter_config.json"])
     if not (folder / "tokenizer.json").is_file() and (base := adapter_base(folder)) is not None:
         folder = base

@@ -247,7 +247,7 @@ def test_index_naming_files_outside_the_folder_is_refused_before_opening_them(sa
     (outside / "w.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
     index = saved / "model.safetensors.index.json"
     opened = []
-    monkeypatch.setattr("neoxko.checkpoint.safe_open", lambda f, **k: opened.append(f) or (_ for _ in ()).throw(OSError))
+    monkeypatch.setattr("neoxko.formats.hf.safe_open", lambda f, **k: opened.append(f) or (_ for _ in ()).throw(OSError))
     for name in ("../outside/w.safetensors", "/etc/hostname", str(outside / "w.safetensors")):
         index.write_text(json.dumps({"weight_map": {"gpt_neox.embed_in.weight": name}}))
         with pytest.raises(CheckpointError, match="names weight file\\(s\\) outside its folder"):

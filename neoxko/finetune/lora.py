@@ -264,7 +264,7 @@ def init_lora(model: nn.Module, seed: int) -> None:
     generator seeded by its layer's name, so every world size and sharding gets the same adapter."""
     import zlib
 
-    from neoxko.train.build import assign, plain_name
+    from neoxko.train.names import assign, plain_name
 
     for name, param in model.named_parameters():
         name = plain_name(name)

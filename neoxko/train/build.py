@@ -16,15 +16,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from neoxko.config import ModelConfig
 from neoxko.model import GPTNeoX
 from neoxko.train.config import TrainConfig
+from neoxko.train.names import WRAPPER_PREFIXES, assign, plain_name  # noqa: F401 (re-exported)
 from neoxko.train.parallel import ParallelDims, apply_ac, apply_compile, apply_fsdp
-
-# Prefixes the wrappers put into parameter names (activation checkpointing, torch.compile, LoRA).
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "base_layer.")  # (the last: LoRA's wrapper)
 
 
 def build_model(cfg: TrainConfig, dims: ParallelDims, mesh, device: torch.device, adapt=None, loaded=None) -> GPTNeoX:
@@ -51,12 +49,6 @@ def build_model(cfg: TrainConfig, dims: ParallelDims, mesh, device: torch.device
         if loaded is not None:
             loaded(model)
     return model.train()
-
-
-def plain_name(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def init_weights(model: GPTNeoX, scheme: str, seed: int) -> None:
@@ -114,20 +106,14 @@ def _generator(like: torch.Tensor, seed: int, block: int) -> torch.Generator:
 
 def load_weights(model: GPTNeoX, folder: str | Path) -> None:
     """Fill this rank's shards from a Hugging Face folder, reading one tensor at a time."""
-    from neoxko.checkpoint import checkpoint_tensors, resolve
+    from neoxko.formats.hf import checkpoint_tensors
+    from neoxko.formats.locate import resolve
 
     params = {plain_name(n): p for n, p in model.named_parameters() if ".lora_" not in n}  # (adapters start fresh)
     tied = model.config.tie_word_embeddings
     for name, tensor in checkpoint_tensors(resolve(folder), {n: p.shape for n, p in params.items()}, tied):
         param = params[name]
         assign(param, tensor.to(device=param.device, dtype=param.dtype))
-
-
-def assign(param: nn.Parameter, full: torch.Tensor) -> None:
-    """Copy the full tensor into the parameter, or into this rank's shard of it (no communication)."""
-    if isinstance(param, DTensor):
-        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-    param.copy_(full)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:

@@ -178,7 +178,7 @@ def model_state(model, trainable_only: bool = False) -> dict:
     state = get_model_state_dict(model)
     if not trainable_only:
         return state
-    from neoxko.train.build import plain_name
+    from neoxko.train.names import plain_name
 
     trainable = {plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in state.items() if plain_name(k) in trainable}
