@@ -1,5 +1,6 @@
 """GGUF files written by `neoxko export --format gguf`, run by llama.cpp (llama-cpp-python), beside neoxko on the same
-model: file size, perplexity on held-out Korean text, greedy tokens equal to neoxko's, decode speed at batch 1.
+model: file size, perplexity on held-out Korean text, greedy tokens equal to neoxko's, decode speed at batch 1; and
+each file read back by neoxko (`neoxko export FILE.gguf --format hf`), its perplexity beside llama.cpp's.
 
     python benchmarks/gguf_export.py [--model ko-small] [--texts 120] [--prompts 8] [--new-tokens 32]
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 from neoxko.checkpoint import load_model  # noqa: E402
-from neoxko.formats.gguf import write_gguf  # noqa: E402
+from neoxko.formats.gguf import read_gguf, write_gguf  # noqa: E402
 from neoxko.generate import Sampling, generate_tokens  # noqa: E402
 from neoxko.tokenizer import load_tokenizer  # noqa: E402
 
@@ -89,9 +90,10 @@ def main():
     count = sum(len(ids) - 1 for ids in texts)
     ours = [[int(t) for t in generate_tokens(model, [p], args.new_tokens, Sampling(temperature=0))] for p in prompts]
     base = math.exp(sum(neoxko_nll(model, ids) for ids in texts) / count)
-    print("| weights | file MB | perplexity | vs neoxko float32 | greedy tokens equal to neoxko's | llama.cpp tok/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| neoxko float32 (reference) | - | {base:.3f} | - | - | - |")
+    print("| weights | file MB | llama.cpp perplexity | vs neoxko float32 | greedy tokens equal to neoxko's | "
+          "llama.cpp tok/s | read back by neoxko: perplexity |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| neoxko float32 (reference) | - | {base:.3f} | - | - | - | - |")
     with tempfile.TemporaryDirectory() as tmp:
         for quant in ("bf16", "f16", "q8_0", "q4_0", "q4_k_m"):
             path = write_gguf(model, Path(tmp) / f"{quant}.gguf", quant)
@@ -103,9 +105,11 @@ def main():
                 equal += sum(a == b for a, b in zip(got, expected, strict=True))
                 speeds.append(speed)
             total = sum(map(len, ours))
+            back = load_model(read_gguf(path, Path(tmp) / f"{quant}-back"), dtype="float32")
+            back_ppl = math.exp(sum(neoxko_nll(back, ids) for ids in texts) / count)
             print(f"| {quant} | {path.stat().st_size / 1e6:.1f} | {ppl:.3f} | {ppl / base - 1:+.2%} | "
-                  f"{equal}/{total} | {np.median(speeds):.0f} |")
-            del llm
+                  f"{equal}/{total} | {np.median(speeds):.0f} | {back_ppl:.3f} |")
+            del llm, back
 
 
 if __name__ == "__main__":

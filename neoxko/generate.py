@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from neoxko.errors import GenerationError
-from neoxko.model import GPTNeoX
+from neoxko.model import GPTNeoX, Step
 from neoxko.tokenizer import Tokenizer
 
 
@@ -104,12 +104,12 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
 def prefill(model: GPTNeoX, idx: Tensor, left_pad: Tensor | None) -> Tensor:
     """Run the prompts (B, T) through the model, filling the cache; logits of the last position (B, vocab)."""
     input_pos = torch.arange(idx.size(1), device=idx.device)
-    return model.embed_out(model.hidden_states(idx, input_pos, left_pad)[:, -1])
+    return model.embed_out(model.hidden_states(idx, Step(input_pos=input_pos, left_pad=left_pad))[:, -1])
 
 
 def decode_one_token(model: GPTNeoX, token: Tensor, input_pos: Tensor, left_pad: Tensor | None) -> Tensor:
     """Feed one token per row (B,) at cache slot input_pos (1,); logits (B, vocab)."""
-    return model(token[:, None], input_pos, left_pad)[:, -1]
+    return model(token[:, None], Step(input_pos=input_pos, left_pad=left_pad))[:, -1]
 
 
 @functools.cache

@@ -1,5 +1,7 @@
 """GPT-NeoX in plain PyTorch, with the parameter names of transformers' GPTNeoXForCausalLM."""
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -7,6 +9,24 @@ from torch import Tensor, nn
 from neoxko import kernels
 from neoxko.config import ModelConfig
 from neoxko.kernels import Linear  # nn.Linear, with neoxko's CPU kernel for bf16 decoding
+
+
+@dataclass
+class Step:
+    """What one forward call needs besides the token ids, shared by the model's layers: where the tokens go in the KV
+    cache, their positions, who sees whom, and which logits are wanted. Generation, the server, training and scoring
+    each fill the fields they use; model(idx) alone is a plain causal pass."""
+
+    input_pos: Tensor | None = None  # cache slots: (T,) for every row, or (B, T) one row each; None: no cache
+    left_pad: Tensor | None = None  # (B,) the left padding of each row (batched generation)
+    rows: Tensor | None = None  # (B,) the cache rows the batch's rows use (the server); None: rows 0..B-1
+    kv_len: int | None = None  # how many cache slots to attend over (the server: its longest row's)
+    positions: Tensor | None = None  # (B, T) the rotary positions of packed or tree-shaped rows (no cache)
+    mask: Tensor | None = None  # (B, 1, T, T) who sees whom in those rows
+    keep: Tensor | None = None  # the positions whose logits are wanted (N, vocab_size): a loss's targets
+
+
+PLAIN = Step()
 
 
 class KVCache(nn.Module):
@@ -56,15 +76,14 @@ class Attention(nn.Module):
         self.dense = Linear(d, d, bias=config.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                input_pos: Tensor | None, rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, step: Step = PLAIN) -> Tensor:
         B, T, C = x.shape
         # GPT-NeoX interleaves q, k, v per head: (B, T, n_head, 3 * head_size)
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size)
         q, k, v = qkv.transpose(1, 2).split(self.head_size, dim=-1)  # 3 x (B, n_head, T, head_size)
         q, k = apply_rope(q, rope, self.rotary_ndims), apply_rope(k, rope, self.rotary_ndims)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, rows, kv_len)
+        if step.input_pos is not None:
+            k, v = self.kv_cache.update(step.input_pos, k, v, step.rows, step.kv_len)
         y = attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dense(y)
@@ -103,9 +122,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.use_parallel_residual = config.use_parallel_residual
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                input_pos: Tensor | None, rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
-        a = self.attention(self.input_layernorm(x), rope, mask, input_pos, rows, kv_len)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, step: Step = PLAIN) -> Tensor:
+        a = self.attention(self.input_layernorm(x), rope, mask, step)
         if self.use_parallel_residual:
             # x = x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.post_attention_layernorm(x))
@@ -180,20 +198,21 @@ class GPTNeoX(nn.Module):
         for block in self.gpt_neox.layers:
             block.attention.kv_cache = None
 
-    def forward(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
-                rows: Tensor | None = None, kv_len: int | None = None, positions: Tensor | None = None,
-                mask: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-        if positions is not None:  # packed rows (fine-tuning): see hidden_states_masked
-            hidden = self.hidden_states_masked(idx, positions, mask)
-        else:
-            hidden = self.hidden_states(idx, input_pos, left_pad, rows, kv_len)
-        if keep is not None:  # the logits of these positions only (N, vocab_size): the ones a loss falls on
-            hidden = hidden[keep]
+    def forward(self, idx: Tensor, step: Step = PLAIN) -> Tensor:
+        if not isinstance(step, Step):
+            raise TypeError(f"GPTNeoX(idx, step) takes a neoxko.model.Step, not {type(step).__name__}: "
+                            "write model(idx, Step(input_pos=...)) where older code wrote model(idx, input_pos)")
+        hidden = self.hidden_states(idx, step)
+        if step.keep is not None:  # the logits of these positions only (N, vocab_size): the ones a loss falls on
+            hidden = hidden[step.keep]
         return self.embed_out(hidden)
 
-    def hidden_states(self, idx: Tensor, input_pos: Tensor | None = None, left_pad: Tensor | None = None,
-                      rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, step: Step = PLAIN) -> Tensor:
         """The final layer-normed hidden states (B, T, hidden_size); embed_out turns them into logits."""
+        if step.positions is not None:  # packed or tree-shaped rows: their positions and mask
+            rope = self.rope_cos[step.positions].unsqueeze(1), self.rope_sin[step.positions].unsqueeze(1)
+            return self._blocks(idx, rope, step.mask, step)
+        input_pos, left_pad = step.input_pos, step.left_pad
         if input_pos is None:
             slots = torch.arange(idx.size(1), device=idx.device)
             # None: SDPA's own causal mask, the fast path for training and scoring.
@@ -202,28 +221,21 @@ class GPTNeoX(nn.Module):
             cache = self.gpt_neox.layers[0].attention.kv_cache
             if cache is None:
                 raise RuntimeError("call model.setup_cache(batch_size, max_seq_len) before cached decoding")
-            n_keys = kv_len or cache.k.size(2)
+            n_keys = step.kv_len or cache.k.size(2)
             if input_pos.dim() == 2:  # per-row slots; rows start at slot 0, so no left padding
                 keys = torch.arange(n_keys, device=idx.device)
                 mask = (keys[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, n_keys)
                 rope = self.rope_cos[input_pos].unsqueeze(1), self.rope_sin[input_pos].unsqueeze(1)
-                return self._blocks(idx, rope, mask, input_pos, rows, kv_len)
+                return self._blocks(idx, rope, mask, step)
             # Queries see the whole preallocated cache through a mask: static shapes, no host sync.
             slots = input_pos
             mask = self._mask(slots, n_keys, left_pad)
-        return self._blocks(idx, self._rope(slots, left_pad), mask, input_pos, rows, kv_len)
+        return self._blocks(idx, self._rope(slots, left_pad), mask, step)
 
-    def hidden_states_masked(self, idx: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        """Hidden states of packed or tree-shaped rows: each token's rotary position (B, T) and who
-        sees whom (bool, B, 1, T, T). Scoring several continuations of one context in one row uses it."""
-        rope = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-        return self._blocks(idx, rope, mask, None)
-
-    def _blocks(self, idx: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                input_pos: Tensor | None, rows: Tensor | None = None, kv_len: int | None = None) -> Tensor:
+    def _blocks(self, idx: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, step: Step) -> Tensor:
         x = self.gpt_neox.embed_in(idx)
         for block in self.gpt_neox.layers:
-            x = block(x, rope, mask, input_pos, rows, kv_len)
+            x = block(x, rope, mask, step)
         return self.gpt_neox.final_layer_norm(x)
 
     def _rope(self, slots: Tensor, left_pad: Tensor | None) -> tuple[Tensor, Tensor]:

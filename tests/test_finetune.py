@@ -66,7 +66,7 @@ def test_only_answer_tokens_are_targets_and_prompt_positions_get_no_gradient(bas
     model = random_model(tiny_config(max_position_embeddings=256))
     rows = InstructionBatches([enc], 128, tok.eos_id, packing=False, seed=0)
     batch = rows.batch(0, 1)
-    logits = model(batch.inputs, **batch.model_kwargs)
+    logits = model(batch.inputs, batch.step())
     logits.retain_grad()
     F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE, reduction="sum").backward()
     per_position = logits.grad[0].abs().sum(-1)
@@ -85,7 +85,7 @@ def test_packed_rows_give_the_loss_of_the_examples_one_by_one(base_dir):
         total = 0.0
         for i in range(n):
             b = batches.batch(i, 1)
-            total += F.cross_entropy(model(b.inputs, **b.model_kwargs).flatten(0, 1), b.targets.flatten(),
+            total += F.cross_entropy(model(b.inputs, b.step()).flatten(0, 1), b.targets.flatten(),
                                      ignore_index=IGNORE, reduction="sum").item()
         return total
 

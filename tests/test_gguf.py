@@ -34,6 +34,15 @@ def _llama():
                                                    "extra; it compiles llama.cpp on install)")
 
 
+_MADE: dict[tuple, Path] = {}  # ko-small's plain exports, made once per session through the CLI (tests only read them)
+
+
+def _ko_small(tmp_path_factory_or_path, quant: str) -> Path:
+    if quant not in _MADE or not _MADE[quant].exists():
+        _MADE[quant] = _export(tmp_path_factory_or_path / "made" / quant, quant)
+    return _MADE[quant]
+
+
 def _export(tmp_path: Path, quant: str, *extra: str, model: str = "ko-small") -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"ko-small-{quant}.gguf"
@@ -91,7 +100,7 @@ def ko_small():
 def test_llama_cpp_tokenizes_as_neoxko(tmp_path, ko_small):
     llama_cpp = _llama()
     _, tok = ko_small
-    llm = llama_cpp.Llama(model_path=str(_export(tmp_path, "q8_0")), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(_ko_small(tmp_path, "q8_0")), vocab_only=True, verbose=False)
     texts = [KOREAN, *PROMPTS] + [json.loads(line)["text"] for line in HELDOUT.open(encoding="utf-8")][:40]
     for text in texts:  # (special: control tokens such as <|endoftext|> are read in the text, as neoxko reads them)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
@@ -104,7 +113,7 @@ def test_llama_cpp_tokenizes_as_neoxko(tmp_path, ko_small):
 def test_llama_cpp_decodes_the_tokens_neoxko_decodes(tmp_path, ko_small, quant):
     llama_cpp = _llama()
     model, tok = ko_small
-    llm = _open(llama_cpp, _export(tmp_path, quant))
+    llm = _open(llama_cpp, _ko_small(tmp_path, quant))
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         ours = [int(t) for t in generate_tokens(model, [ids], 24, Sampling(temperature=0))]
@@ -116,8 +125,8 @@ def test_q4_0_perplexity_is_within_3_percent_of_bf16(tmp_path, ko_small):
     _, tok = ko_small
     texts = [tok.encode(json.loads(line)["text"]) for line in HELDOUT.open(encoding="utf-8")]
     texts = [ids for ids in texts if len(ids) >= 8][:60]
-    bf16 = _perplexity(_open(llama_cpp, _export(tmp_path, "bf16")), texts)
-    q4 = _perplexity(_open(llama_cpp, _export(tmp_path, "q4_0")), texts)
+    bf16 = _perplexity(_open(llama_cpp, _ko_small(tmp_path, "bf16")), texts)
+    q4 = _perplexity(_open(llama_cpp, _ko_small(tmp_path, "q4_0")), texts)
     assert q4 <= bf16 * 1.03, (q4, bf16)
 
 
@@ -200,7 +209,7 @@ def test_a_peft_adapter_is_merged_into_the_file(tmp_path, ko_small):
     merged = load_model(base, dtype="float32", adapter=tmp_path / "adapter")
     _, tok = ko_small
     llm = _open(llama_cpp, _export(tmp_path, "bf16", "--adapter", str(tmp_path / "adapter")))
-    base_llm = _open(llama_cpp, _export(tmp_path / "base", "bf16"))
+    base_llm = _open(llama_cpp, _ko_small(tmp_path, "bf16"))
     ids = tok.encode(PROMPTS[0])
     ours = [int(t) for t in generate_tokens(merged, [ids], 16, Sampling(temperature=0))]
     assert _greedy(llm, ids, 16) == ours
@@ -216,5 +225,59 @@ def test_an_int8_checkpoint_exports_as_q8_0(tmp_path):
     texts = [tok.encode(json.loads(line)["text"]) for line in HELDOUT.open(encoding="utf-8")]
     texts = [ids for ids in texts if len(ids) >= 8][:40]
     from_int8 = _perplexity(_open(llama_cpp, _export(tmp_path, "q8_0", model=str(tmp_path / "int8"))), texts)
-    bf16 = _perplexity(_open(llama_cpp, _export(tmp_path / "float", "bf16")), texts)
+    bf16 = _perplexity(_open(llama_cpp, _ko_small(tmp_path, "bf16")), texts)
     assert from_int8 <= bf16 * 1.01, (from_int8, bf16)
+
+
+def test_a_gguf_file_reads_back_into_a_folder_transformers_loads(tmp_path, ko_small):
+    transformers = pytest.importorskip("transformers")
+    model, tok = ko_small
+    done = subprocess.run([sys.executable, "-m", "neoxko", "export", str(_ko_small(tmp_path, "bf16")), "--format", "hf",
+                           "--output", str(tmp_path / "back")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    back = load_model(tmp_path / "back", dtype="float32")
+    assert load_tokenizer(tmp_path / "back").encode(KOREAN) == tok.encode(KOREAN)
+    x = torch.tensor([tok.encode(KOREAN)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))  # (ko-small's weights are bf16: written and read back exactly)
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+    with pytest.raises(CheckpointError, match="is a GGUF file; `neoxko export .* --format hf --output FOLDER`"):
+        load_model(_ko_small(tmp_path, "q8_0"))
+
+
+def test_llama_cpps_own_k_quants_read_back_with_llama_cpps_perplexity(tmp_path, ko_small):
+    llama_cpp = _llama()
+    from neoxko.formats.gguf import read_gguf
+
+    _, tok = ko_small
+    path = _export(tmp_path, "q4_k_m")  # (made by llama.cpp's quantizer)
+    model = load_model(read_gguf(path, tmp_path / "back"), dtype="float32")
+    texts = [tok.encode(json.loads(line)["text"])[:256] for line in HELDOUT.open(encoding="utf-8")]
+    texts = [ids for ids in texts if len(ids) >= 8][:30]
+    with torch.no_grad():
+        ours = math.exp(sum(torch.nn.functional.cross_entropy(model(torch.tensor([ids]))[0, :-1], torch.tensor(ids[1:]),
+                                                              reduction="sum").item() for ids in texts)
+                        / sum(len(ids) - 1 for ids in texts))
+    theirs = _perplexity(_open(llama_cpp, path), texts)
+    assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
+
+
+def test_gguf_files_neoxko_cannot_read_are_named(tmp_path):
+    from neoxko.formats.gguf import read_gguf
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file")
+    done = subprocess.run([sys.executable, "-m", "neoxko", "export", str(fake), "--format", "hf", "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "fake.gguf is not a GGUF file (it does not start with GGUF's magic bytes)" in done.stderr
+    writer = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"llama.gguf holds a 'llama' model; neoxko reads GPT-NeoX \('gptneox'\) "
+                                              r"GGUF files"):
+        read_gguf(tmp_path / "llama.gguf", tmp_path / "out")

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from conftest import hf_twin, random_model, tiny_config
 from neoxko.config import PRESETS
-from neoxko.model import GPTNeoX
+from neoxko.model import GPTNeoX, Step
 
 pytest.importorskip("transformers")
 
@@ -68,8 +68,8 @@ def test_cached_decoding_equals_full_forward():
     with torch.no_grad():
         full = model(idx)
         model.setup_cache(batch_size=2, max_seq_len=40)
-        steps = [model(idx[:, :10], torch.arange(10))]  # a prefill, then one token at a time
-        steps += [model(idx[:, t:t + 1], torch.tensor([t])) for t in range(10, 30)]
+        steps = [model(idx[:, :10], Step(input_pos=torch.arange(10)))]  # a prefill, then one token at a time
+        steps += [model(idx[:, t:t + 1], Step(input_pos=torch.tensor([t]))) for t in range(10, 30)]
     assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -79,7 +79,7 @@ def test_chunked_prefill_equals_full_forward():
     with torch.no_grad():
         full = model(idx)
         model.setup_cache(batch_size=1, max_seq_len=30)
-        chunks = [model(idx[:, a:b], torch.arange(a, b)) for a, b in ((0, 12), (12, 25), (25, 30))]
+        chunks = [model(idx[:, a:b], Step(input_pos=torch.arange(a, b))) for a, b in ((0, 12), (12, 25), (25, 30))]
     assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -91,15 +91,15 @@ def test_left_padded_batch_equals_each_prompt_alone():
     idx = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), p]) for p in prompts])
     left_pad = torch.tensor([T - n for n in lengths])
     with torch.no_grad():
-        batched = model(idx, left_pad=left_pad)
+        batched = model(idx, Step(left_pad=left_pad))
         for row, p in enumerate(prompts):
             alone = model(p[None])
             assert_close(batched[row, left_pad[row]:], alone[0], atol=1e-5, rtol=0)
         # and with the cache, one more token per row
         model.setup_cache(batch_size=3, max_seq_len=T + 1)
-        model(idx, torch.arange(T), left_pad)
+        model(idx, Step(input_pos=torch.arange(T), left_pad=left_pad))
         nxt = torch.randint(1, 384, (3, 1))
-        step = model(nxt, torch.tensor([T]), left_pad)
+        step = model(nxt, Step(input_pos=torch.tensor([T]), left_pad=left_pad))
         for row, p in enumerate(prompts):
             assert_close(step[row, 0], model(torch.cat([p, nxt[row]])[None])[0, -1], atol=1e-5, rtol=0)
 
@@ -111,11 +111,12 @@ def test_rows_at_their_own_positions_equal_each_sequence_alone():
     with torch.no_grad():
         model.setup_cache(batch_size=4, max_seq_len=16)
         for row, s in zip((2, 0, 1), seqs, strict=True):  # prompts minus their last token, each into its row
-            model(s[None, :-1], torch.arange(len(s) - 1)[None], rows=torch.tensor([row]), kv_len=len(s) - 1)
+            model(s[None, :-1], Step(input_pos=torch.arange(len(s) - 1)[None], rows=torch.tensor([row]),
+                                     kv_len=len(s) - 1))
         last = torch.stack([seqs[1][-1:], seqs[2][-1:], seqs[0][-1:]])  # rows 0, 1, 2: (3, 1)
         positions = torch.tensor([[3], [5], [8]])
-        dense = model(last, positions, kv_len=9)  # rows None: the batch is cache rows 0..2, no gather
-        gathered = model(last[[2, 0]], positions[[2, 0]], rows=torch.tensor([2, 0]), kv_len=9)
+        dense = model(last, Step(input_pos=positions, kv_len=9))  # rows None: the batch is cache rows 0..2, no gather
+        gathered = model(last[[2, 0]], Step(input_pos=positions[[2, 0]], rows=torch.tensor([2, 0]), kv_len=9))
     for out, s in ((dense[0], seqs[1]), (dense[1], seqs[2]), (dense[2], seqs[0]), (gathered[0], seqs[0]),
                    (gathered[1], seqs[1])):
         assert_close(out[-1], model(s[None])[0, -1], atol=1e-5, rtol=0)
@@ -124,7 +125,7 @@ def test_rows_at_their_own_positions_equal_each_sequence_alone():
 def test_cached_forward_without_setup_says_what_to_do():
     model = random_model(tiny_config())
     with pytest.raises(RuntimeError, match="setup_cache"):
-        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+        model(torch.zeros(1, 1, dtype=torch.long), Step(input_pos=torch.tensor([0])))
 
 
 def test_state_dict_names_are_transformers_names():

@@ -76,7 +76,8 @@ def add_commands(commands) -> None:
 
     ex = commands.add_parser("export", help="write a training checkpoint as a Hugging Face folder, or any model as "
                                             "one GGUF file for llama.cpp (Ollama, LM Studio, llama-cpp-python)")
-    ex.add_argument("source", help="a training run folder or checkpoints/step-N folder; for GGUF also " + MODEL_HELP
+    ex.add_argument("source", help="a training run folder or checkpoints/step-N folder, or a GPT-NeoX .gguf file (to a "
+                    "Hugging Face folder); for GGUF also " + MODEL_HELP
                     + ", an adapter folder (merged into its base) or an int8/int4 folder (dequantized, then "
                       "quantized to --quant)")
     ex.add_argument("--output", required=True, help="the folder (hf) or the .gguf file (gguf) to write")
@@ -206,8 +207,19 @@ def run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from neoxko.cli.train import export_checkpoint
+    from neoxko.formats import gguf as gguf_format
 
     gguf = args.format == "gguf" or args.format is None and (str(args.output).endswith(".gguf") or args.quant)
+    if str(args.source).lower().endswith(".gguf") and Path(args.source).is_file() and \
+            not gguf_format.detect(Path(args.source)):
+        raise NeoxkoError(f"{args.source} is not a GGUF file (it does not start with GGUF's magic bytes)")
+    if not gguf and gguf_format.detect(Path(args.source)):  # a GGUF file back into a Hugging Face folder
+        if args.quant or args.adapter:
+            raise NeoxkoError("a GGUF file is written out as it is: --quant and --adapter apply to models exported "
+                              "as GGUF, not read from it")
+        folder = gguf_format.read_gguf(args.source, args.output)
+        print(f"neoxko: wrote {folder} from {args.source} (float32 weights, tokenizer rebuilt from the file)")
+        return 0
     if not gguf:
         if args.quant or args.adapter:
             raise NeoxkoError("--quant and --adapter are for GGUF files: pass --format gguf (or an --output ending "

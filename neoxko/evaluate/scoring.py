@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from neoxko.errors import NeoxkoError
+from neoxko.model import Step
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ class NeoxkoScorer:
         if all(len(item.branches) == 1 for item in rows):
             hidden = self.model.hidden_states(idx.to(device))  # plain causal rows: SDPA's fast causal path
         else:
-            hidden = self.model.hidden_states_masked(idx.to(device), positions.to(device), mask[:, None].to(device))
+            hidden = self.model.hidden_states(idx.to(device), Step(positions=positions.to(device),
+                                                                   mask=mask[:, None].to(device)))
         rows_i, cols_i = zip(*picks, strict=True)
         h = hidden[torch.tensor(rows_i, device=device), torch.tensor(cols_i, device=device)]
         logprobs = torch.log_softmax(self.model.embed_out(h).float(), dim=-1)

@@ -1,7 +1,8 @@
 """Storage formats, each in one module: where a model's files are (locate.py, torch-free), float Hugging Face folders
-(hf.py), neoxko's int8 and int4 folders (int8.py, int4.py), LoRA adapters (peft.py) and llama.cpp's GGUF (gguf.py,
-written only). checkpoint.load_model resolves a name, reads the folder in the format its config.json names, applies
-an adapter, then a quantization, all through this registry: a new format is one module and one line below."""
+(hf.py), neoxko's int8 and int4 folders (int8.py, int4.py), LoRA adapters (peft.py) and llama.cpp's GGUF (gguf.py:
+written from a model, read back into a float folder). checkpoint.load_model resolves a name, reads the folder in the
+format its config.json names, applies an adapter, then a quantization, all through this registry: a new format is
+one module and one line below."""
 
 import importlib
 from pathlib import Path

@@ -11,6 +11,9 @@ What llama.cpp's GPT-NeoX loader reads, and how neoxko's model maps onto it:
   padded vocabulary (the padding as unused tokens), the privacy tokens as user-defined tokens (matched in any text, as
   the Hugging Face tokenizer does), the other special tokens as control tokens, bos/eos/pad, the chat template.
 
+read_gguf turns a GPT-NeoX GGUF file (ours, or llama.cpp's converter's or quantizer's, in any quantization the gguf
+package dequantizes) back into a float Hugging Face folder with its tokenizer.
+
 Quantizations: bf16, f16, q8_0 and q4_0 are written here (q4_0 keeps the embedding and the head in q8_0, as llama.cpp
 raises its head for small quantizations); q4_k_m is made from an f16 file by llama.cpp's own quantizer (needs
 llama-cpp-python). A matrix whose rows the quantization's blocks cannot divide is refused by name.
@@ -26,7 +29,7 @@ import torch
 from neoxko.errors import CheckpointError
 from neoxko.tokenizer import PII_TOKENS
 
-QUANTS = ("bf16", "f16", "q8_0", "q4_0", "q4_k_m")
+QUANTS = ("bf16", "f16", "q8_0", "q4_0", "q4_k_m")  # written; read: any quantization the gguf package dequantizes
 ARCH = "gptneox"
 
 
@@ -221,3 +224,109 @@ def _llama_quantize(model, path: Path, name: str | None) -> Path:
         if llama_cpp.llama_model_quantize(str(f16).encode(), str(path).encode(), params) != 0:
             raise CheckpointError(f"llama.cpp's quantizer could not write {path} as q4_k_m (its log above says why)")
     return path
+
+
+def detect(path: Path) -> bool:
+    """Whether path is a GGUF file (its magic)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def read_gguf(path: str | Path, folder: str | Path) -> Path:
+    """A GGUF file of a GPT-NeoX model (ours, llama.cpp's converter's or quantizer's, any quantization) written as a
+    Hugging Face folder: config.json, float32 model.safetensors (every quantized tensor dequantized by the gguf
+    package) and tokenizer.json rebuilt from the file's byte-level BPE vocabulary and merges."""
+    from safetensors.torch import save_file
+
+    from neoxko.config import ModelConfig
+
+    gguf = _gguf()
+    path, folder = Path(path), Path(folder)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from None
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    arch = fields.get("general.architecture")
+    if arch != ARCH:
+        raise CheckpointError(f"{path} holds a {arch!r} model; neoxko reads GPT-NeoX ({ARCH!r}) GGUF files")
+    key = lambda name: fields[f"{ARCH}.{name}"]  # noqa: E731
+    tokens = fields.get("tokenizer.ggml.tokens") or []
+    heads, width = key("attention.head_count"), key("embedding_length")
+    names = {t.name for t in reader.tensors}
+    config = ModelConfig(
+        vocab_size=len(tokens), hidden_size=width, num_hidden_layers=key("block_count"), num_attention_heads=heads,
+        intermediate_size=key("feed_forward_length"), max_position_embeddings=key("context_length"),
+        rotary_pct=key("rope.dimension_count") / (width // heads), rotary_emb_base=float(fields.get(
+            f"{ARCH}.rope.freq_base", 10000.0)), layer_norm_eps=float(key("attention.layer_norm_epsilon")),
+        use_parallel_residual=bool(fields.get(f"{ARCH}.use_parallel_residual", True)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"), eos_token_id=fields.get("tokenizer.ggml.eos_token_id"))
+    back = {}  # llama.cpp's tensor names -> ours
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPTNEOX, config.num_hidden_layers)
+    with torch.device("meta"):
+        from neoxko.model import GPTNeoX
+
+        expected = GPTNeoX(config).state_dict()
+    for ours in expected:
+        theirs = table.get_name(ours, try_suffixes=(".weight", ".bias"))
+        if theirs is not None:
+            back[theirs] = ours
+    state = {}
+    size = width // heads
+    for tensor in reader.tensors:
+        ours = back.get(tensor.name)
+        if ours is None:
+            raise CheckpointError(f"{path} holds tensor {tensor.name!r}, which neoxko's GPT-NeoX has no place for")
+        data = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32))
+        data = data.reshape(expected[ours].shape).float()
+        if ours.endswith("attention.query_key_value.weight") or ours.endswith("attention.query_key_value.bias"):
+            data = data.reshape(3, heads, size, *data.shape[1:]).transpose(0, 1).reshape(data.shape)  # per head again
+        state[ours] = data.contiguous()
+    if config.tie_word_embeddings:
+        state.pop("embed_out.weight", None)
+    missing = sorted(set(expected) - set(state) - ({"embed_out.weight"} if config.tie_word_embeddings else set()))
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing[:3])}; it is not a whole GPT-NeoX model")
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save(folder / "config.json", dtype="float32")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    _write_tokenizer(gguf, fields, path, folder)
+    return folder
+
+
+def _write_tokenizer(gguf, fields: dict, path: Path, folder: Path) -> None:
+    """tokenizer.json (and tokenizer_config.json) from the file's vocabulary: byte-level BPE with GPT-2's split."""
+    if fields.get("tokenizer.ggml.model") != "gpt2":
+        raise CheckpointError(f"{path} has a {fields.get('tokenizer.ggml.model')!r} tokenizer; neoxko rebuilds "
+                              "byte-level BPE ('gpt2') tokenizers only")
+    tokens, types = fields["tokenizer.ggml.tokens"], fields.get("tokenizer.ggml.token_type") or []
+    kinds = gguf.TokenType
+    vocab, added = {}, []
+    for i, token in enumerate(tokens):
+        kind = types[i] if i < len(types) else kinds.NORMAL
+        if kind in (kinds.CONTROL, kinds.USER_DEFINED):
+            added.append({"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": kind == kinds.CONTROL or token in PII_TOKENS.values()})
+        if kind != kinds.UNUSED:
+            vocab.setdefault(token, i)
+    merges = [m.split(" ", 1) for m in fields.get("tokenizer.ggml.merges") or []]
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": merges}}
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    if eos is not None and eos < len(tokens):
+        config["eos_token"] = tokens[eos]
+    if fields.get("tokenizer.chat_template"):
+        config["chat_template"] = fields["tokenizer.chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
+                                                  encoding="utf-8")

@@ -27,6 +27,9 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> 
     if str(path_or_id) in BUILTIN:
         return BUILTIN[str(path_or_id)]
     if path.exists():
+        if path.suffix.lower() == ".gguf":
+            raise CheckpointError(f"{path} is a GGUF file; `neoxko export {path} --format hf --output FOLDER` turns it "
+                                  "into a folder neoxko loads")
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
     try:
         return Path(snapshot_download(str(path_or_id), allow_patterns=allow_patterns or HUB_FILES))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from neoxko.errors import NeoxkoError
 from neoxko.generate import Sampling, apply_repetition_penalty, sample
-from neoxko.model import GPTNeoX
+from neoxko.model import GPTNeoX, Step
 from neoxko.serve.prefix import PrefixCache
 
 
@@ -260,8 +260,8 @@ class Engine:
             pos[i] = torch.arange(start, start + T).clamp_(max=self.max_len - 1)
         kv_len = int(pos.max()) + 1
         rows = torch.tensor([run.row for run, _, _ in parts])
-        hidden = self.model.hidden_states(idx.to(self.device), pos.to(self.device), rows=rows.to(self.device),
-                                          kv_len=kv_len)
+        hidden = self.model.hidden_states(idx.to(self.device), Step(input_pos=pos.to(self.device),
+                                                                    rows=rows.to(self.device), kv_len=kv_len))
         self.stats["prefill_chunks"] += 1
         done, last_hidden = [], []
         for i, (run, start, n) in enumerate(parts):
@@ -299,7 +299,7 @@ class Engine:
         tokens = torch.tensor([[r.last] for r in runs], device=self.device)
         positions = torch.tensor([[r.position] for r in runs], device=self.device)
         kv_len = int(positions.max()) + 1
-        logits = self.model(tokens, positions, kv_len=kv_len)[:, -1]
+        logits = self.model(tokens, Step(input_pos=positions, kv_len=kv_len))[:, -1]
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(runs)
         for run in runs:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from neoxko.data.shards import read_tokens, token_shards
 from neoxko.errors import NeoxkoError
+from neoxko.model import Step
 
 IGNORE = -100  # the target of a position that carries no loss (cross_entropy's ignore_index)
 
@@ -78,23 +79,22 @@ class Batch:
         return Batch(*(t.to(device) if t is not None else None
                        for t in (self.inputs, self.targets, self.positions, self.segments)), sparse=self.sparse)
 
-    @property
-    def model_kwargs(self) -> dict:
-        """The model's packed-rows arguments: positions, and a causal mask within each segment."""
+    def step(self, keep: torch.Tensor | None = None) -> Step:
+        """The model's per-call state: for packed rows their positions and a causal mask within each segment."""
         if self.positions is None:
-            return {}
+            return Step(keep=keep)
         n = self.inputs.size(1)
         causal = torch.ones(n, n, dtype=torch.bool, device=self.inputs.device).tril()
         same = self.segments[:, :, None] == self.segments[:, None, :]
-        return {"positions": self.positions, "mask": (same & causal)[:, None]}
+        return Step(positions=self.positions, mask=(same & causal)[:, None], keep=keep)
 
     def loss(self, model, scale: float = 1.0) -> torch.Tensor:
         """The summed cross-entropy over the targets, times scale; with sparse targets the head (the vocabulary
         projection and its float32 logits) runs on the target positions alone."""
         if self.sparse:
             keep = self.targets != IGNORE
-            logits = model(self.inputs, keep=keep, **self.model_kwargs)
+            logits = model(self.inputs, self.step(keep))
             targets = self.targets[keep]
         else:
-            logits, targets = model(self.inputs, **self.model_kwargs).flatten(0, 1), self.targets.flatten()
+            logits, targets = model(self.inputs, self.step()).flatten(0, 1), self.targets.flatten()
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum") * scale
