@@ -220,6 +220,15 @@ def test_openai_client(served):
     ({"prompt": "가", "stream": "yes"}, 400, "stream must be true or false"),
     ({"prompt": "가", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
     ({"prompt": "가", "model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
+    ({"prompt": [[-1]]}, 400, "prompt token ids must be in [0, 384)"),
+    ({"prompt": [5, -1, 7]}, 400, "prompt token ids must be in [0, 384)"),
+    ({"prompt": "가", "seed": 1 << 63}, 400,
+     "seed must be between -9223372036854775808 and 9223372036854775807, got 9223372036854775808"),
+    ({"prompt": "가", "seed": 1 << 70}, 400, "seed must be between -9223372036854775808 and 9223372036854775807"),
+    ({"prompt": "가", "logprobs": 9}, 400, "logprobs must be between 0 and 5, got 9"),
+    ({"prompt": "가", "max_tokens": 0}, 400, "max_tokens must be at least 1, got 0"),
+    ({"prompt": ["가"] * 9, "n": 8}, 400, "this request asks for 72 completions (9 prompt(s) x n 8); this server "
+                                          "queues at most 64 at once (--max-queue)"),
 ])
 def test_invalid_requests_get_openai_errors(served, body, status, message):
     got, _, payload = post(served, body)
@@ -259,11 +268,29 @@ def test_api_key(model_dir):
 
 
 def test_full_queue_is_429_with_retry_after(model_dir):
-    server, port = start(load_model(model_dir), load_tokenizer(model_dir), model_name="tiny", max_queue=0)
+    """A queue that is full now is a 429 (retry later); a request the queue could never hold is a 400."""
+    import threading
+
+    model = random_model(tiny_config(max_position_embeddings=4096))  # (4,000 tokens keep the one row busy)
+    server, port = start(model, load_tokenizer(model_dir), model_name="tiny", max_batch=1, max_queue=1)
     try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        body = json.dumps({"prompt": "가", "max_tokens": 4000, "stream": True, "ignore_eos": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert sock.recv(64)  # (streaming: the row is taken)
+        waiting = threading.Thread(target=post, args=(port, {"prompt": "가", "max_tokens": 2}))
+        waiting.start()
+        time.sleep(0.5)  # (it waits in the queue of one)
         status, headers, payload = post(port, {"prompt": "가", "max_tokens": 2})
         assert status == 429 and headers["Retry-After"] == "1"
         assert "busy" in json.loads(payload)["error"]["message"]
+        status, _, payload = post(port, {"prompt": "가", "max_tokens": 2, "n": 2})
+        assert status == 400 and "asks for 2 completions (1 prompt(s) x n 2); this server queues at most 1" in \
+            json.loads(payload)["error"]["message"]
+        sock.close()  # (the stream's row is freed, and the waiting request runs)
+        waiting.join(timeout=60)
+        assert not waiting.is_alive()
     finally:
         server.close()
 
@@ -492,3 +519,52 @@ def test_engine_and_serve_refuse_bad_settings(model_dir):
     out = subprocess.run([sys.executable, "-m", "neoxko", "serve", "--model", str(model_dir), "--max-batch", "0"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--max-batch must be at least 1" in out.stderr
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs may not set messages: send them as the "
+                                                 "request's own fields"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False, "x": 1}}, "may not set add_generation_prompt"),
+    ({"top_logprobs": 30, "logprobs": True}, "top_logprobs must be between 0 and 5, got 30"),
+])
+def test_chat_requests_that_cannot_be_served_are_400s_naming_the_bound(served, body, message):
+    status, _, payload = post(served, {"messages": [{"role": "user", "content": "안녕"}]} | body,
+                              path="/v1/chat/completions")
+    assert status == 400 and message in json.loads(payload)["error"]["message"]
+
+
+def test_tokenizing_runs_off_the_event_loop(model_dir):
+    """While a big /tokenize body is being tokenized (held there by the test), /health and a completion answer: the
+    tokenizing runs in a worker thread, not on the event loop."""
+    import threading
+
+    tokenizer = load_tokenizer(model_dir)
+    entered, release = threading.Event(), threading.Event()
+    real = tokenizer.encode
+
+    def encode(text, *args, **kwargs):
+        if len(text) > 100_000:
+            entered.set()
+            release.wait(timeout=60)
+        return real(text, *args, **kwargs)
+
+    tokenizer.encode = encode
+    server, port = start(load_model(model_dir), tokenizer, model_name="tiny")
+    try:
+        done = []
+        text = "대한민국의 수도는 서울이고 인구는 약 구백만 명이다. " * 9_500  # (0.7 MB, under the 1 MiB limit)
+        raw = json.dumps({"prompt": text}, ensure_ascii=False).encode()
+        worker = threading.Thread(target=lambda: done.append(post(port, None, path="/tokenize", raw=raw)))
+        worker.start()
+        assert entered.wait(timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # (a loop held by the tokenizing: timeout)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        assert post(port, {"prompt": "가", "max_tokens": 2})[0] == 200
+        assert not done  # (still tokenizing)
+        release.set()
+        worker.join(timeout=60)
+        assert done[0][0] == 200 and json.loads(done[0][2])["count"] > 100_000
+    finally:
+        release.set()
+        server.close()

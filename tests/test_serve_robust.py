@@ -175,6 +175,11 @@ def test_sigterm_ends_every_stream_with_a_final_event_and_exits_0(tmp_path, toke
         time.sleep(1.5)  # all 16 streaming
         proc.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
+        time.sleep(0.3)  # (draining: the port stays open and says so)
+        status, payload = get(port, "/health")
+        assert status == 503 and json.loads(payload)["status"] == "stopping"
+        status, payload = post(port, {"prompt": "가", "max_tokens": 2})
+        assert status == 503 and "shutting down" in json.loads(payload)["error"]["message"]
         assert proc.wait(timeout=30) == 0 and time.monotonic() - stopped < 10
         for t in threads:
             t.join(timeout=10)

@@ -17,6 +17,7 @@ import jinja2
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from neoxko import __version__
@@ -158,39 +159,56 @@ def build_app(state: State) -> FastAPI:
             info["chat_template"] = template
         return JSONResponse(info)
 
+    # Parsing, chat-template rendering, tokenizing and detokenizing run in a worker thread, never on the event loop:
+    # a 1 MiB body costs a second of CPU there, which would hold up /health and every running stream.
     @route("POST", "/tokenize")
     async def tokenize(request: Request):
-        body = parse(TokenizeRequest, await read_json(request, state.settings))
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "send either prompt (a string) or messages (a chat)", "prompt")
-        text = body.prompt if body.prompt is not None else _render(state, body.messages, body.add_generation_prompt)
-        tokens = state.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
-        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_len})
+        raw = await read_json(request, state.settings)
+
+        def work() -> dict:
+            body = parse(TokenizeRequest, raw)
+            if (body.prompt is None) == (body.messages is None):
+                raise ApiError(400, "send either prompt (a string) or messages (a chat)", "prompt")
+            text = body.prompt if body.prompt is not None else _render(state, body.messages,
+                                                                         body.add_generation_prompt)
+            tokens = state.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+            return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_len}
+        return JSONResponse(await run_in_threadpool(work))
 
     @route("POST", "/detokenize")
     async def detokenize(request: Request):
-        size = state.tokenizer.vocab_size
-        try:
-            body = parse(DetokenizeRequest, await read_json(request, state.settings))
-        except ApiError:
-            body = None
-        if body is None or not all(0 <= t < size for t in body.tokens):
-            raise ApiError(400, f"tokens must be a list of token ids from 0 to {size - 1}", "tokens")
-        return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
+        raw = await read_json(request, state.settings)
+
+        def work() -> dict:
+            size = state.tokenizer.vocab_size
+            try:
+                body = parse(DetokenizeRequest, raw)
+            except ApiError:
+                body = None
+            if body is None or not all(0 <= t < size for t in body.tokens):
+                raise ApiError(400, f"tokens must be a list of token ids from 0 to {size - 1}", "tokens")
+            return {"prompt": state.tokenizer.decode(body.tokens)}
+        return JSONResponse(await run_in_threadpool(work))
 
     @route("POST", "/v1/completions")
     async def completions(request: Request):
-        body = parse(CompletionRequest, await read_json(request, state.settings))
-        engine = state.engine
-        job = completion_job(body, state.tokenizer, state.settings, engine.max_len, engine.model.config.vocab_size)
-        return await _respond(state, request, job)
+        raw = await read_json(request, state.settings)
+
+        def work() -> Job:
+            engine = state.engine
+            return completion_job(parse(CompletionRequest, raw), state.tokenizer, state.settings, engine.max_len,
+                                  engine.model.config.vocab_size)
+        return await _respond(state, request, await run_in_threadpool(work))
 
     @route("POST", "/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse(ChatRequest, await read_json(request, state.settings))
-        text = _render(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs or {})
-        job = chat_job(body, state.tokenizer.encode(text), state.settings, state.engine.max_len)
-        return await _respond(state, request, job)
+        raw = await read_json(request, state.settings)
+
+        def work() -> Job:
+            body = parse(ChatRequest, raw)
+            text = _render(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs or {})
+            return chat_job(body, state.tokenizer.encode(text), state.settings, state.engine.max_len)
+        return await _respond(state, request, await run_in_threadpool(work))
 
     return app
 
@@ -277,6 +295,10 @@ def _render(state: State, messages: list, add_generation_prompt: bool, variables
 
 async def _respond(state: State, request: Request, job: Job) -> Response:
     engine, sink = state.engine, _Sink(asyncio.get_running_loop())
+    asked = len(job.prompts) * job.n
+    if asked > engine.max_queue:  # (it could never be queued whole, however idle the server: not a "retry later")
+        raise ApiError(400, f"this request asks for {asked} completions ({len(job.prompts)} prompt(s) x n {job.n}); "
+                            f"this server queues at most {engine.max_queue} at once (--max-queue)", "n")
     requests = []
     try:
         for p, prompt in enumerate(job.prompts):

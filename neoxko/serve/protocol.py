@@ -80,7 +80,7 @@ class _Sampled(BaseModel):
     top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[Int, Field(ge=-1)] = -1
     repetition_penalty: Annotated[Float, Field(gt=0)] = 1.0
-    seed: Int | None = None
+    seed: Annotated[Int, Field(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None  # (torch's generators take 64 bits)
     n: Int = 1  # its bound is the server's --max-n
     stop: Any = Field(default_factory=list)
     stream: Bool = False
@@ -145,6 +145,14 @@ class ChatRequest(_Sampled):
     add_generation_prompt: Bool = True
     chat_template_kwargs: dict | None = None
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value):
+        taken = sorted(set(value or {}) & {"messages", "add_generation_prompt"})
+        if taken:
+            raise ValueError(f"may not set {' or '.join(taken)}: send them as the request's own fields")
+        return value
+
 
 class TokenizeRequest(BaseModel):
     prompt: str | None = None
@@ -180,7 +188,8 @@ def _message(model: type[BaseModel], error: dict) -> str:
         low, high = _bounds(model, str(loc[0]))
         if error["type"] == "greater_than" and high is None:
             return f"{name} must be greater than {low}, got {error['input']!r}"
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        bounds = (f"between {low} and {high}" if low is not None and high is not None
+                  else f"at least {low}" if low is not None else f"at most {high}")
         return f"{name} must be {bounds}, got {error['input']!r}"
     return f"{name}: {error['msg']}"
 
@@ -199,7 +208,8 @@ def _union_metadata(model: type[BaseModel], name: str) -> list:
     """Constraints inside `Annotated[...] | None`, where pydantic keeps them on the union's member."""
     out = []
     for arg in getattr(model.model_fields[name].annotation, "__args__", ()):
-        out += [m for m in getattr(arg, "__metadata__", ()) if isinstance(m, annotated_types.BaseMetadata)]
+        for meta in getattr(arg, "__metadata__", ()):  # (a Field(...) inside Annotated keeps its bounds in .metadata)
+            out += [m for m in getattr(meta, "metadata", [meta]) if isinstance(m, annotated_types.BaseMetadata)]
     return out
 
 
@@ -225,6 +235,8 @@ class Job:
 
 def completion_job(request: CompletionRequest, tokenizer, settings: ServeSettings, max_len: int, vocab: int) -> Job:
     _check_model(request, settings)
+    if any(not isinstance(p, str) and not all(0 <= t < vocab for t in p) for p in request.prompt):
+        raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt")  # (before any is decoded)
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in request.prompt]
     texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in request.prompt]
     for p in ids:

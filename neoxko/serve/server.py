@@ -5,9 +5,10 @@
   every byte, so a client trickling headers would otherwise hold its socket for ever. The body has
   its own timeout (408, in the app).
 - limit_concurrency: connections and requests beyond it get 503 from uvicorn at once.
-- SIGTERM or Ctrl-C: the port closes, /health says "stopping", new requests get 503; running ones may
-  finish for shutdown_timeout_s, then the engine ends them, each stream with a final chunk whose
-  finish_reason is "abort", and the process exits 0.
+- SIGTERM or Ctrl-C: /health says "stopping" (503) and new requests get 503 while the port stays open, so a load
+  balancer sees the stop; running requests may finish for shutdown_timeout_s, then the engine ends them, each
+  stream with a final chunk whose finish_reason is "abort"; then the port closes and the process exits 0. A second
+  Ctrl-C stops at once.
 """
 
 import signal
@@ -77,25 +78,31 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.neoxko, self.limits = state, limits
 
+    # not uvicorn's own handler: it raises the signal again once stopped (the process would end by SIGTERM, not 0),
+    # and it closes the port at once, before /health could tell anyone the server is stopping
     def handle_exit(self, sig, frame) -> None:
         if not self.neoxko.stopping:
             self.neoxko.stopping = True
             threading.Thread(target=self._drain, name="neoxko-drain", daemon=True).start()
-        # not uvicorn's own: it raises the signal again once stopped, and the process would end by SIGTERM, not 0
-        if self.should_exit and sig == signal.SIGINT:
+            return
+        if sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C: stop waiting
         self.should_exit = True
 
     def _drain(self) -> None:
-        engine = self.neoxko.engine
-        if engine is None:
-            return
-        engine.stop_accepting()
-        deadline = time.monotonic() + self.limits.shutdown_timeout_s
-        while not engine.idle and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not engine.idle:
-            engine.abort_all("abort")
+        """Let the running requests finish (or end them at the deadline) with the port open, then close it."""
+        try:
+            engine = self.neoxko.engine
+            if engine is None:
+                return
+            engine.stop_accepting()
+            deadline = time.monotonic() + self.limits.shutdown_timeout_s
+            while not engine.idle and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not engine.idle:
+                engine.abort_all("abort")
+        finally:
+            self.should_exit = True
 
 
 def bind(host: str, port: int) -> socket.socket:
