@@ -209,3 +209,42 @@ def test_every_route_but_health_needs_the_key(model_dir, path):
         assert get(server.port, path)[0] == 401 and get(server.port, "/health")[0] == 200
     finally:
         server.close()
+
+
+def _half_closed(port, body: dict) -> bytes:
+    """Send one request, shut the socket's sending side, read until the server closes."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    raw = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(60)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    return data
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_client_that_half_closes_gets_its_response(tokenizer_dir, allow):
+    """Streams are served to a half-closed client either way (a write tells whether it is there); a whole response
+    with --allow-half-close; without it such a client is taken for gone, as nginx takes it: its row is freed and it
+    gets 499."""
+    model = random_model(tiny_config(max_position_embeddings=2048))  # (1,500 tokens take longer than a look at it)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    server = serve(Engine(model, tokenizer.eos_id, max_batch=2), tokenizer,
+                   ServeSettings(model_name="tiny", allow_half_close=allow))
+    try:
+        long = {"prompt": "가", "max_tokens": 1500, "ignore_eos": True}
+        streamed = _half_closed(server.port, long | {"stream": True, "max_tokens": 300})
+        assert streamed.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in streamed
+        whole = _half_closed(server.port, long)
+        if allow:
+            assert whole.startswith(b"HTTP/1.1 200")
+            assert json.loads(whole.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 1500
+        else:
+            assert whole.startswith(b"HTTP/1.1 499")  # (nginx's "client closed request")
+            assert wait_for(lambda: server.engine.idle, 10) < 10  # (its row is freed)
+    finally:
+        server.close()

@@ -60,6 +60,11 @@ def add_commands(commands) -> None:
     srv.add_argument("--header-timeout", type=float, default=10.0,
                      help="seconds a connection may take to send its request headers")
     srv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive")
+    srv.add_argument("--allow-half-close", action="store_true",
+                     help="a client that sends its request and then shuts its side of the socket (shutdown(SHUT_WR)) "
+                          "still gets a whole (non-streaming) response; without it such a client is taken for gone, as "
+                          "nginx takes it: its row is freed and it gets 499 (streams are served either way: their "
+                          "writes tell)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests may finish before they are ended")
     srv.set_defaults(run=run_serve)
@@ -153,6 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
     template, stops = chat.load_template(args.chat_template) if args.chat_template else (None, ())
     name = args.served_model_name or str(args.model)
     settings = ServeSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                             allow_half_close=args.allow_half_close,
                              mask_pii=args.mask_pii, body_timeout_s=args.body_timeout, chat_template=template,
                              chat_stop=stops)
     limits = Limits(header_timeout_s=args.header_timeout, limit_concurrency=args.limit_concurrency,

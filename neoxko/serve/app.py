@@ -324,7 +324,7 @@ async def _respond(state: State, request: Request, job: Job) -> Response:
         return StreamingResponse(_stream(state, requests, choices, sink, responses), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        async for event in _events(sink.queue, len(choices), request):
+        async for event in _events(sink.queue, len(choices), request, state.settings.allow_half_close):
             choices[event.index].feed(event)
     finally:
         for r in requests:
@@ -336,9 +336,11 @@ async def _respond(state: State, request: Request, job: Job) -> Response:
     return JSONResponse(responses.whole(choices))
 
 
-async def _events(queue: asyncio.Queue, n_choices: int, request: Request | None = None):
+async def _events(queue: asyncio.Queue, n_choices: int, request: Request | None = None,
+                  allow_half_close: bool = False):
     """The engine's events until every choice has finished. With request: _ClientGone once the client
-    has left (looked at every 0.2 s even while tokens keep coming)."""
+    has left (looked at every 0.2 s even while tokens keep coming), or has half-closed its socket unless
+    allow_half_close."""
     loop = asyncio.get_running_loop()
     checked = loop.time()
     while n_choices:
@@ -351,7 +353,8 @@ async def _events(queue: asyncio.Queue, n_choices: int, request: Request | None 
                 event = None
         if request is not None and loop.time() - checked >= 0.2:
             checked = loop.time()
-            if await request.is_disconnected():
+            if await request.is_disconnected() or (not allow_half_close and
+                                                   "neoxko.half_closed" in request.scope.get("extensions", {})):
                 raise _ClientGone
         if event is None:
             continue

@@ -36,6 +36,7 @@ class ServeSettings:
     max_n: int = 8
     mask_pii: bool = False  # mask PII in every response (a request can also ask with "mask_pii": true)
     body_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408
+    allow_half_close: bool = False  # a non-streaming client that half-closes its socket still gets its response
     chat_template: str | None = None  # jinja source; None: the tokenizer's own, if it has one
     chat_stop: tuple[str, ...] = ()  # stop strings the template implies (the next turn's header)
 

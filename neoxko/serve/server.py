@@ -52,8 +52,25 @@ class _HeaderTimeout(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self._half_closed and not self.transport.is_closing():
+            self.transport.close()  # (the client sent its last request and said so)
+        elif not self.transport.is_closing():
             self._arm()  # the next request's headers get the same time
+
+    _half_closed = False
+
+    def eof_received(self) -> bool | None:
+        """A client that sent a whole request and then shut its side (`shutdown(SHUT_WR)`) may still want the
+        response, or may have left: TCP tells the two apart only once the server writes. So the socket stays open
+        for writing, and the request is marked half-closed (ASGI scope extension "neoxko.half_closed"): a stream's
+        next write finds out whether the client is there; a whole response is awaited only with
+        --allow-half-close (else the client is taken for gone, as nginx takes it, and its row is freed).
+        uvicorn's own answer (None) closes the socket at once."""
+        if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is h11.DONE:
+            self._half_closed = True
+            self.cycle.scope.setdefault("extensions", {})["neoxko.half_closed"] = {}
+            return True
+        return None
 
     def connection_lost(self, exc) -> None:
         self._disarm()
