@@ -26,6 +26,9 @@ def stored(folder: Path, quant: dict):
     for name in QUANTIZED:
         module = quantized(name)
         if module.detect(quant):
+            if quant.get("bits", module.BITS) != module.BITS:
+                raise CheckpointError(f"{folder}/config.json's quantization_config says {module.METHOD} with bits "
+                                      f"{quant.get('bits')!r}; that layout holds {module.BITS}-bit weights only")
             return module
     raise CheckpointError(f"{folder} is quantized with {quant.get('quant_method')!r}, which neoxko cannot read; "
                           f"load the unquantized checkpoint (and pass --quantize int8)")

@@ -15,11 +15,9 @@ def detect(quant: dict) -> bool:
 
 
 def check(folder: Path, quant: dict, device, requested: str | None) -> None:
+    """Refuse, by name, what this folder cannot be loaded as (its bits are checked by the registry)."""
     from neoxko.quantize import GROUP_SIZES
 
-    if quant.get("bits", BITS) != BITS:
-        raise CheckpointError(f"{folder}/config.json's quantization_config says {METHOD} with bits "
-                              f"{quant.get('bits')!r}; that layout holds {BITS}-bit weights only")
     stored = quant.get("group_size")
     if stored not in GROUP_SIZES:
         raise CheckpointError(f"{folder}/config.json's quantization_config has group_size {stored!r}; an int4 "

@@ -13,10 +13,7 @@ def detect(quant: dict) -> bool:
 
 
 def check(folder: Path, quant: dict, device, requested: str | None) -> None:
-    """Refuse, by name, what this folder cannot be loaded as."""
-    if quant.get("bits", BITS) != BITS:
-        raise CheckpointError(f"{folder}/config.json's quantization_config says {METHOD} with bits "
-                              f"{quant.get('bits')!r}; that layout holds {BITS}-bit weights only")
+    """Refuse, by name, what this folder cannot be loaded as (its bits are checked by the registry)."""
     if requested == "int4":
         raise CheckpointError(f"{folder} is already int8; int4 quantizes from the float checkpoint")
 
