@@ -237,6 +237,10 @@ def test_a_gguf_file_reads_back_into_a_folder_transformers_loads(tmp_path, ko_sm
     assert done.returncode == 0, done.stderr
     back = load_model(tmp_path / "back", dtype="float32")
     assert load_tokenizer(tmp_path / "back").encode(KOREAN) == tok.encode(KOREAN)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["dtype"] == "bfloat16"  # (the head written out is tied again)
+    tokenizer_config = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == 512 and "<|tel|>" in tokenizer_config["additional_special_tokens"]
     x = torch.tensor([tok.encode(KOREAN)])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
     with torch.no_grad():
@@ -244,6 +248,9 @@ def test_a_gguf_file_reads_back_into_a_folder_transformers_loads(tmp_path, ko_sm
         assert (hf(x).logits - model(x)).abs().max() < 1e-4
     with pytest.raises(CheckpointError, match="is a GGUF file; `neoxko export .* --format hf --output FOLDER`"):
         load_model(_ko_small(tmp_path, "q8_0"))
+    (tmp_path / "not.gguf").write_text("text")  # (by its first bytes, not its name)
+    with pytest.raises(CheckpointError, match="not.gguf is a file; pass the folder that holds config.json"):
+        load_model(tmp_path / "not.gguf")
 
 
 def test_llama_cpps_own_k_quants_read_back_with_llama_cpps_perplexity(tmp_path, ko_small):
@@ -261,6 +268,11 @@ def test_llama_cpps_own_k_quants_read_back_with_llama_cpps_perplexity(tmp_path, 
                         / sum(len(ids) - 1 for ids in texts))
     theirs = _perplexity(_open(llama_cpp, path), texts)
     assert abs(ours / theirs - 1) < 0.01, (ours, theirs)
+
+
+def test_quant_names_are_read_in_any_case(tmp_path):
+    out = _export(tmp_path, "Q8_0")
+    assert gguf.GGUFReader(str(out)).tensors[0].tensor_type.name == "Q8_0"
 
 
 def test_gguf_files_neoxko_cannot_read_are_named(tmp_path):

@@ -58,6 +58,9 @@ def test_peft_variants_give_peft_logits(tmp_path, variant):
     assert (expected - load_model(base, dtype="float32")(x)).abs().max() > 1e-2  # (the adapter changes the logits)
     assert (expected - merged).abs().max() < 1e-4, variant
     assert (expected - unmerged).abs().max() < 1e-4, variant
+    in_bf16 = load_model(base, adapter=tmp_path / "adapter")  # (stored dtype), then cast: a saved embedding stays
+    with torch.no_grad():                                      # untied from the head, as peft keeps it
+        assert (expected - in_bf16.float()(x)).abs().max() < 0.5, variant
 
 
 def test_modules_to_save_the_head_of_an_untied_model(tmp_path):

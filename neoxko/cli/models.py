@@ -89,7 +89,7 @@ def add_commands(commands) -> None:
     ex.add_argument("--format", choices=["hf", "gguf"], default=None,
                     help="hf: config.json and model.safetensors; gguf: llama.cpp's file (default: gguf when --output "
                          "ends in .gguf or --quant is given, else hf)")
-    ex.add_argument("--quant", choices=["bf16", "f16", "q8_0", "q4_0", "q4_k_m"], default=None,
+    ex.add_argument("--quant", choices=["bf16", "f16", "q8_0", "q4_0", "q4_k_m"], default=None, type=str.lower,
                     help="GGUF weights: bf16 (default), f16, q8_0, q4_0 (embedding and head in q8_0), written by "
                          "neoxko through the gguf package; q4_k_m by llama.cpp's quantizer (needs llama-cpp-python)")
     ex.add_argument("--adapter", default=None, help="a LoRA adapter (ours or peft's) merged into the model first")
@@ -224,7 +224,7 @@ def run_export(args: argparse.Namespace) -> int:
             raise NeoxkoError("a GGUF file is written out as it is: --quant and --adapter apply to models exported "
                               "as GGUF, not read from it")
         folder = gguf_format.read_gguf(args.source, args.output)
-        print(f"neoxko: wrote {folder} from {args.source} (float32 weights, tokenizer rebuilt from the file)")
+        print(f"neoxko: wrote {folder} from {args.source} (the tokenizer rebuilt from the file)")
         return 0
     if not gguf:
         if args.quant or args.adapter:

@@ -10,6 +10,7 @@ peft writes them, and the base weights keep their Hugging Face names once `base_
 at step 0 the adapted model is the base model.
 """
 
+import dataclasses
 import json
 import math
 import re
@@ -380,6 +381,10 @@ def load_adapter(model: nn.Module, folder: Path, merge: bool = True) -> nn.Modul
         module = model.get_submodule(module_name)
         _copy(params[name], tensor, name, folder, check_only=True)
         setattr(module, attr, nn.Parameter(tensor.to(params[name].device, params[name].dtype), requires_grad=False))
+    config = getattr(model, "config", None)
+    if saved and getattr(config, "tie_word_embeddings", False) and \
+            model.embed_out.weight is not model.gpt_neox.embed_in.weight:  # (the saved copy untied them, as in peft)
+        model.config = dataclasses.replace(config, tie_word_embeddings=False)  # (so .to() and saving keep them apart)
     for param in model.parameters():  # an inference model: nothing trains
         param.requires_grad_(False)
     return merge_lora(model) if merge else model

@@ -12,13 +12,15 @@ What llama.cpp's GPT-NeoX loader reads, and how neoxko's model maps onto it:
   the Hugging Face tokenizer does), the other special tokens as control tokens, bos/eos/pad, the chat template.
 
 read_gguf turns a GPT-NeoX GGUF file (ours, or llama.cpp's converter's or quantizer's, in any quantization the gguf
-package dequantizes) back into a float Hugging Face folder with its tokenizer.
+package dequantizes) back into a Hugging Face folder with its tokenizer: bf16 or f16 where the file's matrices all are,
+else float32; a head equal to the embedding is tied again.
 
 Quantizations: bf16, f16, q8_0 and q4_0 are written here (q4_0 keeps the embedding and the head in q8_0, as llama.cpp
 raises its head for small quantizations); q4_k_m is made from an f16 file by llama.cpp's own quantizer (needs
 llama-cpp-python). A matrix whose rows the quantization's blocks cannot divide is refused by name.
 """
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -237,8 +239,9 @@ def detect(path: Path) -> bool:
 
 def read_gguf(path: str | Path, folder: str | Path) -> Path:
     """A GGUF file of a GPT-NeoX model (ours, llama.cpp's converter's or quantizer's, any quantization) written as a
-    Hugging Face folder: config.json, float32 model.safetensors (every quantized tensor dequantized by the gguf
-    package) and tokenizer.json rebuilt from the file's byte-level BPE vocabulary and merges."""
+    Hugging Face folder: config.json, model.safetensors (every quantized tensor dequantized by the gguf package; in
+    bf16 or f16 where the file's matrices all are, else float32) and tokenizer.json rebuilt from the file's byte-level
+    BPE vocabulary and merges."""
     from safetensors.torch import save_file
 
     from neoxko.config import ModelConfig
@@ -277,6 +280,11 @@ def read_gguf(path: str | Path, folder: str | Path) -> Path:
             back[theirs] = ours
     state = {}
     size = width // heads
+    types = {t.tensor_type for t in reader.tensors if len(t.shape) > 1}
+    # the file's own precision where its matrices all have one that safetensors holds; else float32 (exact for every
+    # quantization's values)
+    dtype = {gguf.GGMLQuantizationType.BF16: torch.bfloat16, gguf.GGMLQuantizationType.F16: torch.float16}.get(
+        next(iter(types)), torch.float32) if len(types) == 1 else torch.float32
     for tensor in reader.tensors:
         ours = back.get(tensor.name)
         if ours is None:
@@ -286,19 +294,23 @@ def read_gguf(path: str | Path, folder: str | Path) -> Path:
         if ours.endswith("attention.query_key_value.weight") or ours.endswith("attention.query_key_value.bias"):
             data = data.reshape(3, heads, size, *data.shape[1:]).transpose(0, 1).reshape(data.shape)  # per head again
         state[ours] = data.contiguous()
+    head, embedding = state.get("embed_out.weight"), state.get("gpt_neox.embed_in.weight")
+    if head is not None and embedding is not None and torch.equal(head, embedding):  # (written out for llama.cpp)
+        config = dataclasses.replace(config, tie_word_embeddings=True)
     if config.tie_word_embeddings:
         state.pop("embed_out.weight", None)
+    state = {name: tensor.to(dtype) for name, tensor in state.items()}
     missing = sorted(set(expected) - set(state) - ({"embed_out.weight"} if config.tie_word_embeddings else set()))
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing[:3])}; it is not a whole GPT-NeoX model")
     folder.mkdir(parents=True, exist_ok=True)
-    config.save(folder / "config.json", dtype="float32")
+    config.save(folder / "config.json", dtype=str(dtype).removeprefix("torch."))
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    _write_tokenizer(gguf, fields, path, folder)
+    _write_tokenizer(gguf, fields, path, folder, config.max_position_embeddings)
     return folder
 
 
-def _write_tokenizer(gguf, fields: dict, path: Path, folder: Path) -> None:
+def _write_tokenizer(gguf, fields: dict, path: Path, folder: Path, max_length: int) -> None:
     """tokenizer.json (and tokenizer_config.json) from the file's vocabulary: byte-level BPE with GPT-2's split."""
     if fields.get("tokenizer.ggml.model") != "gpt2":
         raise CheckpointError(f"{path} has a {fields.get('tokenizer.ggml.model')!r} tokenizer; neoxko rebuilds "
@@ -323,7 +335,9 @@ def _write_tokenizer(gguf, fields: dict, path: Path, folder: Path) -> None:
                       "vocab": vocab, "merges": merges}}
     (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     eos = fields.get("tokenizer.ggml.eos_token_id")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": max_length,
+              "additional_special_tokens": [a["content"] for a in added if a["special"]]}
     if eos is not None and eos < len(tokens):
         config["eos_token"] = tokens[eos]
     if fields.get("tokenizer.chat_template"):

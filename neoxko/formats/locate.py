@@ -27,7 +27,7 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> 
     if str(path_or_id) in BUILTIN:
         return BUILTIN[str(path_or_id)]
     if path.exists():
-        if path.suffix.lower() == ".gguf":
+        if path.is_file() and _gguf_magic(path):
             raise CheckpointError(f"{path} is a GGUF file; `neoxko export {path} --format hf --output FOLDER` turns it "
                                   "into a folder neoxko loads")
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
@@ -60,3 +60,8 @@ def adapter_base(folder: Path) -> Path | None:
                               f"pass the base as the model and this folder as the adapter (--model BASE --adapter "
                               f"{folder})")
     return resolve(base)
+
+
+def _gguf_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
