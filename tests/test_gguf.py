@@ -293,3 +293,14 @@ def test_gguf_files_neoxko_cannot_read_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"llama.gguf holds a 'llama' model; neoxko reads GPT-NeoX \('gptneox'\) "
                                               r"GGUF files"):
         read_gguf(tmp_path / "llama.gguf", tmp_path / "out")
+
+
+def test_the_chat_template_rides_in_the_file_and_back(tmp_path):
+    from neoxko.chat_template import tokenizer_template
+    from neoxko.checkpoint import resolve
+    from neoxko.formats.gguf import read_gguf
+
+    path = _export(tmp_path, "q8_0", model="ko-small-chat")  # (an adapter folder with its own chat template)
+    template = tokenizer_template(resolve("ko-small-chat"))
+    assert template and gguf.GGUFReader(str(path)).fields["tokenizer.chat_template"].contents() == template
+    assert tokenizer_template(read_gguf(path, tmp_path / "back")) == template

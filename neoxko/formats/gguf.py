@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neoxko.chat_template import tokenizer_template
 from neoxko.errors import CheckpointError
+from neoxko.formats.locate import is_gguf
 from neoxko.tokenizer import PII_TOKENS
 
 QUANTS = ("bf16", "f16", "q8_0", "q4_0", "q4_k_m")  # written; read: any quantization the gguf package dequantizes
@@ -179,10 +181,10 @@ def _add_tokenizer(gguf, writer, model) -> None:
         writer.add_bos_token_id(bos)
     if eos is not None:
         writer.add_eos_token_id(eos)
-        writer.add_pad_token_id(config.pad_token_id if getattr(config, "pad_token_id", None) is not None else eos)
+        writer.add_pad_token_id(eos)  # (GPT-NeoX has no pad token: eos pads, as transformers pads it)
     writer.add_add_bos_token(False)  # (GPT-NeoX text starts without one, as neoxko and transformers encode it)
     writer.add_add_eos_token(False)
-    template = _chat_template(folder)
+    template = tokenizer_template(folder)
     if template:
         writer.add_chat_template(template)
 
@@ -198,17 +200,6 @@ def _place(tokens: list, i: int, token: str, file: Path, replace: bool = False) 
 
 def _id(spec: dict, token: str) -> int | None:
     return next((a["id"] for a in spec.get("added_tokens", []) if a["content"] == token), None)
-
-
-def _chat_template(folder: Path) -> str | None:
-    for name in ("chat_template.jinja",):
-        if (folder / name).is_file():
-            return (folder / name).read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
 
 
 def _llama_quantize(model, path: Path, name: str | None) -> Path:
@@ -229,12 +220,8 @@ def _llama_quantize(model, path: Path, name: str | None) -> Path:
 
 
 def detect(path: Path) -> bool:
-    """Whether path is a GGUF file (its magic)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with path.open("rb") as f:
-        return f.read(4) == b"GGUF"
+    """Whether path is a GGUF file (by its magic bytes, not its name)."""
+    return is_gguf(Path(path))
 
 
 def read_gguf(path: str | Path, folder: str | Path) -> Path:

@@ -21,11 +21,6 @@ SKIPPED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_f
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def detect(quant: dict) -> bool:
-    """A folder without a quantization_config holds float weights."""
-    return not quant
-
-
 def read_config(folder: Path) -> ModelConfig:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face model folder?")

@@ -27,7 +27,7 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> 
     if str(path_or_id) in BUILTIN:
         return BUILTIN[str(path_or_id)]
     if path.exists():
-        if path.is_file() and _gguf_magic(path):
+        if is_gguf(path):
             raise CheckpointError(f"{path} is a GGUF file; `neoxko export {path} --format hf --output FOLDER` turns it "
                                   "into a folder neoxko loads")
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
@@ -62,6 +62,9 @@ def adapter_base(folder: Path) -> Path | None:
     return resolve(base)
 
 
-def _gguf_magic(path: Path) -> bool:
+def is_gguf(path: Path) -> bool:
+    """Whether path is a GGUF file: by its first four bytes, not its name."""
+    if not path.is_file():
+        return False
     with path.open("rb") as f:
         return f.read(4) == b"GGUF"
