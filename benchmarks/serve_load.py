@@ -94,14 +94,17 @@ def stream(port: int, body: dict) -> list[float]:
     return times
 
 
-def run_level(port: int, clients: int, requests: int, max_tokens: int) -> dict:
+def run_level(port: int, clients: int, requests: int, max_tokens: int, models: list[str] | None = None,
+              extra: dict | None = None) -> dict:
+    """models: request n names models[n % len(models)] (adapters); extra: more request fields."""
     results, lock, counter = [], threading.Lock(), iter(range(requests))
 
     def client() -> None:
         while (n := next(counter, None)) is not None:
             # temperature 0.8 with its own seed, and no end of text: every request makes max_tokens tokens
             body = {"prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40,
-                    "seed": n, "ignore_eos": True}
+                    "seed": n, "ignore_eos": True} | ({"model": models[n % len(models)]} if models else {}) | \
+                (extra or {})
             try:
                 outcome = complete(port, body)
             except OSError as e:
@@ -143,6 +146,57 @@ def load_table(args) -> None:
                       flush=True)
     finally:
         server.close()
+
+
+def make_adapters(base: str, tmp: Path, count: int) -> list[Path]:
+    """count LoRA adapters on all four kinds of linear layer (ranks 8 and 16), random A and B, in peft's format."""
+    import torch
+
+    from neoxko.checkpoint import load_model
+    from neoxko.finetune.lora import TARGETS, LoraSettings, apply_lora, is_lora_key, save_adapter
+
+    folders = []
+    for i in range(count):
+        torch.manual_seed(i)
+        model = load_model(base, dtype="float32")
+        settings = LoraSettings(r=8 * (1 + i % 2), alpha=16, dropout=0, targets=TARGETS)
+        apply_lora(model, settings)
+        state = {name: torch.randn_like(t) * 0.02 for name, t in model.state_dict().items() if is_lora_key(name)}
+        folders.append(save_adapter(state, settings, tmp / f"adapter{i}", base))
+    return folders
+
+
+def lora_table(args) -> None:
+    """4 adapters served unmerged (each request names one) against one merged model, at 16 clients."""
+    from neoxko.checkpoint import load_model, resolve, save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        adapters = make_adapters(args.model, tmp, 4)
+        merged = tmp / "merged"
+        save_model(load_model(args.model, adapter=adapters[0]), merged)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (resolve(args.model) / name).exists():
+                shutil.copy(resolve(args.model) / name, merged / name)
+        print(f"\n## 4 LoRA adapters unmerged vs 1 merged model: {args.model}, 16 clients, {args.lora_requests} "
+              f"requests of {args.lora_tokens} tokens, --max-batch {args.max_batch}\n")
+        print("| served | requests name | tokens/s | p50 s | p99 s | failed | vs merged |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        loras = [f"a{i}={folder}" for i, folder in enumerate(adapters)]
+        runs = [("merged model (adapter 0)", str(merged), [], None),
+                ("base + 4 adapters, unmerged", args.model, ["--lora", *loras], ["a0", "a1", "a2", "a3"]),
+                ("base + 4 adapters, unmerged", args.model, ["--lora", *loras], None)]
+        base = None
+        for label, model, extra, models in runs:
+            server = Server(model, "--max-batch", str(args.max_batch), *extra)
+            try:
+                run_level(server.port, 16, 16, args.lora_tokens, models)  # warm-up
+                r = run_level(server.port, 16, args.lora_requests, args.lora_tokens, models)
+            finally:
+                server.close()
+            base = base or r["tokens_per_s"]
+            print(f"| {label} | {'a0..a3 in turn' if models else 'the base'} | {r['tokens_per_s']:.0f} | "
+                  f"{r['p50']:.2f} | {r['p99']:.2f} | {r['failed']} | {r['tokens_per_s'] / base:.2f}x |", flush=True)
 
 
 def long_prompt_folder(tmp: Path) -> Path:
@@ -226,12 +280,21 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="more `neoxko serve` arguments, e.g. '--quantize int8'")
     parser.add_argument("--long-tokens", type=int, default=1500)
     parser.add_argument("--chunks", default="128,256,512", help="--prefill-chunk values to compare")
-    parser.add_argument("--skip-long", action="store_true", help="only the throughput table")
+    parser.add_argument("--skip-long", action="store_true", help="no long-prompt table")
+    parser.add_argument("--tables", default="throughput,long,lora",
+                        help="which tables: throughput, long (a long prompt among streams), lora (4 adapters vs "
+                             "merged)")
+    parser.add_argument("--lora-requests", type=int, default=64)
+    parser.add_argument("--lora-tokens", type=int, default=64)
     args = parser.parse_args()
+    tables = set(args.tables.split(",")) - ({"long"} if args.skip_long else set())
     print(describe())
-    load_table(args)
-    if not args.skip_long:
+    if "throughput" in tables:
+        load_table(args)
+    if "long" in tables:
         long_prompt_table(args)
+    if "lora" in tables:
+        lora_table(args)
 
 
 if __name__ == "__main__":

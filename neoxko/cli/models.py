@@ -65,6 +65,15 @@ def add_commands(commands) -> None:
                           "still gets a whole (non-streaming) response; without it such a client is taken for gone, as "
                           "nginx takes it: its row is freed and it gets 499 (streams are served either way: their "
                           "writes tell)")
+    srv.add_argument("--lora", "--lora-modules", action="extend", nargs="+", default=[], metavar="NAME=FOLDER",
+                     help="serve a LoRA adapter (ours or peft's; a folder or a hub id) unmerged under NAME: a request "
+                          "whose model is NAME runs with it, batched with requests for the base and other adapters "
+                          "(several after one --lora, or --lora again; a bare FOLDER is named after its last part)")
+    srv.add_argument("--max-loras", type=int, default=4,
+                     help="adapters held in the model at once; another one evicts the least recently used idle one")
+    srv.add_argument("--max-lora-rank", type=int, default=64, help="adapters of a higher rank are refused")
+    srv.add_argument("--allow-runtime-lora", action="store_true",
+                     help="open POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's); set --api-key too")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests may finish before they are ended")
     srv.set_defaults(run=run_serve)
@@ -157,8 +166,12 @@ def run_serve(args: argparse.Namespace) -> int:
         raise NeoxkoError("--prefill-chunk and --limit-concurrency must be at least 1, --prefix-cache-rows at least 0")
     template, stops = chat.load_template(args.chat_template) if args.chat_template else (None, ())
     name = args.served_model_name or str(args.model)
+    loras = [_lora_option(option) for option in args.lora]
+    if len({n for n, _ in loras} | {name}) != len(loras) + 1:
+        raise NeoxkoError(f"--lora names must differ from each other and from the model's ({name!r}): got "
+                          f"{', '.join(n for n, _ in loras)}")
     settings = ServeSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                             allow_half_close=args.allow_half_close,
+                             allow_half_close=args.allow_half_close, allow_runtime_lora=args.allow_runtime_lora,
                              mask_pii=args.mask_pii, body_timeout_s=args.body_timeout, chat_template=template,
                              chat_stop=stops)
     limits = Limits(header_timeout_s=args.header_timeout, limit_concurrency=args.limit_concurrency,
@@ -179,8 +192,17 @@ def run_serve(args: argparse.Namespace) -> int:
         model = load_model(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                            group_size=args.group_size)
         eos = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
+        adapters = None
+        if loras or args.allow_runtime_lora:
+            from neoxko.formats.locate import resolve
+            from neoxko.serve.adapter_routes import ADAPTER_FILES
+            from neoxko.serve.adapters import AdapterSlots
+
+            adapters = AdapterSlots(model, max_loras=args.max_loras, max_rank=args.max_lora_rank)
+            for lora_name, folder in loras:
+                adapters.register(lora_name, resolve(folder, allow_patterns=ADAPTER_FILES))
         engine = Engine(model, eos, max_batch=args.max_batch, max_queue=args.max_queue,
-                        prefill_chunk=args.prefill_chunk, prefix_rows=args.prefix_cache_rows)
+                        prefill_chunk=args.prefill_chunk, prefix_rows=args.prefix_cache_rows, adapters=adapters)
         return engine, tokenizer
 
     def ready() -> str:
@@ -190,11 +212,25 @@ def run_serve(args: argparse.Namespace) -> int:
         dtype = args.quantize or str(cache.k.dtype).removeprefix("torch.")
         return (f"neoxko: serving {name!r} on http://{host}:{port}/v1 ({args.max_batch} rows + "
                 f"{args.prefix_cache_rows} prefix rows, KV cache {cache_gb:.2f} GB, {dtype})"
+                + (f", adapters {', '.join(n for n, _ in loras)}" if loras else "")
+                + (", runtime adapter loading on" if args.allow_runtime_lora else "")
                 + (f", chat template {args.chat_template}" if args.chat_template else "")
                 + (", API key required" if args.api_key else ""))
 
     run(state, sock, load, limits, ready)
     return 0
+
+
+def _lora_option(option: str) -> tuple[str, str]:
+    """--lora NAME=FOLDER (vLLM's --lora-modules form), or a bare FOLDER named after its last part."""
+    from pathlib import Path
+
+    name, sep, folder = option.partition("=")
+    if not sep:
+        name, folder = Path(option.rstrip("/")).name, option
+    if not name or not folder:
+        raise NeoxkoError(f"--lora {option!r}: write NAME=FOLDER, e.g. --lora koalpaca=./adapters/koalpaca")
+    return name, folder
 
 
 def run_quantize(args: argparse.Namespace) -> int:

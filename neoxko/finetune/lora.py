@@ -234,15 +234,22 @@ def targeted(name: str, settings: LoraSettings) -> bool:
     return found is not None and int(found.group(1)) in settings.layers
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
-    """Wrap the target linear layers in place (each with its rank and scaling) and freeze everything else; returns
-    the wrapped layers' names."""
-    found = [(name, module) for name, module in model.named_modules()
+def target_layers(modules, settings: LoraSettings) -> list[tuple[str, nn.Module]]:
+    """Of modules ((name, module) pairs: a model's named_modules()), each linear layer the settings adapt; none is a
+    ConfigError naming GPT-NeoX's layers."""
+    found = [(name, module) for name, module in modules
              if targeted(name, settings) and hasattr(module, "in_features") and name != "embed_out"]
     if not found:
         blocks = f" (in blocks {list(settings.layers)})" if settings.layers else ""
         raise ConfigError(f"lora_targets {settings.targets!r} matched no linear layer{blocks}; GPT-NeoX's are "
                           f"{', '.join(TARGETS)}")
+    return found
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
+    """Wrap the target linear layers in place (each with its rank and scaling) and freeze everything else; returns
+    the wrapped layers' names."""
+    found = target_layers(model.named_modules(), settings)
     for param in model.parameters():
         param.requires_grad_(False)
     for name, module in found:
@@ -352,21 +359,9 @@ def load_adapter(model: nn.Module, folder: Path, merge: bool = True) -> nn.Modul
     settings, state, _ = read_adapter(folder)
     saved = {name: t for name, t in state.items() if not is_lora_key(name)}
     state = {name: t for name, t in state.items() if is_lora_key(name)}
-    for name, tensor in state.items():  # (before any memory is taken for the rank adapter_config.json claims)
-        layer_name = name.rpartition(".lora_")[0]
-        if name.endswith(".lora_A.weight") and tensor.shape[0] != settings.rank_for(layer_name):
-            raise CheckpointError(f"{folder}/{ADAPTER_CONFIG} gives {layer_name} rank {settings.rank_for(layer_name)}, "
-                                  f"but its lora_A holds rank {tensor.shape[0]}; the config is not this adapter's")
+    check_ranks(settings, state, folder)  # (before any memory is taken for the rank adapter_config.json claims)
     wrapped = apply_lora(model, settings)
-    expected = {f"{name}.lora_{ab}.weight" for name in wrapped for ab in "AB"}
-    if settings.dora:
-        expected |= {f"{name}.lora_magnitude_vector" for name in wrapped}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        what = (f"lacks {', '.join(missing[:3])}" if missing else "") + \
-            (f" holds {', '.join(unexpected[:3])}, which this model has no layer for" if unexpected else "")
-        raise CheckpointError(f"the adapter in {folder} does not fit this model: it {what.strip()} "
-                              f"(target_modules {settings.targets!r}); was it trained on another base model?")
+    check_tensors(wrapped, settings, state, folder)
     layers = lora_layers(model)
     for name, tensor in state.items():
         layer_name, _, rest = name.rpartition(".lora_")
@@ -388,6 +383,28 @@ def load_adapter(model: nn.Module, folder: Path, merge: bool = True) -> nn.Modul
     for param in model.parameters():  # an inference model: nothing trains
         param.requires_grad_(False)
     return merge_lora(model) if merge else model
+
+
+def check_ranks(settings: LoraSettings, state: dict[str, Tensor], folder: Path) -> None:
+    """Each lora_A holds the rank adapter_config.json gives its layer."""
+    for name, tensor in state.items():
+        layer_name = name.rpartition(".lora_")[0]
+        if name.endswith(".lora_A.weight") and tensor.shape[0] != settings.rank_for(layer_name):
+            raise CheckpointError(f"{folder}/{ADAPTER_CONFIG} gives {layer_name} rank {settings.rank_for(layer_name)}, "
+                                  f"but its lora_A holds rank {tensor.shape[0]}; the config is not this adapter's")
+
+
+def check_tensors(layers: list[str], settings: LoraSettings, state: dict[str, Tensor], folder: Path) -> None:
+    """The adapter's LoRA tensors are exactly those of the layers it adapts in this model."""
+    expected = {f"{name}.lora_{ab}.weight" for name in layers for ab in "AB"}
+    if settings.dora:
+        expected |= {f"{name}.lora_magnitude_vector" for name in layers}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        what = (f"lacks {', '.join(missing[:3])}" if missing else "") + \
+            (f" holds {', '.join(unexpected[:3])}, which this model has no layer for" if unexpected else "")
+        raise CheckpointError(f"the adapter in {folder} does not fit this model: it {what.strip()} "
+                              f"(target_modules {settings.targets!r}); was it trained on another base model?")
 
 
 def _copy(target: Tensor, tensor: Tensor, name: str, folder: Path, check_only: bool = False) -> None:

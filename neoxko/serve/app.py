@@ -8,7 +8,6 @@ engine thread hands each request's events over with call_soon_threadsafe.
 
 import asyncio
 import dataclasses
-import hmac
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,8 +22,10 @@ from starlette.exceptions import HTTPException
 from neoxko import __version__
 from neoxko import chat_template as chat
 from neoxko.errors import NeoxkoError
+from neoxko.serve.adapter_routes import add_adapter_routes
 from neoxko.serve.engine import Engine, Finished, QueueFull
 from neoxko.serve.engine import Request as EngineRequest
+from neoxko.serve.http import authorise, read_json
 from neoxko.serve.metrics import Metrics
 from neoxko.serve.protocol import (
     ApiError,
@@ -42,7 +43,8 @@ from neoxko.serve.responses import Choice, Responses
 from neoxko.tokenizer import Tokenizer
 
 ROUTES = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /tokenizer_info, POST /tokenize, "
-          "POST /detokenize, GET /version, GET /metrics and GET /health")
+          "POST /detokenize, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, GET /version, GET /metrics and "
+          "GET /health")
 
 
 @dataclass
@@ -86,7 +88,7 @@ def build_app(state: State) -> FastAPI:
         def wrap(handler):
             async def endpoint(request: Request):
                 if auth:
-                    _authorise(request, state.settings.api_key)
+                    authorise(request, state.settings.api_key)
                 if ready and state.engine is None:
                     raise ApiError(503, "the model is still loading; retry in a moment", kind="server_error",
                                    code="loading", headers={"Retry-After": "5"})
@@ -145,9 +147,15 @@ def build_app(state: State) -> FastAPI:
 
     @route("GET", "/v1/models")
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [
-            {"id": state.settings.model_name, "object": "model", "created": state.started, "owned_by": "neoxko",
-             "max_model_len": state.engine.max_len}]})
+        base = state.settings.model_name
+        card = {"object": "model", "created": state.started, "owned_by": "neoxko",
+                "max_model_len": state.engine.max_len}
+        adapters = state.engine.adapters
+        loras = [{"id": a.name, "root": str(a.folder), "parent": base} | card
+                 for a in (adapters.adapters.copy().values() if adapters is not None else ())]
+        return JSONResponse({"object": "list", "data": [{"id": base, "root": base, "parent": None} | card] + loras})
+
+    add_adapter_routes(route, state)
 
     @route("GET", "/tokenizer_info")
     async def tokenizer_info(request: Request):
@@ -197,7 +205,7 @@ def build_app(state: State) -> FastAPI:
         def work() -> Job:
             engine = state.engine
             return completion_job(parse(CompletionRequest, raw), state.tokenizer, state.settings, engine.max_len,
-                                  engine.model.config.vocab_size)
+                                  engine.model.config.vocab_size, engine.adapters)
         return await _respond(state, request, await run_in_threadpool(work))
 
     @route("POST", "/v1/chat/completions")
@@ -207,7 +215,8 @@ def build_app(state: State) -> FastAPI:
         def work() -> Job:
             body = parse(ChatRequest, raw)
             text = _render(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs or {})
-            return chat_job(body, state.tokenizer.encode(text), state.settings, state.engine.max_len)
+            return chat_job(body, state.tokenizer.encode(text), state.settings, state.engine.max_len,
+                            state.engine.adapters)
         return await _respond(state, request, await run_in_threadpool(work))
 
     return app
@@ -230,48 +239,6 @@ class _CountResponses:
             await send(message)
 
         await self.app(scope, receive, counted)
-
-
-def _authorise(request: Request, key: str | None) -> None:
-    if key is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time: no timing oracle
-        raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                       kind="authentication_error", code="invalid_api_key")
-
-
-async def read_json(request: Request, settings: ServeSettings) -> dict:
-    kind = request.headers.get("content-type", "")
-    if kind.split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, f"Content-Type must be application/json, got {kind or 'none'!r}")
-    limit, length = settings.max_body_bytes, request.headers.get("content-length", "")
-    size = f"{int(length):,}" if length.isdigit() else f"more than {limit:,}"
-    too_big = ApiError(413, f"the body is {size} bytes; the limit is {limit:,}", headers={"Connection": "close"})
-    if length.isdigit() and int(length) > limit:
-        raise too_big
-
-    async def read() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        raw = await asyncio.wait_for(read(), settings.body_timeout_s)
-    except asyncio.TimeoutError:  # builtin TimeoutError only from 3.11
-        raise ApiError(408, f"the body did not arrive within {settings.body_timeout_s:g} s",
-                       headers={"Connection": "close"}) from None
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the body must be a JSON object")
-    return body
 
 
 def _template(state: State, required: bool = True) -> str | None:
@@ -308,7 +275,8 @@ async def _respond(state: State, request: Request, job: Job) -> Response:
                 sampling = job.sampling if seed is None or c == 0 else dataclasses.replace(job.sampling, seed=seed + c)
                 requests.append(engine.submit(EngineRequest(
                     prompt, job.max_tokens, sampling, job.logprobs, events=sink, index=p * job.n + c,
-                    prompt_logprobs=job.echo and job.logprobs is not None, ignore_eos=job.ignore_eos)))
+                    prompt_logprobs=job.echo and job.logprobs is not None, ignore_eos=job.ignore_eos,
+                    adapter=job.adapter)))
     except QueueFull as e:
         for r in requests:
             r.cancel()
@@ -319,7 +287,7 @@ async def _respond(state: State, request: Request, job: Job) -> Response:
             r.cancel()
         raise ApiError(400, str(e), "max_tokens") from None
     choices = [Choice(state.tokenizer, r, job, job.prompt_texts[r.index // job.n]) for r in requests]
-    responses = Responses(job, state.settings.model_name)
+    responses = Responses(job, job.model)
     if job.stream:
         return StreamingResponse(_stream(state, requests, choices, sink, responses), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

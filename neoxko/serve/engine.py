@@ -10,6 +10,10 @@ chunk. A prompt that starts like a kept one copies those slots instead of comput
 Each request keeps its own sampling settings, generator, repetition-penalty memory and position; rows
 with the same settings are sampled together, each from its own generator, so every request gets the
 tokens it gets alone. Tokens go to each request's own queue as events.
+
+With adapters (AdapterSlots), a request may name a LoRA adapter: the engine places it in a slot when it admits the
+request (a request whose adapter finds no free slot waits at the head of the queue), each forward runs every row
+with its own adapter, and the prefix cache keeps prompts apart by adapter.
 """
 
 import queue
@@ -26,6 +30,7 @@ from torch import Tensor
 from neoxko.errors import NeoxkoError
 from neoxko.generate import Sampling, apply_repetition_penalty, sample
 from neoxko.model import GPTNeoX, Step
+from neoxko.serve.adapters import Adapter, AdapterSlots
 from neoxko.serve.prefix import PrefixCache
 
 
@@ -45,6 +50,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     index: int = 0  # which choice of a response it is; events carry it, so choices can share one queue
     ignore_eos: bool = False  # the end-of-text token is a token like any other
+    adapter: Adapter | None = None  # the LoRA adapter it runs with (None: the base model)
 
     def cancel(self) -> None:
         """Stop generating (a stop string was seen, or the client went away); the row frees at the next step."""
@@ -86,6 +92,7 @@ class _Run:
         self.reused = 0  # prompt tokens copied from the prefix cache
         self.prompt_logprobs: list[float | None] | None = [None] if request.prompt_logprobs else None
         self.prompt_top: list | None = [None] if request.prompt_logprobs and request.logprobs else None
+        self.slot: int | None = None  # the adapter slot it holds
 
     @property
     def top_k(self) -> int:
@@ -94,7 +101,8 @@ class _Run:
 
 class Engine:
     def __init__(self, model: GPTNeoX, eos_id: int | None, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, prefill_chunk: int = 256, prefix_rows: int = 2, prefix_min: int = 16):
+                 max_len: int | None = None, prefill_chunk: int = 256, prefix_rows: int = 2, prefix_min: int = 16,
+                 adapters: AdapterSlots | None = None):
         if prefill_chunk < 1:
             raise NeoxkoError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.model = model
@@ -103,6 +111,8 @@ class Engine:
         self.max_len = max_len or model.config.max_position_embeddings
         self.device = model.gpt_neox.embed_in.weight.device
         self.waiting: queue.Queue[Request] = queue.Queue()
+        self.blocked: Request | None = None  # taken from the queue, waiting for an adapter slot to free
+        self.adapters = adapters
         self.running: list[_Run] = []  # decoding; running[i] holds cache row i
         self.prefilling: list[_Run] = []  # in any free rows, in arrival order
         self.stats = Counter()  # requests, finished_<reason>, prompt_tokens, generated_tokens, decode_steps, ...
@@ -154,7 +164,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self.busy_rows and self.waiting.empty()
+        return not self.busy_rows and self.waiting.empty() and self.blocked is None
 
     # -- engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -169,6 +179,9 @@ class Engine:
     def _iteration(self) -> None:
         if self._abort is not None:
             self._end_all(self.running + self.prefilling, self._abort)
+            if self.blocked is not None:
+                self.blocked.events.put(Finished(self._abort, index=self.blocked.index))
+                self.blocked = None
             while not self.waiting.empty():
                 request = self.waiting.get_nowait()
                 request.events.put(Finished(self._abort, index=request.index))
@@ -198,6 +211,7 @@ class Engine:
 
     def _end_all(self, runs: list[_Run], reason: str) -> None:
         for run in runs:
+            self._release(run)
             run.request.events.put(Finished(reason, index=run.request.index))
             self.stats[f"finished_{reason.split(':')[0]}"] += 1
         self.running = [r for r in self.running if r not in runs]
@@ -208,27 +222,40 @@ class Engine:
 
     def _admit(self) -> None:
         while self.busy_rows < self.max_batch:
-            try:
-                request = self.waiting.get_nowait()
-            except queue.Empty:
-                return
+            if self.blocked is not None:
+                request, self.blocked = self.blocked, None
+            else:
+                try:
+                    request = self.waiting.get_nowait()
+                except queue.Empty:
+                    return
             if request.cancelled.is_set():
                 self.stats["finished_cancelled"] += 1
                 request.events.put(Finished("cancelled", index=request.index))
                 continue
+            slot = None
+            if request.adapter is not None:
+                slot = self.adapters.acquire(request.adapter)
+                if slot is None:  # every slot serves running requests: it waits, first in line, for one to free
+                    self.blocked = request
+                    return
             try:
-                self.prefilling.append(self._start(request))
+                self.prefilling.append(self._start(request, slot))
             except Exception as e:  # this request ends with the error; the others go on
+                if slot is not None:
+                    self.adapters.release(slot)
                 self._failed()
                 self.stats["finished_error"] += 1
                 request.events.put(Finished(f"error: {e}", index=request.index))
 
-    def _start(self, request: Request) -> "_Run":
+    def _start(self, request: Request, slot: int | None) -> "_Run":
         """A run for request in a free row, with what the prefix cache has of its prompt already in place."""
         used = {r.row for r in self.running + self.prefilling}
         row = next(i for i in range(self.max_batch) if i not in used)
         run = _Run(request, row, self.model.config.vocab_size, self.device)
-        reused = self.prefix.lookup(request.prompt, run.top_k if request.prompt_logprobs else None)
+        run.slot = slot
+        reused = self.prefix.lookup(request.prompt, run.top_k if request.prompt_logprobs else None,
+                                    _key(request.adapter))
         if reused is not None:
             entry, n = reused
             self.prefix.copy_to(entry, row, n)
@@ -260,6 +287,7 @@ class Engine:
             pos[i] = torch.arange(start, start + T).clamp_(max=self.max_len - 1)
         kv_len = int(pos.max()) + 1
         rows = torch.tensor([run.row for run, _, _ in parts])
+        self._select([run for run, _, _ in parts])
         hidden = self.model.hidden_states(idx.to(self.device), Step(input_pos=pos.to(self.device),
                                                                     rows=rows.to(self.device), kv_len=kv_len))
         self.stats["prefill_chunks"] += 1
@@ -288,7 +316,8 @@ class Engine:
         for run in done:
             self.prefilling.remove(run)
             if run.reused < len(run.request.prompt) // 2:  # mostly new: keep it for later prompts like it
-                self.prefix.store(run.request.prompt, run.row, run.prompt_logprobs, run.prompt_top)
+                self.prefix.store(run.request.prompt, run.row, run.prompt_logprobs, run.prompt_top,
+                                  _key(run.request.adapter))
             self._move(run, len(self.running))
             self.running.append(run)
         self._emit(done, logits)
@@ -299,6 +328,7 @@ class Engine:
         tokens = torch.tensor([[r.last] for r in runs], device=self.device)
         positions = torch.tensor([[r.position] for r in runs], device=self.device)
         kv_len = int(positions.max()) + 1
+        self._select(runs)
         logits = self.model(tokens, Step(input_pos=positions, kv_len=kv_len))[:, -1]
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(runs)
@@ -361,6 +391,7 @@ class Engine:
         for run in list(self.prefilling):
             if run.request.cancelled.is_set():
                 self.prefilling.remove(run)
+                self._release(run)
                 self.stats["finished_cancelled"] += 1
                 run.request.events.put(Finished("cancelled", index=run.request.index))
         for run in list(self.running):
@@ -376,8 +407,19 @@ class Engine:
             self.running.remove(last)
             self.running.insert(run.row, last)
             self._move(last, run.row)
+        self._release(run)
         self.stats[f"finished_{reason}"] += 1
         run.request.events.put(Finished(reason, run.prompt_logprobs, run.request.index, run.prompt_top))
+
+    # -- adapters -----------------------------------------------------------------------------
+    def _select(self, runs: list[_Run]) -> None:
+        if self.adapters is not None:
+            self.adapters.select([run.slot for run in runs])
+
+    def _release(self, run: _Run) -> None:
+        if run.slot is not None:
+            self.adapters.release(run.slot)
+            run.slot = None
 
     # -- cache rows ---------------------------------------------------------------------------
     def _layers_kv(self) -> list:
@@ -399,3 +441,8 @@ class Engine:
         if other is not None:
             other.row = run.row
         run.row = row
+
+
+def _key(adapter: Adapter | None) -> int:
+    """The prefix cache's key of an adapter: its keys and values differ from the base model's and from each other's."""
+    return adapter.uid if adapter is not None else 0

@@ -21,6 +21,7 @@ class Entry:
     logprobs: list | None
     top: list | None  # top alternatives at each position, or None
     top_k: int
+    key: int = 0  # the adapter the slots were computed with (0: the base model)
 
 
 class PrefixCache:
@@ -30,16 +31,18 @@ class PrefixCache:
         self.entries: list[Entry] = []  # least recently used first
         self.min_tokens = min_tokens
 
-    def lookup(self, prompt: list[int], need_k: int | None) -> tuple[Entry, int] | None:
+    def lookup(self, prompt: list[int], need_k: int | None, key: int = 0) -> tuple[Entry, int] | None:
         """The entry sharing the longest prefix with prompt, and how many slots to copy (None if too few).
 
         need_k None: the request wants no prompt log-probabilities; else it wants them with need_k
-        alternatives each."""
+        alternatives each. key: the adapter the prompt runs with; only its entries serve it."""
         if not self.entries or len(prompt) <= self.min_tokens:
             return None
         tokens = np.asarray(prompt)
         best, best_n = None, 0
         for entry in self.entries:
+            if entry.key != key:
+                continue
             if need_k is not None and (entry.logprobs is None or entry.top_k < need_k):
                 continue
             m = min(len(tokens), len(entry.tokens))
@@ -59,7 +62,7 @@ class PrefixCache:
             cache.k[row, :, :n].copy_(cache.k[entry.row, :, :n])
             cache.v[row, :, :n].copy_(cache.v[entry.row, :, :n])
 
-    def store(self, prompt: list[int], row: int, logprobs: list | None, top: list | None) -> None:
+    def store(self, prompt: list[int], row: int, logprobs: list | None, top: list | None, key: int = 0) -> None:
         """Keep the prompt now in cache row `row` (its slots 0..len-1), evicting the least recently used."""
         if len(prompt) <= self.min_tokens or not (self.free or self.entries):
             return
@@ -70,4 +73,4 @@ class PrefixCache:
             cache.v[into, :, :n].copy_(cache.v[row, :, :n])
         top_k = len(next((t for t in top if t), [])) if top else 0
         self.entries.append(Entry(np.asarray(prompt), into, list(logprobs) if logprobs else None,
-                                  list(top) if top else None, top_k))
+                                  list(top) if top else None, top_k, key))

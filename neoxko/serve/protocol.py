@@ -37,6 +37,7 @@ class ServeSettings:
     mask_pii: bool = False  # mask PII in every response (a request can also ask with "mask_pii": true)
     body_timeout_s: float = 30.0  # a body that takes longer to arrive gets 408
     allow_half_close: bool = False  # a non-streaming client that half-closes its socket still gets its response
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are open (with the key)
     chat_template: str | None = None  # jinja source; None: the tokenizer's own, if it has one
     chat_stop: tuple[str, ...] = ()  # stop strings the template implies (the next turn's header)
 
@@ -232,10 +233,14 @@ class Job:
     mask_pii: bool = False
     chat: bool = False
     ignore_eos: bool = False
+    model: str = ""  # the name the response gives: the served model's, or the adapter's the request named
+    adapter: Any = None  # the LoRA adapter (serve.adapters.Adapter) it runs with; None: the base model
 
 
-def completion_job(request: CompletionRequest, tokenizer, settings: ServeSettings, max_len: int, vocab: int) -> Job:
-    _check_model(request, settings)
+def completion_job(request: CompletionRequest, tokenizer, settings: ServeSettings, max_len: int, vocab: int,
+                   adapters=None) -> Job:
+    """adapters: the server's AdapterSlots, if it serves LoRA adapters (a request's model may name one)."""
+    adapter = _check_model(request, settings, adapters)
     if any(not isinstance(p, str) and not all(0 <= t < vocab for t in p) for p in request.prompt):
         raise ApiError(400, f"prompt token ids must be in [0, {vocab})", "prompt")  # (before any is decoded)
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in request.prompt]
@@ -250,11 +255,12 @@ def completion_job(request: CompletionRequest, tokenizer, settings: ServeSetting
         raise ApiError(400, "echo with logprobs is not supported when streaming; send stream: false", "echo")
     return Job(ids, texts, max_tokens, _sampling(request), request.stop, _n(request, settings), request.echo,
                request.logprobs, request.stream, _usage_wanted(request), request.mask_pii or settings.mask_pii,
-               ignore_eos=request.ignore_eos)
+               ignore_eos=request.ignore_eos, model=request.model or settings.model_name, adapter=adapter)
 
 
-def chat_job(request: ChatRequest, prompt_ids: list[int], settings: ServeSettings, max_len: int) -> Job:
-    _check_model(request, settings)
+def chat_job(request: ChatRequest, prompt_ids: list[int], settings: ServeSettings, max_len: int,
+             adapters=None) -> Job:
+    adapter = _check_model(request, settings, adapters)
     if not prompt_ids:
         raise ApiError(400, "the chat template made an empty prompt", "messages")
     asked = request.max_completion_tokens or request.max_tokens
@@ -268,13 +274,21 @@ def chat_job(request: ChatRequest, prompt_ids: list[int], settings: ServeSetting
     stop = request.stop + [s for s in settings.chat_stop if s not in request.stop]
     return Job([prompt_ids], [""], max_tokens, _sampling(request), stop, _n(request, settings), logprobs=logprobs,
                stream=request.stream, include_usage=_usage_wanted(request),
-               mask_pii=request.mask_pii or settings.mask_pii, chat=True, ignore_eos=request.ignore_eos)
+               mask_pii=request.mask_pii or settings.mask_pii, chat=True, ignore_eos=request.ignore_eos,
+               model=request.model or settings.model_name, adapter=adapter)
 
 
-def _check_model(request: _Sampled, settings: ServeSettings) -> None:
-    if request.model is not None and request.model != settings.model_name:
+def _check_model(request: _Sampled, settings: ServeSettings, adapters) -> Any:
+    """The adapter the request's model names (None: the served model itself); a name not served is a 404."""
+    if request.model is None or request.model == settings.model_name:
+        return None
+    adapter = adapters.get(request.model) if adapters is not None else None
+    if adapter is None:
+        names = [settings.model_name] + (adapters.names() if adapters is not None else [])
         raise ApiError(404, f"model {request.model!r} is not served here; this server serves "
-                            f"{settings.model_name!r}", "model", code="model_not_found")
+                            f"{', '.join(map(repr, names))} (GET /v1/models lists them)", "model",
+                       code="model_not_found")
+    return adapter
 
 
 def _fit(max_tokens: int, longest: int, max_len: int) -> int:
