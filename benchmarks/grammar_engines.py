@@ -45,9 +45,14 @@ def hf_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|endoftext|>")
 
 
+LONG_SCHEMA = {"type": "object", "properties": {"답변": {"type": "string"}}, "required": ["답변"]}
+SENTENCE = "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. "
+LONG_ANSWER = json.dumps({"답변": SENTENCE * 4}, ensure_ascii=False)
+
+
 def constraints():
     import re
-    return [("json schema", SCHEMA, ANSWER), ("regex", REGEX, REGEX_ANSWER),
+    return [("json schema", SCHEMA, ANSWER), ("json, long", LONG_SCHEMA, LONG_ANSWER), ("regex", REGEX, REGEX_ANSWER),
             ("choice", "(" + "|".join(re.escape(c) for c in CHOICES) + ")", CHOICE_ANSWER)]
 
 
@@ -59,7 +64,7 @@ def run_llguidance(tok, kind, spec, answer, ids):
     t0 = time.perf_counter()
     lltok = llguidance.hf.from_tokenizer(tok, n_vocab=VOCAB)
     t_tok = time.perf_counter() - t0
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(spec) if kind == "json schema" else \
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(spec) if kind.startswith("json") else \
         llguidance.LLMatcher.grammar_from_regex(spec)
     t0 = time.perf_counter()
     matcher = llguidance.LLMatcher(lltok, grammar)
@@ -87,7 +92,7 @@ def run_xgrammar(tok, kind, spec, answer, ids):
     compiler = xgr.GrammarCompiler(info, max_threads=1)
     t_tok = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled = compiler.compile_json_schema(json.dumps(spec)) if kind == "json schema" else \
+    compiled = compiler.compile_json_schema(json.dumps(spec)) if kind.startswith("json") else \
         compiler.compile_regex(spec)
     matcher = xgr.GrammarMatcher(compiled)
     compile_s = time.perf_counter() - t0
@@ -111,7 +116,7 @@ def run_outlines(tok, kind, spec, answer, ids):
     t0 = time.perf_counter()
     vocab = outlines_vocabulary(tok)
     t_tok = time.perf_counter() - t0
-    regex = build_regex_from_schema(json.dumps(spec)) if kind == "json schema" else spec
+    regex = build_regex_from_schema(json.dumps(spec)) if kind.startswith("json") else spec
     t0 = time.perf_counter()
     index = outlines_core.Index(regex, vocab)
     guide = outlines_core.Guide(index)

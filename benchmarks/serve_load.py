@@ -199,15 +199,74 @@ def lora_table(args) -> None:
                   f"{r['p50']:.2f} | {r['p99']:.2f} | {r['failed']} | {r['tokens_per_s'] / base:.2f}x |", flush=True)
 
 
-def long_prompt_folder(tmp: Path) -> Path:
-    """ko-small's shape with a 2,048-token context, random weights, the built-in tokenizer."""
+MEMBER = {"type": "object", "properties": {
+    "이름": {"type": "string", "maxLength": 10}, "나이": {"type": "integer", "minimum": 0, "maximum": 120},
+    "도시": {"enum": ["서울특별시", "부산광역시", "대구광역시", "제주특별자치도"]},
+    "소개": {"type": "string"}}, "required": ["이름", "나이", "도시", "소개"], "additionalProperties": False}
+CONSTRAINTS = {
+    "free text": None,
+    "JSON schema (Korean strings, an enum)": {"response_format": {"type": "json_schema",
+                                                                  "json_schema": {"schema": MEMBER}}},
+    "any JSON object": {"response_format": {"type": "json_object"}},
+    "regex [가-힣 ,.0-9]+": {"structured_outputs": {"regex": "[가-힣 ,.0-9]+"}},
+}
+
+
+def stream_gaps(port: int, clients: int, requests: int, max_tokens: int, extra: dict | None) -> dict:
+    """Streams requests over clients threads; the gaps between consecutive tokens of each stream (prefill apart)."""
+    gaps, tokens, lock, counter = [], [], threading.Lock(), iter(range(requests))
+
+    def client() -> None:
+        while (n := next(counter, None)) is not None:
+            times = stream(port, {"prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
+                                  "seed": n, "ignore_eos": True} | (extra or {}))
+            with lock:
+                gaps.extend(b - a for a, b in zip(times, times[1:], strict=False))
+                tokens.append(len(times))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"gap": statistics.median(gaps), "mean_gap": statistics.fmean(gaps), "tokens": statistics.fmean(tokens),
+            "tokens_per_s": sum(tokens) / (time.perf_counter() - start)}
+
+
+def structured_table(args) -> None:
+    """Per-token time of constrained against free generation, at 1 and 16 clients: the median gap between two
+    streamed tokens (constrained replies end when their grammar does, so whole-request times would not compare)."""
+    server = Server(args.model, "--max-batch", str(args.max_batch))
+    try:
+        print(f"\n## Structured outputs against free text: {args.model}, up to {args.lora_tokens} tokens per "
+              f"request, --max-batch {args.max_batch}\n")
+        print("| constraint | clients | tokens per reply | ms per token, median | mean | tokens/s | vs free (median) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for clients in map(int, args.structured_clients.split(",")):
+            base = None
+            requests = 8 if clients == 1 else args.lora_requests
+            for label, extra in CONSTRAINTS.items():
+                stream_gaps(server.port, clients, clients, args.lora_tokens, extra)  # warm-up
+                r = stream_gaps(server.port, clients, requests, args.lora_tokens, extra)
+                base = base or r["gap"]
+                print(f"| {label} | {clients} | {r['tokens']:.0f} | {1000 * r['gap']:.2f} | {1000 * r['mean_gap']:.2f} "
+                      f"| {r['tokens_per_s']:.0f} | {r['gap'] / base:.3f}x |", flush=True)
+    finally:
+        server.close()
+
+
+def long_prompt_folder(tmp: Path, config=None) -> Path:
+    """ko-small's shape with a 2,048-token context (or the shape of config), random weights, the built-in
+    tokenizer."""
+    import torch
+
     from neoxko.checkpoint import read_config, resolve, save_model
     from neoxko.model import GPTNeoX, init_weights
 
     source = resolve("ko-small")
-    config = read_config(source)
-    config = dataclasses.replace(config, max_position_embeddings=2048)
-    model = GPTNeoX(config)
+    config = config or dataclasses.replace(read_config(source), max_position_embeddings=2048)
+    model = GPTNeoX(config).to(torch.bfloat16)
     init_weights(model)
     save_model(model, tmp)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -281,20 +340,31 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=1500)
     parser.add_argument("--chunks", default="128,256,512", help="--prefill-chunk values to compare")
     parser.add_argument("--skip-long", action="store_true", help="no long-prompt table")
-    parser.add_argument("--tables", default="throughput,long,lora",
+    parser.add_argument("--tables", default="throughput,long,lora,structured",
                         help="which tables: throughput, long (a long prompt among streams), lora (4 adapters vs "
-                             "merged)")
+                             "merged), structured (constrained vs free generation)")
+    parser.add_argument("--structured-clients", default="1,16", help="client counts of the structured table")
+    parser.add_argument("--shape", default=None,
+                        help="serve random weights of this preset's shape (e.g. polyglot-ko-1.3b) instead of --model")
     parser.add_argument("--lora-requests", type=int, default=64)
     parser.add_argument("--lora-tokens", type=int, default=64)
     args = parser.parse_args()
     tables = set(args.tables.split(",")) - ({"long"} if args.skip_long else set())
     print(describe())
+    if args.shape:
+        from neoxko.config import ModelConfig
+
+        keep = tempfile.TemporaryDirectory()  # (removed at exit)
+        args.model = str(long_prompt_folder(Path(keep.name), ModelConfig.from_name(args.shape)))
+        print(f"serving random weights of {args.shape}'s shape, bfloat16")
     if "throughput" in tables:
         load_table(args)
     if "long" in tables:
         long_prompt_table(args)
     if "lora" in tables:
         lora_table(args)
+    if "structured" in tables:
+        structured_table(args)
 
 
 if __name__ == "__main__":

@@ -130,13 +130,15 @@ def compiled_decode_one_token():
 @torch.inference_mode()
 def generate_tokens(model: GPTNeoX, prompts: list[list[int]], max_new_tokens: int,
                     sampling: Sampling = Sampling(), eos_id: int | None = None,
-                    compile: bool = False) -> Iterator[Tensor]:
+                    compile: bool = False, guides: list | None = None) -> Iterator[Tensor]:
     """Yield the next token of every prompt, (B,), step by step.
 
     Prompts of different lengths are left-padded. Stops after max_new_tokens, when every row has
     produced eos_id, or when the context window is full (with a warning). compile=True compiles the
     batch-1 decode step (tens of seconds once per model, then about 1.5-2x faster on CPU); batches
-    decode eagerly, where torch's matrix-matrix kernels are already the faster choice.
+    decode eagerly, where torch's matrix-matrix kernels are already the faster choice. guides (one
+    structured.Guide per prompt) hold each row to its grammar; a row whose grammar is complete gives eos_id
+    from then on.
     """
     idx, left_pad = _left_pad(model, prompts)
     B, T = idx.shape
@@ -158,7 +160,11 @@ def generate_tokens(model: GPTNeoX, prompts: list[list[int]], max_new_tokens: in
         for step in range(budget):
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+            if guides is not None:
+                logits = _guided(logits, guides, done, eos_id)
             token = sample(logits, sampling, generator)
+            if guides is not None:
+                token = _advance(guides, token, done, eos_id)
             yield token
             if eos_id is not None:
                 done |= token == eos_id
@@ -169,6 +175,32 @@ def generate_tokens(model: GPTNeoX, prompts: list[list[int]], max_new_tokens: in
             logits = decode(model, token, torch.tensor([T + step], device=idx.device), left_pad)
     finally:
         model.clear_cache()
+
+
+def _guided(logits: Tensor, guides: list, done: Tensor, eos_id: int | None) -> Tensor:
+    """The logits of the rows still generating, masked to what each row's grammar allows."""
+    from neoxko.structured import mask_logits
+
+    live = [i for i, g in enumerate(guides) if not done[i] and not g.finished]
+    if live:
+        logits = logits.clone()
+        logits[live] = mask_logits(logits[live], [guides[i] for i in live])
+    return logits
+
+
+def _advance(guides: list, token: Tensor, done: Tensor, eos_id: int | None) -> Tensor:
+    """Move each live row's guide on by its token; a row whose grammar was already complete gets eos_id."""
+    token = token.clone()
+    for i, guide in enumerate(guides):
+        if done[i]:
+            continue
+        if guide.finished:
+            if eos_id is None:
+                raise GenerationError("structured generation needs an end-of-text token to end a row")
+            token[i] = eos_id
+        else:
+            guide.advance(int(token[i]))
+    return token
 
 
 def _left_pad(model: GPTNeoX, prompts: list[list[int]]) -> tuple[Tensor, Tensor | None]:
@@ -251,11 +283,14 @@ def _overlap(text: str, stop: str) -> int:
 
 
 def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
-           sampling: Sampling = Sampling(), stop: list[str] | None = None, compile: bool = False) -> Iterator[str]:
-    """Yield the continuation of prompt as text pieces, each of whole UTF-8 characters."""
+           sampling: Sampling = Sampling(), stop: list[str] | None = None, compile: bool = False,
+           **constraint) -> Iterator[str]:
+    """Yield the continuation of prompt as text pieces, each of whole UTF-8 characters. constraint: one of
+    json_schema, regex, choice or grammar (see generate)."""
     pieces, stops = tokenizer.decode_stream(), StopStrings(stop)
     eos_id = _eos_id(model, tokenizer)
-    tokens = generate_tokens(model, [tokenizer.encode(prompt)], max_new_tokens, sampling, eos_id, compile)
+    guides = _guides(model, tokenizer, constraint, 1)
+    tokens = generate_tokens(model, [tokenizer.encode(prompt)], max_new_tokens, sampling, eos_id, compile, guides)
     for token in tokens:
         if int(token[0]) == eos_id:
             break
@@ -269,12 +304,19 @@ def stream(model: GPTNeoX, tokenizer: Tokenizer, prompt: str, max_new_tokens: in
 
 
 def generate(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | list[str], max_new_tokens: int = 128,
-             sampling: Sampling = Sampling(), stop: list[str] | None = None, compile: bool = False) -> str | list[str]:
-    """The continuation of a prompt, or of each prompt in a list (generated as one batch)."""
+             sampling: Sampling = Sampling(), stop: list[str] | None = None, compile: bool = False,
+             *, json_schema: dict | str | bool | None = None, regex: str | None = None, choice: list[str] | None = None,
+             grammar: str | None = None) -> str | list[str]:
+    """The continuation of a prompt, or of each prompt in a list (generated as one batch).
+
+    At most one of json_schema (a JSON schema, or True for any JSON object), regex, choice (a list of strings) or
+    grammar (Lark, or GBNF) holds the output to it (neoxko.structured); it ends when the constraint is complete."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     eos_id = _eos_id(model, tokenizer)
     ids = [tokenizer.encode(p) for p in prompts]
-    steps = list(generate_tokens(model, ids, max_new_tokens, sampling, eos_id, compile))
+    guides = _guides(model, tokenizer, dict(json_schema=json_schema, regex=regex, choice=choice, grammar=grammar),
+                     len(prompts))
+    steps = list(generate_tokens(model, ids, max_new_tokens, sampling, eos_id, compile, guides))
     outputs = []
     for row in torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]:
         if eos_id in row:
@@ -283,6 +325,26 @@ def generate(model: GPTNeoX, tokenizer: Tokenizer, prompt: str | list[str], max_
         cuts = [i for i in (text.find(s) for s in (stop or []) if s) if i >= 0]
         outputs.append(text[: min(cuts)] if cuts else text)
     return outputs[0] if isinstance(prompt, str) else outputs
+
+
+def _guides(model: GPTNeoX, tokenizer: Tokenizer, constraint: dict, rows: int) -> list | None:
+    """A guide per row for the one constraint given (json_schema, regex, choice, grammar), or None."""
+    given = {k: v for k, v in constraint.items() if v is not None and v is not False}
+    unknown = set(constraint) - {"json_schema", "regex", "choice", "grammar"}
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    if not given:
+        return None
+    if len(given) > 1:
+        raise GenerationError(f"give one constraint, not {', '.join(sorted(given))}")
+    from neoxko.structured import Constraint, Grammars
+
+    (name, spec), = given.items()
+    spec = {"type": "object"} if spec is True else spec
+    kind = {"json_schema": "json"}.get(name, name)
+    grammars = Grammars(tokenizer, model.config.vocab_size)
+    grammar = grammars.compile(Constraint.of(kind, spec))
+    return [grammars.guide(grammar) for _ in range(rows)]
 
 
 def _eos_id(model: GPTNeoX, tokenizer: Tokenizer) -> int | None:

@@ -30,6 +30,14 @@ def add_commands(commands) -> None:
     gen.add_argument("--group-size", type=int, default=64, help="int4: input features per scale (32, 64, 128, 256)")
     gen.add_argument("--mask-pii", action="store_true",
                      help="replace phone, account and resident registration numbers in the output with tokens")
+    shape = gen.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE|JSON",
+                       help="hold the output to a JSON schema (a .json file or the schema itself); '{}' or "
+                            "'{\"type\": \"object\"}' for any JSON object")
+    shape.add_argument("--regex", help="hold the output to a regular expression (the whole output matches it)")
+    shape.add_argument("--choice", action="append", help="the output is one of these strings (repeat the option)")
+    shape.add_argument("--grammar", metavar="FILE|TEXT", help="hold the output to a grammar: Lark, or GBNF "
+                                                                "(llama.cpp's 'root ::= ...'); a file or the text")
     gen.set_defaults(run=run_generate)
 
     srv = commands.add_parser("serve", help="OpenAI-compatible completions server with continuous batching")
@@ -144,7 +152,10 @@ def run_generate(args: argparse.Namespace) -> int:
         print("neoxko: compiling the decode step (once per model and prompt length bucket: about 30 s for "
               "ko-small, 1-2 minutes for 1.3B on a CPU); the tokens then come about twice as fast",
               file=sys.stderr, flush=True)
-    for piece in stream(model, tokenizer, prompt, args.max_new_tokens, sampling, args.stop, args.compile):
+    constraint = {"json_schema": _file_or_text(args.json_schema), "regex": args.regex, "choice": args.choice,
+                  "grammar": _file_or_text(args.grammar)}
+    for piece in stream(model, tokenizer, prompt, args.max_new_tokens, sampling, args.stop, args.compile,
+                        **constraint):
         sys.stdout.write(guard.push(piece) if guard else piece)
         sys.stdout.flush()
     sys.stdout.write((guard.flush() if guard else "") + "\n")
@@ -219,6 +230,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     run(state, sock, load, limits, ready)
     return 0
+
+
+def _file_or_text(value: str | None) -> str | None:
+    """The text of a file when value names one, else value itself (a schema or grammar given inline)."""
+    from pathlib import Path
+
+    if value is not None and len(value) < 4096 and not value.lstrip().startswith("{") and Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    return value
 
 
 def _lora_option(option: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ from neoxko import __version__
 from neoxko import chat_template as chat
 from neoxko.errors import NeoxkoError
 from neoxko.serve.adapter_routes import add_adapter_routes
+from neoxko.serve.constraints import constraint_of
 from neoxko.serve.engine import Engine, Finished, QueueFull
 from neoxko.serve.engine import Request as EngineRequest
 from neoxko.serve.http import authorise, read_json
@@ -40,6 +41,7 @@ from neoxko.serve.protocol import (
     parse,
 )
 from neoxko.serve.responses import Choice, Responses
+from neoxko.structured import GrammarError, Grammars
 from neoxko.tokenizer import Tokenizer
 
 ROUTES = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /tokenizer_info, POST /tokenize, "
@@ -55,6 +57,7 @@ class State:
     started: int = field(default_factory=lambda: int(time.time()))
     stopping: bool = False
     metrics: Metrics = None
+    grammars: Grammars | None = None  # structured outputs' compiler, made at the first request that asks for one
 
     def __post_init__(self):
         self.metrics = Metrics(self)
@@ -203,9 +206,10 @@ def build_app(state: State) -> FastAPI:
         raw = await read_json(request, state.settings)
 
         def work() -> Job:
-            engine = state.engine
-            return completion_job(parse(CompletionRequest, raw), state.tokenizer, state.settings, engine.max_len,
-                                  engine.model.config.vocab_size, engine.adapters)
+            engine, body = state.engine, parse(CompletionRequest, raw)
+            job = completion_job(body, state.tokenizer, state.settings, engine.max_len, engine.model.config.vocab_size,
+                                 engine.adapters)
+            return _constrain(state, body, job)
         return await _respond(state, request, await run_in_threadpool(work))
 
     @route("POST", "/v1/chat/completions")
@@ -215,8 +219,9 @@ def build_app(state: State) -> FastAPI:
         def work() -> Job:
             body = parse(ChatRequest, raw)
             text = _render(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs or {})
-            return chat_job(body, state.tokenizer.encode(text), state.settings, state.engine.max_len,
-                            state.engine.adapters)
+            job = chat_job(body, state.tokenizer.encode(text), state.settings, state.engine.max_len,
+                           state.engine.adapters)
+            return _constrain(state, body, job)
         return await _respond(state, request, await run_in_threadpool(work))
 
     return app
@@ -239,6 +244,22 @@ class _CountResponses:
             await send(message)
 
         await self.app(scope, receive, counted)
+
+
+def _constrain(state: State, body, job: Job) -> Job:
+    """The job with the constraint its request asks for (structured outputs) compiled, and a guide per completion."""
+    job.constraint = constraint_of(body)
+    if job.constraint is None:
+        return job
+    if state.grammars is None:
+        state.grammars = Grammars(state.tokenizer, state.engine.model.config.vocab_size)
+    try:
+        grammar = state.grammars.compile(job.constraint)
+    except GrammarError as e:
+        raise ApiError(400, str(e), "structured_outputs" if body.response_format is None else "response_format") \
+            from None
+    job.guides = [state.grammars.guide(grammar) for _ in range(len(job.prompts) * job.n)]
+    return job
 
 
 def _template(state: State, required: bool = True) -> str | None:
@@ -276,7 +297,7 @@ async def _respond(state: State, request: Request, job: Job) -> Response:
                 requests.append(engine.submit(EngineRequest(
                     prompt, job.max_tokens, sampling, job.logprobs, events=sink, index=p * job.n + c,
                     prompt_logprobs=job.echo and job.logprobs is not None, ignore_eos=job.ignore_eos,
-                    adapter=job.adapter)))
+                    adapter=job.adapter, guide=job.guides[p * job.n + c] if job.guides else None)))
     except QueueFull as e:
         for r in requests:
             r.cancel()

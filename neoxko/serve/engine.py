@@ -22,6 +22,7 @@ import threading
 import time
 import traceback
 from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from neoxko.generate import Sampling, apply_repetition_penalty, sample
 from neoxko.model import GPTNeoX, Step
 from neoxko.serve.adapters import Adapter, AdapterSlots
 from neoxko.serve.prefix import PrefixCache
+from neoxko.structured import Guide, mask_logits
 
 
 class QueueFull(NeoxkoError):
@@ -51,6 +53,7 @@ class Request:
     index: int = 0  # which choice of a response it is; events carry it, so choices can share one queue
     ignore_eos: bool = False  # the end-of-text token is a token like any other
     adapter: Adapter | None = None  # the LoRA adapter it runs with (None: the base model)
+    guide: Guide | None = None  # the grammar its tokens follow (structured outputs); it ends when the grammar does
 
     def cancel(self) -> None:
         """Stop generating (a stop string was seen, or the client went away); the row frees at the next step."""
@@ -113,6 +116,8 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.blocked: Request | None = None  # taken from the queue, waiting for an adapter slot to free
         self.adapters = adapters
+        self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="neoxko-grammar")  # structured outputs' masks
+        self._ahead: Future | None = None  # the masks it is computing for the next step
         self.running: list[_Run] = []  # decoding; running[i] holds cache row i
         self.prefilling: list[_Run] = []  # in any free rows, in arrival order
         self.stats = Counter()  # requests, finished_<reason>, prompt_tokens, generated_tokens, decode_steps, ...
@@ -156,6 +161,7 @@ class Engine:
         self._stop.set()
         self.wake.set()
         self.thread.join(timeout=10)
+        self._grammar_thread.shutdown(wait=False)
         self.model.clear_cache()
 
     @property
@@ -346,6 +352,15 @@ class Engine:
             for i in penalised:  # each with its own penalty; elementwise, so the same values as alone
                 logits[i:i + 1] = apply_repetition_penalty(logits[i:i + 1], runs[i].seen[None],
                                                            runs[i].request.sampling.repetition_penalty)
+        guided = [i for i, r in enumerate(runs) if r.request.guide is not None]
+        if self._ahead is not None:  # the masks computed during the forward
+            self._ahead.result()
+            self._ahead = None
+        if len(guided) == len(runs):  # structured outputs: the tokens a row's grammar forbids go to -inf
+            logits = mask_logits(logits, [run.request.guide for run in runs])
+        elif guided:  # in the rows that ask for it only
+            logits = logits.clone() if logits is raw else logits
+            logits[guided] = mask_logits(logits[guided], [runs[i].request.guide for i in guided])
         groups = defaultdict(list)  # rows with the same settings draw together, each from its own generator
         for i, run in enumerate(runs):
             s = run.request.sampling
@@ -374,13 +389,18 @@ class Engine:
             eos = token == self.eos_id and not request.ignore_eos
             request.events.put(Token(token, chosen.get(i), tops.get(i), request.index, eos))
             self.stats["generated_tokens"] += 1
-            if eos:
+            if request.guide is not None:
+                request.guide.advance(token)
+            if eos or (request.guide is not None and request.guide.finished):
                 run.done = "stop"
             elif run.generated >= request.max_tokens:
                 run.done = "length"
             if run.seen is not None:
                 run.seen[token] = True
             run.last = token
+        guides = [r.request.guide for r in runs if r.request.guide is not None and r.done is None]
+        if guides:  # the next masks, computed while the next forward runs (llguidance lets go of the GIL)
+            self._ahead = self._grammar_thread.submit(lambda: [g.prefetch() for g in guides])
 
     def _drop_finished(self) -> None:
         for run in list(self.running):

@@ -6,7 +6,7 @@ tokenise and check the request against the model's context.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import annotated_types
@@ -89,6 +89,12 @@ class _Sampled(BaseModel):
     stream_options: StreamOptions | None = None
     mask_pii: Bool = False
     ignore_eos: Bool = False  # vLLM's: generate past the end of text (benchmarks want every request max_tokens long)
+    response_format: Any = None  # structured outputs (serve/constraints.py reads these five)
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
     best_of: Any = None
     logit_bias: Any = None
     suffix: Any = None
@@ -235,6 +241,8 @@ class Job:
     ignore_eos: bool = False
     model: str = ""  # the name the response gives: the served model's, or the adapter's the request named
     adapter: Any = None  # the LoRA adapter (serve.adapters.Adapter) it runs with; None: the base model
+    constraint: Any = None  # the structured.Constraint its output follows; None: free text
+    guides: list = field(default_factory=list)  # one structured.Guide per completion (prompts x n), if constrained
 
 
 def completion_job(request: CompletionRequest, tokenizer, settings: ServeSettings, max_len: int, vocab: int,
