@@ -60,7 +60,8 @@ def port_free(port: int) -> bool:
 
 def serving(cwd: Path):
     """A `neoxko serve` on port 8000, up and answering /health."""
-    server = subprocess.Popen([sys.executable, "-m", "neoxko", "serve", "--port", "8000", "--chat-template", "koalpaca"], cwd=cwd, env=env(),
+    server = subprocess.Popen([sys.executable, "-m", "neoxko", "serve", "--port", "8000", "--chat-template", "koalpaca",
+                               "--lora", "chat=ko-small-chat"], cwd=cwd, env=env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:

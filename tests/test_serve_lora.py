@@ -276,3 +276,22 @@ def test_serve_command_line_lora_options(model_dir, adapters):
     assert _lora_option(f"{adapters['qkv']}/") == ("qkv", f"{adapters['qkv']}/")
     with pytest.raises(NeoxkoError, match="write NAME=FOLDER"):
         _lora_option("=x")
+
+
+def test_with_one_slot_a_second_adapter_waits_and_an_unloaded_adapter_finishes_its_requests(model_dir, adapters,
+                                                                                              merged):
+    model = load_model(model_dir)
+    slots = AdapterSlots(model, max_loras=1)
+    qkv, mlp = slots.register("qkv", adapters["qkv"]), slots.register("mlp", adapters["mlp"])
+    engine = Engine(model, eos_id=None, max_batch=4, adapters=slots)
+    try:
+        first = engine.submit(Request([5, 6, 7], 30, Sampling(), adapter=qkv))
+        second = engine.submit(Request([8, 9], 10, Sampling(), adapter=mlp))  # no slot until the first is done
+        base = engine.submit(Request([10, 11], 10, Sampling()))  # behind it in line
+        slots.unregister("qkv")  # while its request runs: it finishes with it
+        assert collect(first) == (expected(merged, "qkv", [5, 6, 7], 30, Sampling()), "length")
+        assert collect(second) == (expected(merged, "mlp", [8, 9], 10, Sampling()), "length")
+        assert collect(base) == (expected(merged, None, [10, 11], 10, Sampling()), "length")
+    finally:
+        engine.close()
+    assert slots.names() == ["mlp"] and slots.holders == [0]

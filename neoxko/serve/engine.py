@@ -17,89 +17,21 @@ with its own adapter, and the prefix cache keeps prompts apart by adapter.
 """
 
 import queue
-import random
 import threading
-import time
 import traceback
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from neoxko.errors import NeoxkoError
-from neoxko.generate import Sampling, apply_repetition_penalty, sample
+from neoxko.generate import apply_repetition_penalty, sample
 from neoxko.model import GPTNeoX, Step
 from neoxko.serve.adapters import Adapter, AdapterSlots
 from neoxko.serve.prefix import PrefixCache
-from neoxko.structured import Guide, mask_logits
-
-
-class QueueFull(NeoxkoError):
-    """The engine's waiting queue is at its bound (or the engine is stopping); retry later."""
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    max_tokens: int
-    sampling: Sampling = field(default_factory=Sampling)
-    logprobs: int | None = None  # top alternatives to report per token (0: only the chosen token's)
-    prompt_logprobs: bool = False  # also the log-probabilities of the prompt tokens (for echo)
-    events: queue.Queue = field(default_factory=queue.Queue)  # anything with put(event)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
-    index: int = 0  # which choice of a response it is; events carry it, so choices can share one queue
-    ignore_eos: bool = False  # the end-of-text token is a token like any other
-    adapter: Adapter | None = None  # the LoRA adapter it runs with (None: the base model)
-    guide: Guide | None = None  # the grammar its tokens follow (structured outputs); it ends when the grammar does
-
-    def cancel(self) -> None:
-        """Stop generating (a stop string was seen, or the client went away); the row frees at the next step."""
-        self.cancelled.set()
-
-
-@dataclass
-class Token:
-    id: int
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-    index: int = 0
-    eos: bool = False  # the end-of-text token: no text, but counted and scored (lm-eval reads its logprob)
-
-
-@dataclass
-class Finished:
-    reason: str  # "stop" (end of text), "length" (max_tokens), "cancelled", "abort" (shutdown) or "error: ..."
-    prompt_logprobs: list[float | None] | None = None
-    index: int = 0
-    prompt_top: list[list[tuple[int, float]] | None] | None = None  # the top alternatives at each prompt position
-
-
-class _Run:
-    def __init__(self, request: Request, row: int, vocab_size: int, device):
-        self.request = request
-        self.row = row
-        self.prefilled = 0  # prompt tokens in the cache
-        self.position = len(request.prompt)  # the cache slot the next token takes, once decoding
-        self.generated = 0
-        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.seen = None
-        if request.sampling.repetition_penalty != 1:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.seen[request.prompt] = True
-        self.last = -1  # the token sampled last, fed at the next step
-        self.done: str | None = None  # why it ends, once it does
-        self.reused = 0  # prompt tokens copied from the prefix cache
-        self.prompt_logprobs: list[float | None] | None = [None] if request.prompt_logprobs else None
-        self.prompt_top: list | None = [None] if request.prompt_logprobs and request.logprobs else None
-        self.slot: int | None = None  # the adapter slot it holds
-
-    @property
-    def top_k(self) -> int:
-        return self.request.logprobs or 0
+from neoxko.serve.runs import Finished, QueueFull, Request, Run, Token  # noqa: F401 (Token, QueueFull: re-exported)
+from neoxko.structured import mask_logits
 
 
 class Engine:
@@ -118,8 +50,8 @@ class Engine:
         self.adapters = adapters
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="neoxko-grammar")  # structured outputs' masks
         self._ahead: Future | None = None  # the masks it is computing for the next step
-        self.running: list[_Run] = []  # decoding; running[i] holds cache row i
-        self.prefilling: list[_Run] = []  # in any free rows, in arrival order
+        self.running: list[Run] = []  # decoding; running[i] holds cache row i
+        self.prefilling: list[Run] = []  # in any free rows, in arrival order
         self.stats = Counter()  # requests, finished_<reason>, prompt_tokens, generated_tokens, decode_steps, ...
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -215,7 +147,7 @@ class Engine:
         self.stats["engine_errors"] += 1
         self.last_error = traceback.format_exc()
 
-    def _end_all(self, runs: list[_Run], reason: str) -> None:
+    def _end_all(self, runs: list[Run], reason: str) -> None:
         for run in runs:
             self._release(run)
             run.request.events.put(Finished(reason, index=run.request.index))
@@ -254,11 +186,11 @@ class Engine:
                 self.stats["finished_error"] += 1
                 request.events.put(Finished(f"error: {e}", index=request.index))
 
-    def _start(self, request: Request, slot: int | None) -> "_Run":
+    def _start(self, request: Request, slot: int | None) -> "Run":
         """A run for request in a free row, with what the prefix cache has of its prompt already in place."""
         used = {r.row for r in self.running + self.prefilling}
         row = next(i for i in range(self.max_batch) if i not in used)
-        run = _Run(request, row, self.model.config.vocab_size, self.device)
+        run = Run(request, row, self.model.config.vocab_size, self.device)
         run.slot = slot
         reused = self.prefix.lookup(request.prompt, run.top_k if request.prompt_logprobs else None,
                                     _key(request.adapter))
@@ -343,7 +275,7 @@ class Engine:
         self._emit(list(runs), logits)
         self._drop_finished()
 
-    def _emit(self, runs: list[_Run], logits: Tensor) -> None:
+    def _emit(self, runs: list[Run], logits: Tensor) -> None:
         """Sample each run's next token from its row of logits (B, vocab) and send it; mark the runs that end."""
         raw = logits
         penalised = [i for i, r in enumerate(runs) if r.seen is not None]
@@ -420,7 +352,7 @@ class Engine:
             elif run.request.cancelled.is_set():
                 self._leave(run, "cancelled")
 
-    def _leave(self, run: _Run, reason: str) -> None:
+    def _leave(self, run: Run, reason: str) -> None:
         last = self.running[-1]
         self.running.remove(run)
         if last is not run:  # keep rows 0..n-1 dense: move the last decoding request into the freed row
@@ -432,11 +364,11 @@ class Engine:
         run.request.events.put(Finished(reason, run.prompt_logprobs, run.request.index, run.prompt_top))
 
     # -- adapters -----------------------------------------------------------------------------
-    def _select(self, runs: list[_Run]) -> None:
+    def _select(self, runs: list[Run]) -> None:
         if self.adapters is not None:
             self.adapters.select([run.slot for run in runs])
 
-    def _release(self, run: _Run) -> None:
+    def _release(self, run: Run) -> None:
         if run.slot is not None:
             self.adapters.release(run.slot)
             run.slot = None
@@ -445,7 +377,7 @@ class Engine:
     def _layers_kv(self) -> list:
         return [block.attention.kv_cache for block in self.model.gpt_neox.layers]
 
-    def _move(self, run: _Run, row: int) -> None:
+    def _move(self, run: Run, row: int) -> None:
         """Give run cache row `row`, copying its slots there; a prefilling run that holds that row swaps."""
         if run.row == row:
             return
