@@ -34,6 +34,7 @@ from machine import describe
 
 from neoxko.config import PRESETS
 from neoxko.generate import generate_tokens
+from neoxko.hardware import default_dtype, detect
 from neoxko.model import GPTNeoX
 from neoxko.quantize import quantize_model
 
@@ -109,6 +110,9 @@ def main():
     args.llamacpp |= args.llamacpp_only
     torch.set_num_threads(args.threads)
     print(describe())
+    dtype, why = detect().default_dtype(torch.bfloat16)
+    print(f"CPU class: {'native bf16' if detect().native_bf16 else detect().capability + ' without native bf16'}; "
+          f"the default path (no flags) computes bf16 weights in {str(dtype)[6:]}: {why}")
     bandwidth = read_bandwidth()
     print(f"threads {args.threads}, read bandwidth {bandwidth / 1e9:.1f} GB/s, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, greedy, torch {torch.__version__}\n")
@@ -167,8 +171,12 @@ def llamacpp_table(ours, hf, args, bandwidth: float) -> str:
     for kind in ("q8_0", "q4_0"):
         ggufs[kind] = llamacpp.quantize(lib, ggufs["bf16"], work / f"{kind}.gguf", kind)
     setup = time.perf_counter() - start
-    engines = {"neoxko bf16": ours, "neoxko int8": quantize_model(copy.deepcopy(ours)),
+    default = default_dtype(torch.bfloat16)  # what `neoxko generate` with no --dtype computes bf16 weights in here
+    bf16_name = "neoxko bf16" + (" (the default: no flags)" if default == torch.bfloat16 else "")
+    engines = {bf16_name: ours, "neoxko int8": quantize_model(copy.deepcopy(ours)),
                "neoxko int4 (groups of 64)": quantize_model(copy.deepcopy(ours), bits=4, group_size=64)}
+    if default != torch.bfloat16:
+        engines[f"neoxko default (no flags): {str(default)[6:]}"] = copy.deepcopy(ours).to(default)
     rows, speeds = [], {}
     ones = torch.ones(2**28, dtype=torch.float32)  # the read bandwidth, timed in the rounds too
     for batch in map(int, args.batches.split(",")):
@@ -195,7 +203,7 @@ def llamacpp_table(ours, hf, args, bandwidth: float) -> str:
         ceiling = bandwidth / nbytes * batch
         rows.append(f"| {name} | {batch} | {prefill:.1f} | {decode:.2f} | {nbytes / 1e9:.2f} | {ceiling:.1f} | "
                     f"{decode / ceiling:.0%} |")
-    pairs = [("neoxko bf16", "llama.cpp bf16", 0.9), ("neoxko int8", "llama.cpp q8_0", 1.0),
+    pairs = [(bf16_name, "llama.cpp bf16", 0.9), ("neoxko int8", "llama.cpp q8_0", 1.0),
              ("neoxko int4 (groups of 64)", "llama.cpp q4_0", 1.0)]
     ratios = [f"| {name} / {theirs} | {batch} | {speeds[name, batch][1] / speeds[theirs, batch][1]:.2f}x | "
               f"{target:.1f}x |" for batch in map(int, args.batches.split(",")) for ours_name, theirs, target in pairs

@@ -26,7 +26,9 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
                adapter: str | Path | None = None) -> GPTNeoX:
     """Load a GPT-NeoX checkpoint in Hugging Face layout from a folder or a hub id.
 
-    dtype None keeps the dtype the weights are stored in. Tensors go one at a time from the file
+    dtype None: the dtype this CPU computes the stored one in fastest (neoxko.hardware.default_dtype: as stored, except
+    bf16/f16 weights on a CPU that neither multiplies bf16 natively nor runs neoxko's kernels, which compute in
+    float32), the same choice the command line and the server make. Tensors go one at a time from the file
     into the model, which is built without memory of its own, so the weights are held only once.
     quantize "int8" swaps the linear layers for int8 weight-only ones after loading, "int4" for int4 ones with
     groups of group_size input features (CPU only); checkpoints written quantized (`neoxko quantize`) load as such.
@@ -60,8 +62,9 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
             fmt.build(model, quant, kernel)
     tied = fmt.tied(config, quant) if quant else config.tie_word_embeddings
     shapes = model.state_dict()  # (meta tensors: each one's shape and dtype, checked as the file is read)
-    loaded = {name: aligned(tensor.to(device=device, dtype=dtype if dtype and tensor.is_floating_point() else
-                                      tensor.dtype))
+    chosen = _default_dtypes(device) if dtype is None else None
+    loaded = {name: aligned(tensor.to(device=device, dtype=(dtype or chosen(tensor.dtype)) if
+                                      tensor.is_floating_point() else tensor.dtype))
               for name, tensor in checkpoint_tensors(folder, shapes, tied)}
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
@@ -75,6 +78,17 @@ def load_model(path_or_id: str | Path, dtype: str | torch.dtype | None = None,
     # save_model copies the tokenizer from here: an adapter's own (with its chat template) if it has one
     model.source_folder = adapter if adapter is not None and (adapter / "tokenizer.json").is_file() else folder
     return model.eval()
+
+
+def _default_dtypes(device):
+    """stored dtype -> the dtype it computes in on this device when none is named (hardware.default_dtype), saying
+    once per process when that is not the stored one."""
+    from neoxko.hardware import default_dtype
+
+    def chosen(stored: torch.dtype) -> torch.dtype:
+        return default_dtype(stored) if torch.device(device).type == "cpu" else stored
+
+    return chosen
 
 
 def _save_tokenizer_beside(model: GPTNeoX, folder: Path, tokenizer) -> None:

@@ -184,7 +184,9 @@ def _guided(logits: Tensor, guides: list, done: Tensor, eos_id: int | None) -> T
     live = [i for i, g in enumerate(guides) if not done[i] and not g.finished]
     if live:
         logits = logits.clone()
-        logits[live] = mask_logits(logits[live], [guides[i] for i in live])
+        logits[live], dead = mask_logits(logits[live], [guides[i] for i in live])
+        if dead:
+            raise GenerationError(f"the output constraint failed: {guides[live[dead[0]]].error or 'no token fits'}")
     return logits
 
 

@@ -6,11 +6,18 @@ The fast paths were measured on two kinds of x86 CPU (the numbers are in the REA
 - AVX2 only (most laptops, many cloud VMs): bf16 arithmetic is emulated (bf16 prefill ran at 8.3 tok/s where
   fp32 is several times faster), and the same fused reduction compiled to 1.42 tok/s against 8.26 for torch's
   eager int8 kernel, so it is not used there.
-Where a CPU has no native bf16, float32 is the compute dtype the command line picks by default.
+
+The dtype a model computes in when none is named (`default_dtype`, the same for the command line, the Python API and
+the server): as stored where the CPU multiplies bf16 natively; on a CPU without native bf16, bf16 weights stay bf16
+when neoxko's kernels are built (decoding reads them at memory speed: half the bytes of float32, which measured
+27.4 s against 47.6 s for a whole 96-token generate of the 1.3B shape on an AVX2 EPYC), and become float32 when they
+are not (torch's own bf16 arithmetic is emulated there). NEOXKO_CPU_CLASS=avx2 makes neoxko choose as on an
+AVX2-only CPU (tests, benchmarks; with ATEN_CPU_CAPABILITY=avx2 and NEOXKO_KERNELS_MARCH=haswell for the kernels).
 """
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -36,17 +43,25 @@ class Hardware:
         """Compile int8 batch-1 decoding as an inductor reduction (measured faster on AVX-512 only)."""
         return self.capability.startswith("AVX512")
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype for activations when the user does not choose one."""
-        return torch.bfloat16 if self.native_bf16 else torch.float32
+    def default_dtype(self, stored: torch.dtype) -> tuple[torch.dtype, str]:
+        """(the dtype weights stored as `stored` compute in when none is named, why): see the module's docstring."""
+        if stored not in (torch.bfloat16, torch.float16) or self.native_bf16 and stored == torch.bfloat16:
+            return stored, "as stored: the CPU multiplies bf16 natively, half the bytes of float32 at full speed" \
+                if stored == torch.bfloat16 else "as stored"
+        from neoxko import kernels
+
+        if stored == torch.bfloat16 and kernels.library() is not None:
+            return stored, ("as stored: no native bf16 here, but neoxko's kernels decode bf16 weights at memory speed "
+                            "(half the bytes of float32); longer prompts are multiplied in float32")
+        why = "no native bf16 on this CPU" if stored == torch.bfloat16 else "float16 arithmetic is slow on CPUs"
+        built = "" if kernels.library() is not None else f" and neoxko's kernels are not built ({kernels.why_not()})"
+        return torch.float32, f"float32: {why}{built}, so torch's {str(stored)[6:]} arithmetic would be emulated"
 
     def choices(self) -> list[tuple[str, str, str]]:
         """(what, chosen, why) for `neoxko info --hardware`."""
-        dtype = "as stored (bf16 stays bf16)" if self.native_bf16 else "float32"
-        why_dtype = ("the CPU multiplies bf16 natively: half the bytes of float32 at full speed" if self.native_bf16
-                     else "no native bf16 on this CPU: bf16 arithmetic is emulated, slower than float32 "
-                          "(--dtype bfloat16 still keeps half the memory)")
+        dtype, why_dtype = self.default_dtype(torch.bfloat16)
+        dtype = "bf16 weights stay bf16" if dtype == torch.bfloat16 else "bf16 weights computed in float32"
+        why_dtype = why_dtype.split(": ", 1)[1]
         int8 = "inductor-fused reduction" if self.fused_int8 else "torch's int8 kernel"
         w8a8 = "int8 x int8 (torch._int_mm), activations quantized per row" if self.int8_activations else \
             "torch's weight-only int8 kernel"
@@ -69,7 +84,7 @@ class Hardware:
             built = ("not used: torch's kernels run every layer", kernels.why_not())
         spin = os.environ.get("GOMP_SPINCOUNT")
         return [
-            ("default compute dtype (generate, serve, quantized models)", dtype, why_dtype),
+            ("default compute dtype (generate, serve, chat, load_model: no --dtype)", dtype, why_dtype),
             ("neoxko's CPU kernels", *built),
             ("int8 decoding under --compile" + (" (without neoxko's kernels)" if isa else ""), int8, why_int8),
             ("int8 layers, 8 or more rows at once" + (" (without neoxko's kernels)" if isa and not self.int8_activations
@@ -90,11 +105,28 @@ class Hardware:
 def detect() -> Hardware:
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _cpu_flags()
+    if os.environ.get("NEOXKO_CPU_CLASS", "").lower() == "avx2":  # choose as on an AVX2-only CPU
+        return Hardware(capability="AVX2", native_bf16=False, vnni=False, cores=os.cpu_count() or 1,
+                        threads=torch.get_num_threads())
     native_bf16 = _probe("_is_avx512_bf16_supported") or _probe("_is_amx_tile_supported") or bool(
         flags & {"avx512_bf16", "amx_bf16", "bf16"})
     vnni = _probe("_is_vnni_supported") or bool(flags & {"avx512_vnni", "avx_vnni", "asimddp"})
     return Hardware(capability=capability, native_bf16=native_bf16, vnni=vnni, cores=os.cpu_count() or 1,
                     threads=torch.get_num_threads(), amx_int8="amx_int8" in flags)
+
+
+_told: set = set()
+
+
+def default_dtype(stored: torch.dtype) -> torch.dtype:
+    """The dtype weights stored as `stored` compute in on this CPU when none is named (Hardware.default_dtype); when
+    it is not the stored one, says why once per process (on stderr)."""
+    dtype, why = detect().default_dtype(stored)
+    if dtype != stored and stored not in _told:
+        _told.add(stored)
+        print(f"neoxko: {str(stored)[6:]} weights compute in {why}; --dtype {str(stored)[6:]} keeps them as they are",
+              file=sys.stderr, flush=True)
+    return dtype
 
 
 def _probe(name: str) -> bool:

@@ -94,10 +94,17 @@ class Guide:
         self.ahead: np.ndarray | None = None  # the mask of the current state, computed ahead
 
     def prefetch(self) -> None:
-        if self.ahead is None and not self.matcher.is_stopped():
+        if self.ahead is None and not self.matcher.is_stopped() and not self.matcher.is_error():
             ahead = np.empty(self.words, dtype=np.int32)
             self.matcher.unsafe_compute_mask_ptr(ahead.ctypes.data, ahead.nbytes)
             self.ahead = ahead
+
+    @property
+    def error(self) -> str | None:
+        """Why the grammar cannot go on (llguidance's limits, or nothing it allows), first line; None while it can."""
+        if not self.matcher.is_error():
+            return None
+        return self.matcher.get_error().strip().splitlines()[0][:300]
 
     def fill(self, bitmask: np.ndarray) -> None:
         """Write the allowed next tokens into bitmask ((vocab + 31) // 32 int32 words, contiguous)."""
@@ -109,7 +116,7 @@ class Guide:
     def advance(self, token: int) -> None:
         self.ahead = None
         if not self.matcher.consume_token(token):
-            raise GrammarError(f"token {token} does not fit the grammar: {self.matcher.get_error()}")
+            raise GrammarError(f"token {token} does not fit the grammar: {self.error}")
 
     @property
     def finished(self) -> bool:
@@ -152,14 +159,19 @@ class Grammars:
             raise GrammarError(f"the grammar cannot start: {matcher.get_error()}")
         guide = Guide(matcher, (self.vocab_size + 31) // 32)
         guide.prefetch()
+        if guide.error is not None:  # e.g. a regex no text matches: not even a first token is allowed
+            raise GrammarError(f"the constraint allows no output: {guide.error}")
         return guide
 
 
-def mask_logits(logits: Tensor, guides: list[Guide]) -> Tensor:
-    """logits (len(guides), vocab) with every token its row's guide forbids at -inf (a new tensor)."""
+def mask_logits(logits: Tensor, guides: list[Guide]) -> tuple[Tensor, list[int]]:
+    """(logits (len(guides), vocab) with every token its row's guide forbids at -inf (a new tensor), the rows whose
+    guide failed or allows no token: those rows are left unmasked, so that the batch samples no NaN, and must end)."""
     bitmask = np.empty((len(guides), (logits.size(-1) + 31) // 32), dtype=np.int32)
     for row, guide in enumerate(guides):
         guide.fill(bitmask[row])
+    dead = [row for row, guide in enumerate(guides) if guide.error is not None or not bitmask[row].any()]
+    bitmask[dead] = -1
     # bit i of 32-bit word w is token 32 w + i: little-endian words, so the bytes unpack little-end first in order
     allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, count=logits.size(-1), bitorder="little").view(np.bool_)
-    return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf"))
+    return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf")), dead

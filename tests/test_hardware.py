@@ -12,24 +12,47 @@ AVX2 = Hardware(capability="AVX2", native_bf16=False, vnni=False, cores=4, threa
 ZEN4 = Hardware(capability="AVX512", native_bf16=True, vnni=True, cores=2, threads=2)
 
 
-def test_the_choices_follow_the_cpu():
-    assert ZEN4.fused_int8 and ZEN4.compute_dtype == torch.bfloat16
-    assert not AVX2.fused_int8 and AVX2.compute_dtype == torch.float32
+def test_the_choices_follow_the_cpu(monkeypatch):
+    from neoxko import kernels
+
+    assert ZEN4.fused_int8 and ZEN4.default_dtype(torch.bfloat16)[0] == torch.bfloat16
+    assert not AVX2.fused_int8 and AVX2.default_dtype(torch.float32)[0] == torch.float32
+    monkeypatch.setattr(kernels, "library", lambda: object())  # neoxko's kernels built: bf16 stays bf16
+    monkeypatch.setattr(kernels, "isa", lambda: "AVX2")
+    assert AVX2.default_dtype(torch.bfloat16)[0] == torch.bfloat16
+    assert "neoxko's kernels decode bf16 weights at memory speed" in AVX2.default_dtype(torch.bfloat16)[1]
     text = hardware.describe(AVX2)
     assert "native bf16: no" in text and re.search(r"int8 decoding under --compile( \(without neoxko's kernels\))?: "
                                                   r"torch's int8 kernel", text)
     assert "measured 1.42 against 8.26 tok/s" in text and "default compute dtype" in text
+    monkeypatch.setattr(kernels, "library", lambda: None)  # not built: float32, and the reason is given
+    monkeypatch.setattr(kernels, "why_not", lambda: "no C compiler found")
+    dtype, why = AVX2.default_dtype(torch.bfloat16)
+    assert dtype == torch.float32 and "neoxko's kernels are not built (no C compiler found)" in why
+    assert AVX2.default_dtype(torch.float16)[0] == torch.float32
 
 
-def test_the_command_line_computes_in_float32_without_native_bf16(monkeypatch, capsys):
+def test_the_command_line_and_load_model_choose_alike(monkeypatch, capsys, model_dir):
+    """The command line passes no dtype of its own: load_model chooses for the CPU, says so once, and --dtype wins."""
+    from neoxko import kernels, load_model
     from neoxko.cli.models import compute_dtype
 
-    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
-    assert compute_dtype(argparse.Namespace(dtype=None, device="cpu")) == "float32"
-    assert "no native bf16, so the model computes in float32" in capsys.readouterr().err
+    assert compute_dtype(argparse.Namespace(dtype=None, device="cpu")) is None
     assert compute_dtype(argparse.Namespace(dtype="bfloat16", device="cpu")) == "bfloat16"  # asked for: kept
+    monkeypatch.setattr(hardware, "detect", lambda: AVX2)
+    monkeypatch.setattr(kernels, "library", lambda: None)
+    monkeypatch.setattr(hardware, "_told", set())
+    bf16 = load_model(model_dir, dtype="bfloat16")
+    folder = model_dir.parent / "bf16-model"
+    from neoxko import save_model
+
+    save_model(bf16, folder)
+    assert load_model(folder).embed_out.weight.dtype == torch.float32
+    assert load_model(folder).embed_out.weight.dtype == torch.float32
+    assert capsys.readouterr().err.count("bfloat16 weights compute in float32") == 1  # once per process
+    assert load_model(folder, dtype="bfloat16").embed_out.weight.dtype == torch.bfloat16
     monkeypatch.setattr(hardware, "detect", lambda: ZEN4)
-    assert compute_dtype(argparse.Namespace(dtype=None, device="cpu")) is None  # as stored
+    assert load_model(folder).embed_out.weight.dtype == torch.bfloat16  # as stored
 
 
 def test_bf16_training_on_such_a_cpu_warns(monkeypatch, capsys):

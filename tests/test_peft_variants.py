@@ -31,6 +31,8 @@ VARIANTS = {
                                                target_modules=["dense", "dense_h_to_4h"], rank_pattern={"dense": 8}),
     "modules_to_save: the embedding of a tied model": dict(r=4, lora_alpha=8, target_modules=["query_key_value"],
                                                            modules_to_save=["embed_in"]),
+    "modules_to_save: the final layer norm (weight and bias)": dict(r=4, lora_alpha=8, target_modules=["dense"],
+                                                                    modules_to_save=["final_layer_norm"]),
 }
 
 
@@ -155,3 +157,14 @@ def test_fine_tuning_writes_per_layer_ranks_peft_reads(tmp_path):
     x = torch.randint(4, 30000, (1, 16))
     with torch.no_grad():
         assert (theirs(x).logits - load_model(adapter, dtype="float32")(x)).abs().max() < 1e-4
+
+
+def test_a_lora_on_the_embedding_is_refused_by_name(tmp_path):
+    from neoxko import load_model
+    from neoxko.errors import CheckpointError
+
+    _peft_adapter(resolve("ko-small"), tmp_path / "a", dict(r=4, lora_alpha=8,
+                                                            target_modules=["embed_in", "query_key_value"]))
+    with pytest.raises(CheckpointError, match="a LoRA on an embedding layer, which neoxko does not apply; merge it "
+                                              "with peft"):
+        load_model(tmp_path / "a")

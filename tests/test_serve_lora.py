@@ -214,7 +214,11 @@ def test_echoed_logprobs_of_an_adapter_are_the_merged_models(model_dir, adapters
 
 @pytest.mark.parametrize("path,body,status,message", [
     ("/v1/load_lora_adapter", {"lora_name": "qkv", "lora_path": "ADAPTER"}, 400,
-     "an adapter named 'qkv' is already loaded; unload it first or pick another name"),
+     "an adapter named 'qkv' is already loaded; unload it first, pick another name, or send load_inplace: true"),
+    ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "ADAPTER/adapter_config.json"}, 400,
+     "is a file; give the adapter's folder (the one holding adapter_config.json)"),
+    ("/v1/load_lora_adapter", {"lora_name": "x\ny", "lora_path": "ADAPTER"}, 400,
+     "an adapter name must be a non-empty name without surrounding spaces or control characters"),
     ("/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": "ADAPTER"}, 400,
      "'tiny' is the served model's own name; give the adapter another"),
     ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nowhere/adapter"}, 400,
@@ -225,12 +229,25 @@ def test_echoed_logprobs_of_an_adapter_are_the_merged_models(model_dir, adapters
 ])
 def test_adapter_route_errors_name_the_problem(model_dir, adapters, path, body, status, message):
     server = start(model_dir, {"qkv": adapters["qkv"]}, allow_runtime_lora=True)
-    body = {k: str(adapters["qkv"]) if v == "ADAPTER" else v for k, v in body.items()}
+    body = {k: v.replace("ADAPTER", str(adapters["qkv"])) if isinstance(v, str) else v for k, v in body.items()}
     try:
         got_status, payload = post(server.port, path, body)
     finally:
         server.close()
     assert got_status == status and message in json.loads(payload)["error"]["message"]
+
+
+def test_load_inplace_replaces_an_adapter_of_that_name(model_dir, adapters, merged):
+    server = start(model_dir, {"x": adapters["qkv"]}, allow_runtime_lora=True)
+    try:
+        assert post(server.port, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(adapters["all"]),
+                                                           "load_inplace": True})[0] == 200
+        status, body = post(server.port, "/v1/completions", {"model": "x", "prompt": [[5, 6, 7]], "max_tokens": 8,
+                                                             "temperature": 0, "logprobs": 0, "ignore_eos": True})
+    finally:
+        server.close()
+    tokenizer = load_tokenizer(model_dir)
+    assert json.loads(body)["choices"][0]["text"] == tokenizer.decode(expected(merged, "all", [5, 6, 7], 8, Sampling()))
 
 
 def test_runtime_loading_is_off_unless_allowed_and_needs_the_key(model_dir, adapters):
@@ -245,7 +262,7 @@ def test_runtime_loading_is_off_unless_allowed_and_needs_the_key(model_dir, adap
 
 @pytest.mark.parametrize("settings,message", [
     (dict(r=4, lora_alpha=8, target_modules=["dense"], use_dora=True), "is a DoRA adapter, which rescales whole "
-     "weight rows and cannot be served unmerged; serve it merged: neoxko serve --model BASE --adapter"),
+     "weight rows and cannot be served unmerged; serve it merged on its own: neoxko serve --model"),
     (dict(r=4, lora_alpha=8, target_modules=["dense"], modules_to_save=["embed_in"]), "replaces whole modules "
      "(gpt_neox.embed_in.weight: peft's modules_to_save)"),
     (dict(r=16, lora_alpha=8, target_modules=["dense"]), "has rank 16; this server serves adapters of rank at most 8 "
@@ -278,20 +295,38 @@ def test_serve_command_line_lora_options(model_dir, adapters):
         _lora_option("=x")
 
 
-def test_with_one_slot_a_second_adapter_waits_and_an_unloaded_adapter_finishes_its_requests(model_dir, adapters,
-                                                                                              merged):
+def test_with_one_slot_a_second_adapter_waits_without_holding_up_the_others(model_dir, adapters, merged):
+    """The second adapter waits for the one slot; the base request behind it does not wait with it; a later request
+    for the resident adapter waits behind the second (the slot drains for it); an adapter unloaded while its requests
+    run finishes them."""
+    import queue
+    import time
+
     model = load_model(model_dir)
     slots = AdapterSlots(model, max_loras=1)
     qkv, mlp = slots.register("qkv", adapters["qkv"]), slots.register("mlp", adapters["mlp"])
     engine = Engine(model, eos_id=None, max_batch=4, adapters=slots)
+    started, ended = {}, {}
+
+    class Log(queue.Queue):  # the events of one request, with when its first token and its end arrived
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def put(self, event, *args, **kwargs):
+            (ended if isinstance(event, Finished) else started).setdefault(self.name, time.perf_counter())
+            super().put(event, *args, **kwargs)
+
+    cases = {"first": ([5, 6, 7], 60, "qkv"), "second": ([8, 9], 10, "mlp"), "base": ([10, 11], 5, None),
+             "late": ([12, 13], 5, "qkv")}
+    known = {"qkv": qkv, "mlp": mlp}
     try:
-        first = engine.submit(Request([5, 6, 7], 30, Sampling(), adapter=qkv))
-        second = engine.submit(Request([8, 9], 10, Sampling(), adapter=mlp))  # no slot until the first is done
-        base = engine.submit(Request([10, 11], 10, Sampling()))  # behind it in line
-        slots.unregister("qkv")  # while its request runs: it finishes with it
-        assert collect(first) == (expected(merged, "qkv", [5, 6, 7], 30, Sampling()), "length")
-        assert collect(second) == (expected(merged, "mlp", [8, 9], 10, Sampling()), "length")
-        assert collect(base) == (expected(merged, None, [10, 11], 10, Sampling()), "length")
+        requests = {name: engine.submit(Request(p, n, Sampling(), adapter=known.get(a), events=Log(name)))
+                    for name, (p, n, a) in cases.items()}
+        slots.unregister("qkv")  # while its requests run or wait: they finish with it
+        for name, (prompt, n, adapter) in cases.items():
+            assert collect(requests[name]) == (expected(merged, adapter, prompt, n, Sampling()), "length"), name
     finally:
         engine.close()
-    assert slots.names() == ["mlp"] and slots.holders == [0]
+    assert ended["base"] < ended["first"] < started["second"] < ended["second"] < started["late"]
+    assert slots.names() == ["mlp"] and slots.holders == [0] and not slots.reserved

@@ -13,7 +13,7 @@ import torch
 import neoxko
 from neoxko import load_model, load_tokenizer
 from neoxko.errors import GenerationError
-from neoxko.generate import Sampling, generate_tokens
+from neoxko.generate import Sampling, generate_tokens, stream
 from neoxko.serve.engine import Engine
 from neoxko.serve.server import ServeSettings, serve
 
@@ -140,6 +140,12 @@ def test_the_server_gives_what_the_python_api_gives(server, long_model_dir):
 
 
 @pytest.mark.parametrize("extra,field,message", [
+    ({"guided_grammar": 'start: "a" start'}, "structured_outputs",
+     "does not fit the grammar: parser error: Too many items"),
+    ({"guided_regex": "(a{1000}){1000}"}, "structured_outputs", "lexer error: too many expressions constructed"),
+    ({"guided_regex": "[^\\x00-\\U0010FFFF]"}, "guided_regex", "the constraint allows no output"),
+    ({"structured_outputs": {"foo": 1}}, "structured_outputs", "structured_outputs has 'foo', which is not one of"),
+    ({"structured_outputs": {}}, "structured_outputs", "structured_outputs names no constraint"),
     ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs", "the regex constraint is invalid"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs",
      "structured_outputs holds choice, regex; send one of them"),
@@ -167,6 +173,32 @@ def test_bad_constraints_are_400s_that_name_the_problem(server, extra, field, me
     assert response.status == 400 and message in error["message"] and error["param"] == field, error
 
 
+def test_a_constraint_that_fails_mid_generation_ends_its_request_only(server):
+    """llguidance's limits hit while generating: that request gets a 400 (or, streamed, an error chunk); the requests
+    sharing its batch finish as they would alone."""
+    import http.client
+
+    results = {}
+
+    def ask(key, body):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        results[key] = (response.status, response.read().decode())
+
+    bodies = {"free": {"prompt": "오늘", "max_tokens": 40, "ignore_eos": True, "temperature": 0},
+              "stream": {"prompt": "오늘", "max_tokens": 40, "ignore_eos": True, "temperature": 0, "stream": True},
+              "bad": {"prompt": "x", "max_tokens": 20, "guided_grammar": 'start: "a" start'}}
+    threads = [threading.Thread(target=ask, args=item) for item in bodies.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["bad"][0] == 400 and "Too many items" in results["bad"][1]
+    assert results["free"][0] == 200 and json.loads(results["free"][1])["choices"][0]["finish_reason"] == "length"
+    assert '"finish_reason":"length"' in results["stream"][1] and "error" not in results["stream"][1]
+
+
 def test_a_text_response_format_is_no_constraint(client):
     reply = client.completions.create(model="tiny", prompt="대한민국은", max_tokens=5, temperature=0,
                                       extra_body={"response_format": {"type": "text"}, "ignore_eos": True})
@@ -182,8 +214,7 @@ def test_python_api_constraints(long_model_dir):
     assert neoxko.generate(model, tokenizer, "x", 20, choice=["맞다", "틀리다"]) in ("맞다", "틀리다")
     assert isinstance(json.loads(neoxko.generate(model, tokenizer, "x", 100, Sampling(temperature=1, seed=1),
                                                  json_schema=True)), dict)
-    streamed = "".join(neoxko.generate.stream(model, tokenizer, "x", 30, Sampling(temperature=1, seed=5),
-                                              regex=r"\d{3}-\d{4}"))
+    streamed = "".join(stream(model, tokenizer, "x", 30, Sampling(temperature=1, seed=5), regex=r"\d{3}-\d{4}"))
     assert re.fullmatch(r"\d{3}-\d{4}", streamed)
     with pytest.raises(GenerationError, match="give one constraint, not choice, regex"):
         neoxko.generate(model, tokenizer, "x", 5, regex="a", choice=["b"])
@@ -197,8 +228,8 @@ def test_mask_logits_keeps_exactly_the_tokens_llguidance_allows(long_model_dir):
     guide = grammars.guide(grammars.compile(Constraint.of("json", MEMBER)))
     theirs = np.flatnonzero(np.unpackbits(np.frombuffer(guide.matcher.compute_bitmask(), np.uint8),
                                           bitorder="little"))[:vocab]
-    masked = mask_logits(torch.zeros(1, vocab), [guide])
-    assert np.array_equal(torch.isfinite(masked[0]).nonzero()[:, 0].numpy(), theirs) and 0 < len(theirs) < vocab
+    masked, dead = mask_logits(torch.zeros(1, vocab), [guide])
+    assert not dead and np.array_equal(torch.isfinite(masked[0]).nonzero()[:, 0].numpy(), theirs) and 0 < len(theirs) < vocab
 
 
 def test_generate_command_line_constraints(long_model_dir, tmp_path):

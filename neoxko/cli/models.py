@@ -32,8 +32,8 @@ def add_commands(commands) -> None:
                      help="replace phone, account and resident registration numbers in the output with tokens")
     shape = gen.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE|JSON",
-                       help="hold the output to a JSON schema (a .json file or the schema itself); '{}' or "
-                            "'{\"type\": \"object\"}' for any JSON object")
+                       help="hold the output to a JSON schema (a .json file or the schema itself); "
+                            "'{\"type\": \"object\"}' for any JSON object ('{}' allows any JSON value)")
     shape.add_argument("--regex", help="hold the output to a regular expression (the whole output matches it)")
     shape.add_argument("--choice", action="append", help="the output is one of these strings (repeat the option)")
     shape.add_argument("--grammar", metavar="FILE|TEXT", help="hold the output to a grammar: Lark, or GBNF "
@@ -122,15 +122,8 @@ def add_commands(commands) -> None:
 
 
 def compute_dtype(args: argparse.Namespace) -> str | None:
-    """--dtype, or float32 on a CPU without native bf16 (where bf16 arithmetic is emulated and slower); None keeps
-    the dtype the weights are stored in."""
-    from neoxko.hardware import detect
-
-    if args.dtype is not None or str(args.device) != "cpu" or detect().native_bf16:
-        return args.dtype
-    print("neoxko: this CPU has no native bf16, so the model computes in float32 (bf16 would be emulated and "
-          "slower; --dtype bfloat16 keeps half the memory)", file=sys.stderr)
-    return "float32"
+    """--dtype; None lets load_model choose for this CPU (hardware.default_dtype), as the Python API does."""
+    return args.dtype
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -152,8 +145,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print("neoxko: compiling the decode step (once per model and prompt length bucket: about 30 s for "
               "ko-small, 1-2 minutes for 1.3B on a CPU); the tokens then come about twice as fast",
               file=sys.stderr, flush=True)
-    constraint = {"json_schema": _file_or_text(args.json_schema), "regex": args.regex, "choice": args.choice,
-                  "grammar": _file_or_text(args.grammar)}
+    constraint = {"json_schema": _file_or_text(args.json_schema, "--json-schema"), "regex": args.regex,
+                  "choice": args.choice, "grammar": _file_or_text(args.grammar, "--grammar")}
     for piece in stream(model, tokenizer, prompt, args.max_new_tokens, sampling, args.stop, args.compile,
                         **constraint):
         sys.stdout.write(guard.push(piece) if guard else piece)
@@ -178,6 +171,12 @@ def run_serve(args: argparse.Namespace) -> int:
     template, stops = chat.load_template(args.chat_template) if args.chat_template else (None, ())
     name = args.served_model_name or str(args.model)
     loras = [_lora_option(option) for option in args.lora]
+    if args.max_loras < 1 or args.max_lora_rank < 1:
+        raise NeoxkoError(f"--max-loras and --max-lora-rank must be at least 1, got {args.max_loras} and "
+                          f"{args.max_lora_rank}")
+    if args.allow_runtime_lora and not args.api_key:
+        print("neoxko: warning: --allow-runtime-lora without --api-key lets any client that reaches this server load "
+              "adapters from any path it can read; set --api-key (or $NEOXKO_API_KEY)", file=sys.stderr)
     if len({n for n, _ in loras} | {name}) != len(loras) + 1:
         raise NeoxkoError(f"--lora names must differ from each other and from the model's ({name!r}): got "
                           f"{', '.join(n for n, _ in loras)}")
@@ -232,12 +231,18 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_or_text(value: str | None) -> str | None:
-    """The text of a file when value names one, else value itself (a schema or grammar given inline)."""
+def _file_or_text(value: str | None, option: str) -> str | None:
+    """The text of a file when value names one, else value itself (a schema or grammar given inline); a value that
+    can only be a path (one line ending in .json, .lark, .gbnf, .ebnf, .txt) and names no file is an error."""
     from pathlib import Path
 
-    if value is not None and len(value) < 4096 and not value.lstrip().startswith("{") and Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
+    if value is None or len(value) >= 4096 or value.lstrip().startswith("{"):
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if "\n" not in value and path.suffix.lower() in (".json", ".lark", ".gbnf", ".ebnf", ".txt"):
+        raise NeoxkoError(f"{option} {value}: no such file")
     return value
 
 

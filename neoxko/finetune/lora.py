@@ -331,7 +331,10 @@ def read_adapter(folder: Path) -> tuple[LoraSettings, dict[str, Tensor], dict]:
     state = {}
     for key, tensor in raw.items():
         name = _our_name(key)
-        if not is_lora_key(name) and not any(name == f"{m}.weight" or name.endswith(f".{m}.weight")
+        if ".lora_embedding_" in name:
+            raise CheckpointError(f"{weights.name} holds {key!r}: a LoRA on an embedding layer, which neoxko does not "
+                                  "apply; merge it with peft (PeftModel.merge_and_unload) and load the merged model")
+        if not is_lora_key(name) and not any(re.search(rf"(^|\.){re.escape(m)}\.[^.]+$", name)
                                              for m in _saved_names(settings.modules_to_save)):
             raise CheckpointError(f"{weights.name} holds {key!r}, which is neither a LoRA tensor nor a module its "
                                   f"modules_to_save names ({list(settings.modules_to_save)})")

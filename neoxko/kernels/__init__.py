@@ -4,23 +4,25 @@ and attention of one query over the cache (attention.c).
 torch's CPU kernels for one row at a time (batch-1 decoding) reach a third to two thirds of the bandwidth
 (README, issue 14), and its attention spends 0.2-4 ms a layer on a single query. They are built on first use
 (a few seconds, once) with the system C compiler for the CPU it runs on (-march=native, or NEOXKO_KERNELS_MARCH;
-into ~/.cache/neoxko/kernels or $NEOXKO_KERNELS_CACHE) and called through ctypes, on torch's OpenMP threads.
+into ~/.cache/neoxko/kernels or $NEOXKO_KERNELS_CACHE; build.py: one build across processes, checked libraries,
+time limits) and called through ctypes, on torch's OpenMP threads.
 Where they cannot be built (no compiler, no AVX2, not x86) or NEOXKO_KERNELS=0, `library()` is None, `why_not()`
 says why, and the layers use torch's kernels.
 """
 
 import ctypes
-import hashlib
 import os
 import platform
 import shutil
 import subprocess
-import tempfile
+import sys
 import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from neoxko.kernels.build import build, cpu_signature  # noqa: F401 (cpu_signature: re-exported)
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "linear.c", HERE / "attention.c"]  # one library; both include common.h
@@ -61,16 +63,28 @@ def _find() -> None:
         return
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        _why_not = "no C compiler found (install gcc, or set CC)"
+        _fell_back("no C compiler found (install gcc, or set CC)")
         return
     try:
-        path = _build(compiler)
+        path = build(compiler, SOURCES, [HERE / "common.h"], flags(), cache_dir())
         lib = ctypes.CDLL(str(path))
+    except subprocess.TimeoutExpired as e:
+        _fell_back(f"building neoxko's kernels timed out: {_first_line(e)} (NEOXKO_KERNELS_BUILD_TIMEOUT raises the "
+                   "limit)")
+        return
     except (OSError, subprocess.SubprocessError) as e:
-        _why_not = f"building neoxko's kernels ({', '.join(p.name for p in SOURCES)}) failed: {_first_line(e)}"
+        _fell_back(f"building neoxko's kernels ({', '.join(p.name for p in SOURCES)}) failed: {_first_line(e)}")
         return
     _declare(lib)
     _library, _ready = lib, True
+
+
+def _fell_back(why: str) -> None:
+    """Record why the kernels are not used and say so once, in one line: decoding goes on with torch's kernels."""
+    global _why_not
+    _why_not = why
+    print(f"neoxko: {why}; decoding uses torch's kernels instead (slower at batch 1; NEOXKO_KERNELS=0 silences "
+          "this)", file=sys.stderr, flush=True)
 
 
 def _built() -> bool:
@@ -94,37 +108,6 @@ def isa() -> str | None:
 def flags() -> list[str]:
     """-march=native, or the CPU NEOXKO_KERNELS_MARCH names (haswell: the AVX2 code on an AVX-512 machine)."""
     return [f"-march={os.environ.get('NEOXKO_KERNELS_MARCH') or 'native'}", *FLAGS]
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    code = b"".join(path.read_bytes() for path in [*SOURCES, HERE / "common.h"])
-    key = hashlib.sha256(code + " ".join(flags()).encode() + version.encode()
-                         + _cpu_signature().encode()).hexdigest()[:16]
-    path = cache_dir() / f"linear-{key}.so"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, renamed into place: no torn file
-        out = Path(tmp) / path.name
-        run = subprocess.run([compiler, *flags(), "-o", str(out), *map(str, SOURCES), "-lm"], capture_output=True,
-                             text=True, timeout=300)
-        if run.returncode:
-            raise subprocess.SubprocessError(run.stderr.strip() or f"{compiler} exited with {run.returncode}")
-        os.replace(out, path)
-    return path
-
-
-def _cpu_signature() -> str:
-    """-march=native code runs only on this kind of CPU: the cache key includes its flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _first_line(e: Exception) -> str:
@@ -298,21 +281,42 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-BF16_MAX_ROWS = 16  # more rows at once (prefill) go to torch's matrix product, which is faster there
+BF16_MAX_ROWS = 16  # more rows at once (prefill) go to torch's matrix product, which is faster there ...
+UPCAST_ROWS = 128  # ... where the CPU multiplies bf16 natively; elsewhere fewer rows than this go through the kernel
+# BF16_MAX_ROWS at a time, and from this many on, weights and inputs are multiplied in float32 (torch's own bf16 product
+# is emulated there: 2048 x 8192 at 256 rows, 778 ms against 170 ms in float32; benchmarks/prefill_dtype.py)
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) whose bf16 weights go through neoxko's kernel for up to 16 rows
-    at once on the CPU (decoding) when no gradient is wanted; everything else is nn.Linear's own forward."""
+    at once on the CPU (decoding) when no gradient is wanted; on a CPU without native bf16, more rows go through it 16
+    at a time, or through float32 from UPCAST_ROWS rows on; everything else is nn.Linear's own forward."""
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if (w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and x.numel() <= BF16_MAX_ROWS * x.shape[-1]
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and w.device.type == "cpu"
+        if not (w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and w.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and type(w) in (torch.Tensor, nn.Parameter) and w.is_contiguous()  # (not a DTensor shard, not a view)
-                and self.in_features % 32 == 0 and _built()):
+                and self.in_features % 32 == 0):
+            return super().forward(x)
+        rows = x.numel() // x.shape[-1]
+        if rows <= BF16_MAX_ROWS and _built():
             return bf16_linear(x, w, self.bias)
+        if _emulated_bf16() and not torch.compiler.is_compiling():
+            if rows < UPCAST_ROWS and _built():
+                flat = x.reshape(rows, x.shape[-1])
+                parts = [bf16_linear(flat[i:i + BF16_MAX_ROWS], w, self.bias) for i in range(0, rows, BF16_MAX_ROWS)]
+                return torch.cat(parts).view(*x.shape[:-1], self.out_features)
+            bias = self.bias.float() if self.bias is not None else None
+            return nn.functional.linear(x.float(), w.float(), bias).to(x.dtype)
         return super().forward(x)
+
+
+def _emulated_bf16() -> bool:
+    """The CPU has no native bf16 (torch's bf16 products are emulated)."""
+    from neoxko.hardware import detect
+
+    return not detect().native_bf16
 
 
 def tile_int8(q: Tensor) -> Tensor:

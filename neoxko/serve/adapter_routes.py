@@ -5,6 +5,8 @@ and checks the adapter off the event loop; it is served from the next request th
 name at once: requests already running with the adapter finish with it.
 """
 
+from pathlib import Path
+
 from fastapi import Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
@@ -19,9 +21,10 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_mo
 
 
 class LoadAdapter(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # (vLLM's load_inplace and the like)
+    model_config = ConfigDict(extra="ignore")
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # vLLM's: replace an adapter loaded under that name
 
 
 class UnloadAdapter(BaseModel):
@@ -50,15 +53,20 @@ def add_adapter_routes(route, state) -> None:
             raise ApiError(400, f"{body.lora_name!r} is the served model's own name; give the adapter another",
                            "lora_name")
 
+        if Path(body.lora_path).is_file():
+            raise ApiError(400, f"lora_path {body.lora_path} is a file; give the adapter's folder (the one holding "
+                                "adapter_config.json)", "lora_path")
+
         def work():
             from neoxko.formats.locate import resolve
 
-            adapters.register(body.lora_name, resolve(body.lora_path, allow_patterns=ADAPTER_FILES))
+            adapters.register(body.lora_name, resolve(body.lora_path, allow_patterns=ADAPTER_FILES),
+                              replace=body.load_inplace)
 
         try:
             await run_in_threadpool(work)
         except AdapterError as e:
-            raise ApiError(400, str(e), "lora_name") from None
+            raise ApiError(400, str(e), e.field) from None
         except NeoxkoError as e:
             raise ApiError(400, f"cannot load the adapter in {body.lora_path}: {e}", "lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")

@@ -30,7 +30,12 @@ _uids = itertools.count(1)
 
 
 class AdapterError(NeoxkoError):
-    """An adapter cannot be served: unknown, already loaded, in use, or not servable unmerged."""
+    """An adapter cannot be served: unknown, already loaded, or not servable unmerged. field: the request field at
+    fault (lora_name, lora_path)."""
+
+    def __init__(self, message: str, field: str = "lora_path"):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(eq=False)
@@ -84,6 +89,7 @@ class AdapterSlots:
         self.lock = threading.Lock()  # the registry: HTTP threads add and remove, the engine reads
         self.resident: OrderedDict[int, Adapter | None] = OrderedDict((i, None) for i in range(max_loras))  # LRU
         self.holders = [0] * max_loras  # running requests using each slot
+        self.reserved: dict[int, Adapter] = {}  # slot -> the adapter that waits for it: it takes no new requests
         self.wrapped: dict[str, MultiLoRALinear] = {}
         self.selector: Tensor | None = None
         self.linear = {name: module for name, module in model.named_modules()
@@ -91,23 +97,29 @@ class AdapterSlots:
         self.loads = self.evictions = 0
 
     # -- the registry (any thread) ------------------------------------------------------------
-    def register(self, name: str, folder: str | Path) -> Adapter:
-        """Read and check the adapter in folder under name; the server can then run requests with it."""
+    def register(self, name: str, folder: str | Path, replace: bool = False) -> Adapter:
+        """Read and check the adapter in folder under name; the server can then run requests with it. replace: a
+        loaded adapter of that name gives way (its running requests finish with it; vLLM's load_inplace)."""
+        taken = f"an adapter named {name!r} is already loaded; unload it first, pick another name, or send " \
+                "load_inplace: true to replace it"
         with self.lock:
-            if name in self.adapters:
-                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            if name in self.adapters and not replace:
+                raise AdapterError(taken, "lora_name")
         adapter = self.read(name, Path(folder))
         with self.lock:
-            if name in self.adapters:
-                raise AdapterError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            if name in self.adapters and not replace:
+                raise AdapterError(taken, "lora_name")
+            old = self.adapters.get(name)
             self.adapters[name] = adapter
+        if old is not None:
+            old.removed = True
         return adapter
 
     def unregister(self, name: str) -> None:
         with self.lock:
             adapter = self.adapters.pop(name, None)
         if adapter is None:
-            raise AdapterError(f"no adapter named {name!r} is loaded")
+            raise AdapterError(f"no adapter named {name!r} is loaded", "lora_name")
         adapter.removed = True
 
     def get(self, name: str) -> Adapter | None:
@@ -119,17 +131,19 @@ class AdapterSlots:
             return list(self.adapters)
 
     def read(self, name: str, folder: Path) -> Adapter:
-        if not name or name.strip() != name:
-            raise AdapterError(f"an adapter name must be a non-empty name without surrounding spaces, got {name!r}")
+        if not name or name.strip() != name or not name.isprintable():
+            raise AdapterError(f"an adapter name must be a non-empty name without surrounding spaces or control "
+                               f"characters, got {name!r}", "lora_name")
         settings, state, _ = read_adapter(folder)
         if settings.dora:
             raise AdapterError(f"{folder} is a DoRA adapter, which rescales whole weight rows and cannot be served "
-                               f"unmerged; serve it merged: neoxko serve --model BASE --adapter {folder}")
+                               f"unmerged; serve it merged on its own: neoxko serve --model {folder} (an adapter "
+                               "folder loads merged into its base)")
         saved = sorted(n for n in state if not is_lora_key(n))
         if saved:
             raise AdapterError(f"{folder} replaces whole modules ({', '.join(saved)}: peft's modules_to_save), which "
-                               "cannot be served unmerged; serve it merged: neoxko serve --model BASE --adapter "
-                               f"{folder}")
+                               f"cannot be served unmerged; serve it merged on its own: neoxko serve --model {folder} "
+                               "(an adapter folder loads merged into its base)")
         check_ranks(settings, state, folder)
         try:
             layers = [name_ for name_, _ in target_layers(self.linear.items(), settings)]
@@ -154,18 +168,34 @@ class AdapterSlots:
     # -- the slots (the engine thread) --------------------------------------------------------
     def acquire(self, adapter: Adapter) -> int | None:
         """The slot holding adapter, placing it (evicting the least recently used idle adapter) if it is not
-        resident; None when every slot is held by running requests."""
+        resident; None when it must wait. A waiting adapter reserves the least recently used busy slot: that one's
+        adapter takes no new requests until it drains, so the wait ends however busy the others are."""
         slot = next((s for s, a in self.resident.items() if a is adapter), None)
+        if slot is not None and self.reserved.get(slot, adapter) is not adapter:
+            return None  # draining for the adapter that waits for it
         if slot is None:
-            idle = [s for s, a in self.resident.items() if self.holders[s] == 0]  # least recently used first
+            mine = next((s for s, a in self.reserved.items() if a is adapter), None)
+            idle = [s for s, a in self.resident.items() if self.holders[s] == 0 and self.reserved.get(s, adapter)
+                    is adapter]  # least recently used first
+            if mine is not None:
+                idle = [mine] if self.holders[mine] == 0 else []
             if not idle:
+                if mine is None:
+                    free = [s for s in self.resident if s not in self.reserved]
+                    if free:
+                        self.reserved[free[0]] = adapter
                 return None
             slot = next((s for s in idle if self.resident[s] is None or self.resident[s].removed), idle[0])
+            self.reserved.pop(slot, None)
             self.evictions += self.resident[slot] is not None
             self._place(adapter, slot)
         self.resident.move_to_end(slot)
         self.holders[slot] += 1
         return slot
+
+    def keep_reservations(self, waiting: set) -> None:
+        """Drop the reservations of adapters no request waits for any more (they were cancelled)."""
+        self.reserved = {s: a for s, a in self.reserved.items() if a in waiting}
 
     def release(self, slot: int | None) -> None:
         if slot is not None:

@@ -40,7 +40,7 @@ from neoxko.serve.protocol import (
     completion_job,
     parse,
 )
-from neoxko.serve.responses import Choice, Responses
+from neoxko.serve.responses import Choice, Responses, failure
 from neoxko.structured import GrammarError, Grammars
 from neoxko.tokenizer import Tokenizer
 
@@ -248,17 +248,17 @@ class _CountResponses:
 
 def _constrain(state: State, body, job: Job) -> Job:
     """The job with the constraint its request asks for (structured outputs) compiled, and a guide per completion."""
-    job.constraint = constraint_of(body)
-    if job.constraint is None:
+    asked = constraint_of(body)
+    if asked is None:
         return job
+    field, job.constraint = asked
     if state.grammars is None:
         state.grammars = Grammars(state.tokenizer, state.engine.model.config.vocab_size)
     try:
         grammar = state.grammars.compile(job.constraint)
+        job.guides = [state.grammars.guide(grammar) for _ in range(len(job.prompts) * job.n)]
     except GrammarError as e:
-        raise ApiError(400, str(e), "structured_outputs" if body.response_format is None else "response_format") \
-            from None
-    job.guides = [state.grammars.guide(grammar) for _ in range(len(job.prompts) * job.n)]
+        raise ApiError(400, str(e), field) from None
     return job
 
 
@@ -320,7 +320,7 @@ async def _respond(state: State, request: Request, job: Job) -> Response:
             r.cancel()  # no-op for finished ones; frees the rows of a client that went away
     failed = [c.error for c in choices if c.error]
     if failed:
-        raise ApiError(500, f"generation failed: {failed[0]}", kind="server_error")
+        raise failure(failed[0])
     state.metrics.completed(time.perf_counter() - requests[0].submitted, sum((c.masked for c in choices), Counter()))
     return JSONResponse(responses.whole(choices))
 

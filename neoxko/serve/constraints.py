@@ -13,11 +13,14 @@ from neoxko.serve.protocol import ApiError
 from neoxko.structured import Constraint, GrammarError
 
 STRUCTURED_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+# vLLM's options beside the constraint, taken and left to the engine's defaults (JSON is written compact)
+VLLM_OPTIONS = {"disable_fallback", "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern",
+                "backend", "_backend", "_backend_was_auto"}
 GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
-def constraint_of(request) -> Constraint | None:
-    """The constraint a completion or chat request (its pydantic model) asks for, or None."""
+def constraint_of(request) -> tuple[str, Constraint] | None:
+    """(the field that asks, the constraint) of a completion or chat request (its pydantic model), or None."""
     found = []
     if request.response_format is not None:
         found.append(("response_format", _response_format(request.response_format)))
@@ -31,7 +34,7 @@ def constraint_of(request) -> Constraint | None:
     if len(found) > 1:
         raise ApiError(400, f"this request constrains its output twice ({', '.join(n for n, _ in found)}); send one",
                        found[1][0])
-    return found[0][1] if found else None
+    return found[0] if found else None
 
 
 def _response_format(value: Any) -> Constraint | None:
@@ -58,10 +61,15 @@ def _structured_outputs(value: Any) -> Constraint | None:
     if not isinstance(value, dict):
         raise ApiError(400, "structured_outputs must be an object with one of json, regex, choice, grammar, "
                             "json_object", "structured_outputs")
+    unknown = sorted(set(value) - {*STRUCTURED_KEYS, "json_object", "structural_tag", *VLLM_OPTIONS})
+    if unknown:
+        raise ApiError(400, f"structured_outputs has {', '.join(map(repr, unknown))}, which is not one of json, "
+                            "regex, choice, grammar, json_object", "structured_outputs")
     given = {k: v for k, v in value.items() if v is not None and v is not False and
              k in (*STRUCTURED_KEYS, "json_object", "structural_tag")}
     if not given:
-        return None
+        raise ApiError(400, "structured_outputs names no constraint: give one of json, regex, choice, grammar, "
+                            "json_object", "structured_outputs")
     if len(given) > 1:
         raise ApiError(400, f"structured_outputs holds {', '.join(sorted(given))}; send one of them",
                        "structured_outputs")

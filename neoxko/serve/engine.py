@@ -30,7 +30,14 @@ from neoxko.generate import apply_repetition_penalty, sample
 from neoxko.model import GPTNeoX, Step
 from neoxko.serve.adapters import Adapter, AdapterSlots
 from neoxko.serve.prefix import PrefixCache
-from neoxko.serve.runs import Finished, QueueFull, Request, Run, Token  # noqa: F401 (Token, QueueFull: re-exported)
+from neoxko.serve.runs import (  # noqa: F401 (Token, QueueFull: re-exported)
+    CONSTRAINT_FAILED,
+    Finished,
+    QueueFull,
+    Request,
+    Run,
+    Token,
+)
 from neoxko.structured import mask_logits
 
 
@@ -46,7 +53,7 @@ class Engine:
         self.max_len = max_len or model.config.max_position_embeddings
         self.device = model.gpt_neox.embed_in.weight.device
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.blocked: Request | None = None  # taken from the queue, waiting for an adapter slot to free
+        self.blocked: list[Request] = []  # taken from the queue, waiting for an adapter slot to free (in order)
         self.adapters = adapters
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="neoxko-grammar")  # structured outputs' masks
         self._ahead: Future | None = None  # the masks it is computing for the next step
@@ -102,7 +109,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self.busy_rows and self.waiting.empty() and self.blocked is None
+        return not self.busy_rows and self.waiting.empty() and not self.blocked
 
     # -- engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -117,9 +124,9 @@ class Engine:
     def _iteration(self) -> None:
         if self._abort is not None:
             self._end_all(self.running + self.prefilling, self._abort)
-            if self.blocked is not None:
-                self.blocked.events.put(Finished(self._abort, index=self.blocked.index))
-                self.blocked = None
+            for request in self.blocked:
+                request.events.put(Finished(self._abort, index=request.index))
+            self.blocked = []
             while not self.waiting.empty():
                 request = self.waiting.get_nowait()
                 request.events.put(Finished(self._abort, index=request.index))
@@ -159,14 +166,18 @@ class Engine:
                 self._move(run, i)
 
     def _admit(self) -> None:
+        """Start waiting requests in free rows: first those waiting for an adapter slot, in order, then the queue's. A
+        request whose adapter finds no slot waits aside (AdapterSlots reserves it the next slot to free) while the
+        requests behind it, for the base model or resident adapters, go on."""
+        blocked, self.blocked = self.blocked, []
         while self.busy_rows < self.max_batch:
-            if self.blocked is not None:
-                request, self.blocked = self.blocked, None
+            if blocked:
+                request = blocked.pop(0)
             else:
                 try:
                     request = self.waiting.get_nowait()
                 except queue.Empty:
-                    return
+                    break
             if request.cancelled.is_set():
                 self.stats["finished_cancelled"] += 1
                 request.events.put(Finished("cancelled", index=request.index))
@@ -174,9 +185,9 @@ class Engine:
             slot = None
             if request.adapter is not None:
                 slot = self.adapters.acquire(request.adapter)
-                if slot is None:  # every slot serves running requests: it waits, first in line, for one to free
-                    self.blocked = request
-                    return
+                if slot is None:  # every slot serves running requests
+                    self.blocked.append(request)
+                    continue
             try:
                 self.prefilling.append(self._start(request, slot))
             except Exception as e:  # this request ends with the error; the others go on
@@ -185,6 +196,9 @@ class Engine:
                 self._failed()
                 self.stats["finished_error"] += 1
                 request.events.put(Finished(f"error: {e}", index=request.index))
+        self.blocked += blocked  # (no free row left for them this time)
+        if self.adapters is not None:
+            self.adapters.keep_reservations({r.adapter for r in self.blocked})
 
     def _start(self, request: Request, slot: int | None) -> "Run":
         """A run for request in a free row, with what the prefix cache has of its prompt already in place."""
@@ -288,11 +302,16 @@ class Engine:
         if self._ahead is not None:  # the masks computed during the forward
             self._ahead.result()
             self._ahead = None
-        if len(guided) == len(runs):  # structured outputs: the tokens a row's grammar forbids go to -inf
-            logits = mask_logits(logits, [run.request.guide for run in runs])
-        elif guided:  # in the rows that ask for it only
-            logits = logits.clone() if logits is raw else logits
-            logits[guided] = mask_logits(logits[guided], [runs[i].request.guide for i in guided])
+        failed = {}  # row -> why its grammar cannot go on: that run ends, the others go on
+        if guided:  # structured outputs: the tokens a row's grammar forbids go to -inf, in that row only
+            masked, dead = mask_logits(logits[guided] if len(guided) < len(runs) else logits,
+                                       [runs[i].request.guide for i in guided])
+            if len(guided) == len(runs):
+                logits = masked
+            else:
+                logits = logits.clone() if logits is raw else logits
+                logits[guided] = masked
+            failed = {guided[j]: runs[guided[j]].request.guide.error or "no token fits" for j in dead}
         groups = defaultdict(list)  # rows with the same settings draw together, each from its own generator
         for i, run in enumerate(runs):
             s = run.request.sampling
@@ -317,12 +336,18 @@ class Engine:
                         tops[i] = list(zip(ids[j, :k_i].tolist(), values[j, :k_i].tolist(), strict=True))
         for i, (run, token) in enumerate(zip(runs, tokens, strict=True)):
             request = run.request
+            if request.guide is not None and i not in failed:
+                try:
+                    request.guide.advance(token)
+                except Exception as e:  # noqa: BLE001 - the grammar's limits (llguidance's), this run's alone
+                    failed[i] = str(e)
+            if i in failed:
+                run.done = f"{CONSTRAINT_FAILED}: {failed[i]}"
+                continue
             run.generated += 1
             eos = token == self.eos_id and not request.ignore_eos
             request.events.put(Token(token, chosen.get(i), tops.get(i), request.index, eos))
             self.stats["generated_tokens"] += 1
-            if request.guide is not None:
-                request.guide.advance(token)
             if eos or (request.guide is not None and request.guide.finished):
                 run.done = "stop"
             elif run.generated >= request.max_tokens:
@@ -360,7 +385,7 @@ class Engine:
             self.running.insert(run.row, last)
             self._move(last, run.row)
         self._release(run)
-        self.stats[f"finished_{reason}"] += 1
+        self.stats[f"finished_{reason.split(':')[0]}"] += 1
         run.request.events.put(Finished(reason, run.prompt_logprobs, run.request.index, run.prompt_top))
 
     # -- adapters -----------------------------------------------------------------------------

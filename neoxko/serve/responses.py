@@ -9,6 +9,7 @@ from neoxko.generate import StopStrings
 from neoxko.pii.stream import PIIStream
 from neoxko.serve.engine import Finished, Request
 from neoxko.serve.protocol import ApiError, Job
+from neoxko.serve.runs import CONSTRAINT_FAILED
 from neoxko.tokenizer import Tokenizer
 
 
@@ -102,7 +103,7 @@ class Choice:
                                                          self.lp_top[start:], strict=True)]}
 
     def error_body(self) -> dict:
-        return ApiError(500, f"generation failed: {self.error}", kind="server_error").body()["error"]
+        return failure(self.error).body()["error"]
 
 
 def usage(job: Job, choices: list[Choice]) -> dict:
@@ -163,3 +164,12 @@ class Responses:
 
     def usage_chunk(self, choices: list[Choice]) -> dict:
         return self._head(True) | {"choices": [], "usage": usage(self.job, choices)}
+
+
+def failure(error: str) -> ApiError:
+    """The error a generation that ended with `error` answers: the request's own constraint that could not go on is
+    the client's (400), anything else the server's (500)."""
+    if error.startswith(CONSTRAINT_FAILED):
+        return ApiError(400, error.removeprefix("error: ") + "; simplify the schema, regex or grammar",
+                        "structured_outputs")
+    return ApiError(500, f"generation failed: {error}", kind="server_error")

@@ -14,6 +14,8 @@ from neoxko.generate import Sampling
 from neoxko.serve.adapters import Adapter
 from neoxko.structured import Guide
 
+CONSTRAINT_FAILED = "error: the output constraint failed"  # a run's end when its grammar cannot go on
+
 
 class QueueFull(NeoxkoError):
     """The engine's waiting queue is at its bound (or the engine is stopping); retry later."""
