@@ -103,16 +103,15 @@ class Hardware:
 
 @functools.cache
 def detect() -> Hardware:
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = _cpu_flags()
-    if os.environ.get("NEOXKO_CPU_CLASS", "").lower() == "avx2":  # choose as on an AVX2-only CPU
+    from neoxko.kernels import cpu
+
+    if cpu.assumed_class() == "avx2":  # choose as on an AVX2-only CPU
         return Hardware(capability="AVX2", native_bf16=False, vnni=False, cores=os.cpu_count() or 1,
                         threads=torch.get_num_threads())
-    native_bf16 = _probe("_is_avx512_bf16_supported") or _probe("_is_amx_tile_supported") or bool(
-        flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    vnni = _probe("_is_vnni_supported") or bool(flags & {"avx512_vnni", "avx_vnni", "asimddp"})
-    return Hardware(capability=capability, native_bf16=native_bf16, vnni=vnni, cores=os.cpu_count() or 1,
-                    threads=torch.get_num_threads(), amx_int8="amx_int8" in flags)
+    flags = cpu.flags()
+    vnni = cpu.probe("_is_vnni_supported") or bool(flags & {"avx512_vnni", "avx_vnni", "asimddp"})
+    return Hardware(capability=torch.backends.cpu.get_cpu_capability(), native_bf16=cpu.native_bf16(), vnni=vnni,
+                    cores=os.cpu_count() or 1, threads=torch.get_num_threads(), amx_int8="amx_int8" in flags)
 
 
 _told: set = set()
@@ -127,25 +126,6 @@ def default_dtype(stored: torch.dtype) -> torch.dtype:
         print(f"neoxko: {str(stored)[6:]} weights compute in {why}; --dtype {str(stored)[6:]} keeps them as they are",
               file=sys.stderr, flush=True)
     return dtype
-
-
-def _probe(name: str) -> bool:
-    check = getattr(torch.cpu, name, None)  # private helpers of torch.cpu; absent on some builds
-    try:
-        return bool(check()) if check else False
-    except Exception:  # noqa: BLE001 - a probe that fails means "no"
-        return False
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def describe(hw: Hardware | None = None) -> str:

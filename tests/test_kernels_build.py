@@ -95,8 +95,7 @@ def test_the_python_api_the_command_line_and_the_server_choose_the_same_dtype(tm
     import socket
     import urllib.request
 
-    env = os.environ | {"NEOXKO_CPU_CLASS": "avx2", "NEOXKO_KERNELS": kernels_on,
-                        "NEOXKO_KERNELS_CACHE": str(tmp_path / "cache")}
+    env = os.environ | {"NEOXKO_CPU_CLASS": "avx2", "NEOXKO_KERNELS": kernels_on}  # (the usual kernel cache)
     api = subprocess.run([sys.executable, "-c", CHOICE], capture_output=True, text=True, env=env, timeout=300)
     assert api.stdout.strip() == dtype, api.stderr
     notice = "bfloat16 weights compute in float32: no native bf16 on this CPU"

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from neoxko.kernels import cpu
 from neoxko.kernels.build import build, cpu_signature  # noqa: F401 (cpu_signature: re-exported)
 
 HERE = Path(__file__).parent
@@ -314,9 +315,7 @@ class Linear(nn.Linear):
 
 def _emulated_bf16() -> bool:
     """The CPU has no native bf16 (torch's bf16 products are emulated)."""
-    from neoxko.hardware import detect
-
-    return not detect().native_bf16
+    return not cpu.native_bf16()
 
 
 def tile_int8(q: Tensor) -> Tensor:
