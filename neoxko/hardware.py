@@ -76,7 +76,8 @@ class Hardware:
 
         isa = kernels.isa()
         if isa:
-            built = (f"built for this CPU ({isa}): bf16 layers at 1-16 rows, every int8 layer, int4 in groups of "
+            built = (f"built for this CPU ({isa}): bf16 layers at 1-{kernels.bf16_rows()} rows (measured here against "
+                     "torch's product), every int8 layer, int4 in groups of "
                      "64-256, decoding attention", "torch's matrix-vector kernels reach a third to two thirds of the "
                      "memory bandwidth and its attention sets up 0.2-4 ms a layer for one query (README); the int8 and "
                      "int4 ones quantize activations to int8 per 128 inputs (NEOXKO_KERNELS=0 switches them off)")

@@ -146,3 +146,23 @@ def test_a_cpu_without_native_bf16_multiplies_long_inputs_in_float32(monkeypatch
             got = layer(x)
         assert got.dtype == torch.bfloat16 and got.shape == exact.shape
         assert ((got.float() - exact).abs() <= exact.abs() * 2**-7 + 1e-3).all(), rows
+
+
+def test_how_many_rows_the_bf16_kernel_takes_is_measured_once_and_kept(tmp_path):
+    probe = "from neoxko import kernels; print(kernels.bf16_rows())"
+    env = os.environ | {"NEOXKO_KERNELS_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0 and 1 <= int(first.stdout) <= 16, first.stderr
+    kept = list(tmp_path.glob("bf16-rows-*.json"))
+    from neoxko.kernels import cpu
+
+    assert len(kept) == (0 if not cpu.native_bf16() else 1)  # (emulated bf16: always 16, nothing to measure)
+    if kept:
+        import json
+
+        kept[0].write_text(json.dumps({"rows": 3}))  # what the next process reads instead of measuring again
+        again = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=600)
+        assert again.stdout.strip() == "3"
+    forced = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env=env | {"NEOXKO_BF16_ROWS": "8"}, timeout=600)
+    assert forced.stdout.strip() == "8"

@@ -282,16 +282,75 @@ def _(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-BF16_MAX_ROWS = 16  # more rows at once (prefill) go to torch's matrix product, which is faster there ...
-UPCAST_ROWS = 128  # ... where the CPU multiplies bf16 natively; elsewhere fewer rows than this go through the kernel
-# BF16_MAX_ROWS at a time, and from this many on, weights and inputs are multiplied in float32 (torch's own bf16 product
-# is emulated there: 2048 x 8192 at 256 rows, 778 ms against 170 ms in float32; benchmarks/prefill_dtype.py)
+BF16_MAX_ROWS = 16  # the most rows the bf16 kernel takes at once
+UPCAST_ROWS = 128  # on a CPU without native bf16, fewer rows than this go through the kernel BF16_MAX_ROWS at a time,
+# and from this many on, weights and inputs are multiplied in float32 (torch's own bf16 product is emulated there:
+# 2048 x 8192 at 256 rows, 315 ms against 67 ms; at 128, 146 against 44 through the kernel; prefill_dtype.py)
+_bf16_rows: int | None = None
+_bf16_lock = threading.Lock()
+
+
+def bf16_rows() -> int:
+    """Up to how many rows the bf16 kernel beats torch's product here: 16 where bf16 is emulated; where the CPU
+    multiplies bf16 natively, measured once per machine (AMX's tiles win from 8 rows: 1.3 against 1.85 ms for
+    8192 x 2048; on Zen 4 the kernel wins to 16) and kept beside the built library; NEOXKO_BF16_ROWS overrides."""
+    global _bf16_rows
+    if _bf16_rows is None:
+        with _bf16_lock:
+            if _bf16_rows is None:
+                _bf16_rows = _measured_bf16_rows()
+    return _bf16_rows
+
+
+def _measured_bf16_rows() -> int:
+    import json
+    import time
+
+    if os.environ.get("NEOXKO_BF16_ROWS"):
+        return max(0, min(BF16_MAX_ROWS, int(os.environ["NEOXKO_BF16_ROWS"])))
+    if _emulated_bf16() or library() is None:
+        return BF16_MAX_ROWS
+    import hashlib
+
+    key = hashlib.sha256((cpu_signature() + torch.__version__ + str(torch.get_num_threads())).encode()).hexdigest()[:16]
+    path = cache_dir() / f"bf16-rows-{key}.json"
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    weight = torch.randn(8192, 2048).to(torch.bfloat16)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    rows, table = 1, {}
+    with torch.inference_mode():
+        for n in (2, 4, 8, 12, 16):
+            x = torch.randn(n, 2048).to(torch.bfloat16)
+            table[n] = (best(lambda x=x: bf16_linear(x, weight, None)),
+                        best(lambda x=x: nn.functional.linear(x, weight)))
+            if table[n][0] > table[n][1]:
+                break
+            rows = n
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rows": rows, "seconds (kernel, torch)": table}), encoding="utf-8")
+    except OSError:
+        pass
+    return rows
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state dict) whose bf16 weights go through neoxko's kernel for up to 16 rows
-    at once on the CPU (decoding) when no gradient is wanted; on a CPU without native bf16, more rows go through it 16
-    at a time, or through float32 from UPCAST_ROWS rows on; everything else is nn.Linear's own forward."""
+    """nn.Linear (same parameters, same state dict) whose bf16 weights go through neoxko's kernel for up to
+    bf16_rows() rows at once on the CPU (decoding) when no gradient is wanted; on a CPU without native bf16, more rows
+    go through it 16 at a time, or through float32 from UPCAST_ROWS rows on; everything else is nn.Linear's own
+    forward."""
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -301,7 +360,7 @@ class Linear(nn.Linear):
                 and self.in_features % 32 == 0):
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        if rows <= BF16_MAX_ROWS and _built():
+        if rows <= (_bf16_rows or BF16_MAX_ROWS if torch.compiler.is_compiling() else bf16_rows()) and _built():
             return bf16_linear(x, w, self.bias)
         if _emulated_bf16() and not torch.compiler.is_compiling():
             if rows < UPCAST_ROWS and _built():
