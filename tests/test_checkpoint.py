@@ -258,8 +258,10 @@ def test_index_naming_files_outside_the_folder_is_refused_before_opening_them(sa
 def test_a_file_or_bad_id_instead_of_a_folder(saved, monkeypatch):
     with pytest.raises(CheckpointError, match="is a file; pass the folder"):
         load_model(saved / "config.json")
-    with pytest.raises(CheckpointError, match="neither an existing folder nor a valid hub id"):
+    with pytest.raises(CheckpointError, match="no/such/folder/here: no such folder"):
         load_model("no/such/folder/here")
+    with pytest.raises(CheckpointError, match="neither an existing folder nor a valid hub id"):
+        load_model("no such model")
 
 
 def test_tokenizer_missing(saved):
@@ -298,3 +300,16 @@ def test_save_model_writes_a_complete_folder_with_its_tokenizer(tmp_path, model_
         load_tokenizer(tmp_path / "bare")
     with pytest.raises(CheckpointError, match="has no tokenizer.json; pass a tokenizer folder, a model folder with one"):
         save_model(fresh, tmp_path / "x", tokenizer=tmp_path / "bare")
+
+
+def test_a_mistyped_local_folder_is_named_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from neoxko.checkpoint import resolve
+    from neoxko.errors import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "ft-demo").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"^runs/ft-dmeo: no such folder \(in runs: ft-demo\)$"):
+        resolve("runs/ft-dmeo")
+    for typo in ("./my-model", "../my-model", "/nowhere/my-model", "a/b/c"):
+        with pytest.raises(CheckpointError, match=f"^{typo}: no such folder"):
+            resolve(typo)

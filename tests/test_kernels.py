@@ -68,7 +68,9 @@ def test_bf16_matches_float32_within_a_bf16_rounding(rows):
         y = layer(x).float()
     reference = x.float() @ layer.weight.float().T + layer.bias.float()
     assert ((y - reference).abs() <= 2 ** -8 * reference.abs() + 1e-3).all()
-    assert torch.equal(y, kernels.bf16_linear(x, layer.weight, layer.bias).float())
+    # up to bf16_rows() rows (measured on this machine) through the kernel, more through torch's product
+    chosen = kernels.bf16_linear if rows <= kernels.bf16_rows() else torch.nn.functional.linear
+    assert torch.equal(y, chosen(x, layer.weight, layer.bias).float())
 
 
 @needs_kernels

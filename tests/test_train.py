@@ -260,7 +260,7 @@ def test_the_exported_model_gets_a_tokenizer_by_name_or_from_the_data(shards, tm
     (data / "prepare.json").write_text(json.dumps({"tokenizer": "ko-small"}))
     train(TrainConfig(**cfg | {"tokenizer": None, "data": [str(data)], "out_dir": str(tmp_path / "from_data")}))
     assert (tmp_path / "from_data" / "model" / "tokenizer.json").is_file()
-    with pytest.raises(NeoxkoError, match="neither an existing folder nor a valid hub id"):
+    with pytest.raises(NeoxkoError, match="no/such/tokenizer/here: no such folder"):
         train(TrainConfig(**cfg | {"tokenizer": "no/such/tokenizer/here", "out_dir": str(tmp_path / "bad")}))
     assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before training
 

@@ -31,6 +31,11 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> 
             raise CheckpointError(f"{path} is a GGUF file; `neoxko export {path} --format hf --output FOLDER` turns it "
                                   "into a folder neoxko loads")
         raise CheckpointError(f"{path} is a file; pass the folder that holds config.json and the weights")
+    if _local_intent(str(path_or_id)):
+        near = path.parent if path.parent.is_dir() else None
+        raise CheckpointError(f"{path_or_id}: no such folder" + (
+            f" (in {near}: {', '.join(sorted(p.name for p in near.iterdir() if p.is_dir())[:8]) or 'no folders'})"
+            if near is not None and str(near) not in ("", ".") else ""))
     try:
         return Path(snapshot_download(str(path_or_id), allow_patterns=allow_patterns or HUB_FILES))
     except HFValidationError:
@@ -44,6 +49,15 @@ def resolve(path_or_id: str | Path, allow_patterns: list[str] | None = None) -> 
             f"{path_or_id!r} is not a local folder and is not in the hub cache, and the hub cannot be "
             "reached (offline?); download it once with network access or pass a local folder"
         ) from None
+
+
+def _local_intent(text: str) -> bool:
+    """Whether a name that is no existing folder was meant as a local path, not a hub id: it starts like one (./, ../,
+    /, ~) or its first part is a folder here (runs/..., checkpoints/...), or it has more parts than owner/name."""
+    if text.startswith((".", "/", "~")) or "\\" in text:
+        return True
+    parts = text.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def adapter_base(folder: Path) -> Path | None:
