@@ -94,6 +94,17 @@ def stream(port: int, body: dict) -> list[float]:
     return times
 
 
+def run_clients(client, clients: int) -> float:
+    """Run client() in that many threads at once; the seconds until the last is done."""
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def run_level(port: int, clients: int, requests: int, max_tokens: int, models: list[str] | None = None,
               extra: dict | None = None) -> dict:
     """models: request n names models[n % len(models)] (adapters); extra: more request fields."""
@@ -112,13 +123,7 @@ def run_level(port: int, clients: int, requests: int, max_tokens: int, models: l
             with lock:
                 results.append(outcome)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(client, clients)
     ok = [r for r in results if r[0] == 200]
     latencies = sorted(r[1] for r in ok) or [float("nan")]
     return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok),
@@ -224,14 +229,9 @@ def stream_gaps(port: int, clients: int, requests: int, max_tokens: int, extra: 
                 gaps.extend(b - a for a, b in zip(times, times[1:], strict=False))
                 tokens.append(len(times))
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    wall = run_clients(client, clients)
     return {"gap": statistics.median(gaps), "mean_gap": statistics.fmean(gaps), "tokens": statistics.fmean(tokens),
-            "tokens_per_s": sum(tokens) / (time.perf_counter() - start)}
+            "tokens_per_s": sum(tokens) / wall}
 
 
 def structured_table(args) -> None:

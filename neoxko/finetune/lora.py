@@ -140,7 +140,19 @@ def pattern_key(patterns, name: str) -> str:
     return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", name)), name)
 
 
-class LoRALinear(nn.Module):
+class Wrapped(nn.Module):
+    """A module around a linear layer (base_layer) that passes for it: the same in_features and out_features."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+
+class LoRALinear(Wrapped):
     """A frozen linear layer (nn.Linear, or an int8 one) plus a trainable low-rank update, in float32; with DoRA, a
     magnitude per output row that the updated weight's rows are rescaled to (peft's lora_magnitude_vector)."""
 
@@ -152,14 +164,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=torch.float32)
         self.dropout, self.scaling = dropout, scaling
         self.lora_magnitude_vector = nn.Parameter(torch.ones(base.out_features, device=device)) if dora else None
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         if self.lora_magnitude_vector is not None:  # DoRA: the rescaled weight, made as merging makes it

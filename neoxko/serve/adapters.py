@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neoxko.errors import CheckpointError, NeoxkoError
-from neoxko.finetune.lora import check_ranks, check_tensors, is_lora_key, read_adapter, target_layers
+from neoxko.finetune.lora import Wrapped, check_ranks, check_tensors, is_lora_key, read_adapter, target_layers
 
 _uids = itertools.count(1)
 
@@ -48,7 +48,7 @@ class Adapter:
     removed: bool = False  # unloaded: requests already holding it finish with it, new ones cannot name it
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(Wrapped):
     """A base linear layer plus the low-rank updates of the resident adapters, chosen per row by slots.selector."""
 
     def __init__(self, base: nn.Module, slots: "AdapterSlots"):
@@ -59,14 +59,6 @@ class MultiLoRALinear(nn.Module):
         width = slots.max_loras * slots.rank
         self.register_buffer("lora_A", torch.zeros(width, base.in_features, device=device), persistent=False)
         self.register_buffer("lora_B", torch.zeros(base.out_features, width, device=device), persistent=False)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
