@@ -80,3 +80,24 @@ def test_an_unreachable_hub_dataset_is_reported_before_any_work(tmp_path):
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and "cannot open the dataset 'someone/no-such-data'" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+
+
+def test_train_and_finetune_help_list_their_settings_with_defaults_and_meaning():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from neoxko.finetune.config import FinetuneConfig
+    from neoxko.train.config import TrainConfig
+
+    for command, config in (("train", TrainConfig), ("finetune", FinetuneConfig)):
+        out = subprocess.run([sys.executable, "-m", "neoxko", command, "--help"], capture_output=True, text=True,
+                             check=True).stdout
+        assert "settings (key=value after the command, or keys of the --config YAML file)" in out
+        for field in dataclasses.fields(config):  # every setting is listed, with the default the class really has
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            assert f"  {field.name}={default!r}" in out, (command, field.name)
+    train_help = subprocess.run([sys.executable, "-m", "neoxko", "train", "--help"], capture_output=True,
+                                text=True).stdout
+    assert "global_batch=32                    sequences per optimizer step over all ranks" in train_help
+    assert "max_steps=1000\n" in train_help  # ("# optimisation" names a group; it is no setting's meaning)

@@ -4,11 +4,15 @@ import argparse
 import sys
 
 from neoxko.builtin import DEFAULT_MODEL, MODEL_HELP
+from neoxko.cli.settings_help import epilog
 from neoxko.errors import NeoxkoError
 
 
 def add_commands(commands) -> None:
-    ft = commands.add_parser("finetune", help="instruction fine-tuning, full or LoRA (also under torchrun)")
+    ft = commands.add_parser("finetune", help="instruction fine-tuning, full or LoRA (also under torchrun)",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=epilog("finetune/config", "FinetuneConfig", "neoxko finetune model=ko-small "
+                                           "data='[qa.jsonl]' lora_r=16 max_steps=200"))
     ft.add_argument("--config", default=None, help="YAML file of FinetuneConfig settings")
     ft.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     ft.set_defaults(run=run_finetune)

@@ -5,11 +5,15 @@ import json
 import os
 from pathlib import Path
 
+from neoxko.cli.settings_help import epilog
 from neoxko.errors import NeoxkoError
 
 
 def add_commands(commands) -> None:
-    tr = commands.add_parser("train", help="pretrain or continue pretraining (also under torchrun)")
+    tr = commands.add_parser("train", help="pretrain or continue pretraining (also under torchrun)",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=epilog("train/config", "TrainConfig", "neoxko train model=polyglot-ko-1.3b "
+                                           "data='[shards]' max_steps=2000 lr=2e-4"))
     tr.add_argument("--config", default=None, help="YAML file of TrainConfig settings")
     tr.add_argument("overrides", nargs="*", help="key=value settings that override the file")
     tr.add_argument("--dry-run", action="store_true",
