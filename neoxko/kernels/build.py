@@ -17,6 +17,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from neoxko.kernels.cpu import flags as cpu_flags
+
 VERSION_TIMEOUT_S = 10.0
 
 
@@ -102,11 +104,4 @@ def _locked(lock_path: Path, wait_s: float):
 
 def cpu_signature() -> str:
     """-march=native code runs only on this kind of CPU: the cache key includes its flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
+    return " ".join(sorted(cpu_flags())) or platform.processor()

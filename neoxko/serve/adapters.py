@@ -86,7 +86,7 @@ class AdapterSlots:
         self.selector: Tensor | None = None
         self.linear = {name: module for name, module in model.named_modules()
                        if hasattr(module, "in_features") and name != "embed_out"}
-        self.loads = self.evictions = 0
+        self.evictions = 0
 
     # -- the registry (any thread) ------------------------------------------------------------
     def register(self, name: str, folder: str | Path, replace: bool = False) -> Adapter:
@@ -220,7 +220,6 @@ class AdapterSlots:
                 module.lora_A[block][:a.shape[0]].copy_(a)
                 module.lora_B[:, block][:, :b.shape[1]].copy_(b)
         self.resident[slot] = adapter
-        self.loads += 1
 
     def _wrap(self, layer: str) -> None:
         parent, _, child = layer.rpartition(".")

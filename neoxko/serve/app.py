@@ -251,11 +251,11 @@ def _constrain(state: State, body, job: Job) -> Job:
     asked = constraint_of(body)
     if asked is None:
         return job
-    field, job.constraint = asked
+    field, constraint = asked
     if state.grammars is None:
         state.grammars = Grammars(state.tokenizer, state.engine.model.config.vocab_size)
     try:
-        grammar = state.grammars.compile(job.constraint)
+        grammar = state.grammars.compile(constraint)
         job.guides = [state.grammars.guide(grammar) for _ in range(len(job.prompts) * job.n)]
     except GrammarError as e:
         raise ApiError(400, str(e), field) from None

@@ -241,8 +241,7 @@ class Job:
     ignore_eos: bool = False
     model: str = ""  # the name the response gives: the served model's, or the adapter's the request named
     adapter: Any = None  # the LoRA adapter (serve.adapters.Adapter) it runs with; None: the base model
-    constraint: Any = None  # the structured.Constraint its output follows; None: free text
-    guides: list = field(default_factory=list)  # one structured.Guide per completion (prompts x n), if constrained
+    guides: list = field(default_factory=list)  # structured outputs: a structured.Guide per completion (prompts x n)
 
 
 def completion_job(request: CompletionRequest, tokenizer, settings: ServeSettings, max_len: int, vocab: int,
